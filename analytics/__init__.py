@@ -1,0 +1,1 @@
+"""Pure functions on arrays and frames: pricing, Greeks, implied volatility, surfaces, indicators."""

@@ -1,0 +1,1 @@
+"""CLI, configuration, value objects, the trading engine, drivers, portfolio and execution."""

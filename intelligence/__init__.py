@@ -1,0 +1,1 @@
+"""Fuzzy memberships and engine, regime classifier, MTF consensus, the DeepMamba forecaster."""

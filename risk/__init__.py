@@ -1,0 +1,1 @@
+"""RiskManager: portfolio Greeks, caps, drawdown kill switch, risk-budget sizing."""

@@ -1,0 +1,1 @@
+"""Iron-condor construction: expiry choice, strikes by delta, wings, entry gates, exit rules."""
