@@ -41,7 +41,13 @@ def trading_sessions(start, end) -> pd.DatetimeIndex:
     first, last = _as_date(start, "start"), _as_date(end, "end")
     if first > last:
         raise DataError(f"start {first.date()} is after end {last.date()}")
-    sessions = nyse_calendar().sessions_in_range(first, last)
+    calendar = nyse_calendar()
+    # exchange_calendars refuses bounds before its first session (1999-01-04): clamp to it.
+    first = max(first, calendar.first_session)
+    last = min(last, calendar.last_session)
+    if first > last:
+        return pd.DatetimeIndex([], name="date", dtype="datetime64[ns]")
+    sessions = calendar.sessions_in_range(first, last)
     return pd.DatetimeIndex(sessions.tz_localize(None) if sessions.tz is not None else sessions,
                             name="date").as_unit("ns")
 
