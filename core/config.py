@@ -522,15 +522,15 @@ class SyntheticConfig(_Section):
     kappa: float = Field(2.0, gt=0.0, le=50.0, description="risk-neutral mean reversion per year")
     # SSVI smile (§4).
     surface_rho: float = Field(-0.7, ge=-0.999, le=0.999)
-    surface_eta: float = Field(0.9, gt=0.0, le=5.0)
+    surface_eta: float = Field(1.0, gt=0.0, le=5.0)
     surface_gamma: float = Field(0.5, gt=0.0, le=0.5)
     # §5: VIX points per +1 % spot move.
     spot_vol_beta: float = Field(-1.5, ge=-10.0, le=0.0)
     # §7: half = max(bid_ask_min_half, a + b * mid) * (VIX / 15) ** c * (1 + DTE / 365).
     # a, b, c as in analytics/vol_surface.py SpreadParams, set against the §7 spread targets.
     bid_ask_a: float = Field(0.001, ge=0.0, le=1.0, description="dollars")
-    bid_ask_b: float = Field(0.002, ge=0.0, le=0.5)
-    bid_ask_c: float = Field(1.0, ge=0.0, le=5.0)
+    bid_ask_b: float = Field(0.0015, ge=0.0, le=0.5)
+    bid_ask_c: float = Field(0.5, ge=0.0, le=5.0)
     bid_ask_min_half: float = Field(0.005, gt=0.0, le=1.0, description="dollars")
 
     @model_validator(mode="after")

@@ -330,23 +330,24 @@ def garch_proxy(start=None, end=None, config: GarchProxyConfig = DEFAULT_GARCH_C
     return _slice_dates(_embedded_garch_proxy(config), start, end, "the GARCH IV proxy")
 
 
-@lru_cache(maxsize=1)
-def _iv_index() -> pd.DataFrame:
+@lru_cache(maxsize=4)
+def _iv_index(garch_config: GarchProxyConfig) -> pd.DataFrame:
     vix, _ = _embedded_vix()
-    proxy = _embedded_garch_proxy(DEFAULT_GARCH_CONFIG)
+    proxy = _embedded_garch_proxy(garch_config)
     before = proxy.loc[proxy.index < vix.index[0], ["iv_proxy"]].rename(columns={"iv_proxy": "iv_index"})
     before["iv_source"] = "garch_proxy"
     return pd.concat([before, vix])
 
 
-def daily_iv_index(start=None, end=None) -> pd.DataFrame:
+def daily_iv_index(start=None, end=None,
+                   garch_config: GarchProxyConfig = DEFAULT_GARCH_CONFIG) -> pd.DataFrame:
     """Daily IV index in VIX points on sessions: ``iv_index`` and ``iv_source``.
 
     ``iv_source`` is 'vix' (real close), 'vix_ffill' (session with no VIX value, previous close
     reused) or 'garch_proxy' (before the VIX data starts). Available from the proxy's first day
     (2001-01-02) to the last VIX day (2019-01-03); other dates raise DataError.
     """
-    frame = _slice_dates(_iv_index(), start, end, "the daily IV index (GARCH proxy, then VIX)")
+    frame = _slice_dates(_iv_index(garch_config), start, end, "the daily IV index (GARCH proxy, then VIX)")
     frame.attrs["synthetic_source"] = "garch_proxy"
     return frame
 

@@ -418,24 +418,25 @@ class SyntheticChainProvider:
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_embedded(cls, start="2014-01-03", end="2018-12-31", seed: int = 42, freq: str = "5min",
-                      symbol: str = "SPY", **kwargs) -> "SyntheticChainProvider":
+                      symbol: str = "SPY", garch_config=None, **kwargs) -> "SyntheticChainProvider":
         """Provider over the embedded data: SPY proxy (S&P 500 / 10), synthetic intraday bars,
         VIX (GARCH proxy before 2014), Fama–French risk-free rate, constant dividend yield."""
         from data_factory import embedded
         from data_factory.intraday import intraday_bars
         from data_factory.market_calendar import CALENDAR_START, trading_sessions
 
+        garch_kwargs = {} if garch_config is None else {"garch_config": garch_config}
         first = pd.Timestamp(start)
         earlier = trading_sessions(max(first - pd.Timedelta(days=10), pd.Timestamp(CALENDAR_START)), first)
         earlier = earlier[earlier < first]
         daily_start = earlier[-1] if len(earlier) else first
         try:
             daily = embedded.daily_bars(symbol, daily_start, end)
-            iv = embedded.daily_iv_index(daily_start, end)
+            iv = embedded.daily_iv_index(daily_start, end, **garch_kwargs)
         except DataError:
             # No prior session in the data (e.g. the very first day): start without one.
             daily = embedded.daily_bars(symbol, first, end)
-            iv = embedded.daily_iv_index(first, end)
+            iv = embedded.daily_iv_index(first, end, **garch_kwargs)
         missing = daily.index.difference(iv.index)
         if len(missing):
             raise DataError(f"from_embedded: no IV index for session {missing[0].date()} "

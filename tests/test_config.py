@@ -142,7 +142,7 @@ OTHER_SEED_DEFAULTS = {
     "synthetic.theta_bar": 0.195**2,
     "synthetic.kappa": 2.0,
     "synthetic.surface_rho": -0.7,
-    "synthetic.surface_eta": 0.9,
+    "synthetic.surface_eta": 1.0,
     "synthetic.surface_gamma": 0.5,
     "synthetic.spot_vol_beta": -1.5,
 }

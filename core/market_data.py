@@ -1,0 +1,57 @@
+"""Turns a resolved `Config` into the market data a run uses: embedded daily bars, synthetic
+intraday bars and the lazy synthetic option-chain provider, plus the `data.json` description.
+
+The data_factory layer takes plain parameter objects and never imports `core`; this module is
+the one place that maps the configuration's `synthetic` section onto them.
+"""
+from __future__ import annotations
+
+from analytics.vol_surface import SpreadParams, SurfaceParams
+from core.config import Config
+from data_factory.embedded import describe_embedded_data
+from data_factory.garch_proxy import GarchProxyConfig
+from data_factory.intraday import describe_intraday
+from data_factory.option_chain import SyntheticChainProvider
+
+
+def surface_params(config: Config) -> SurfaceParams:
+    synthetic = config.synthetic
+    return SurfaceParams(long_run_variance=synthetic.theta_bar, mean_reversion=synthetic.kappa,
+                         rho=synthetic.surface_rho, eta=synthetic.surface_eta,
+                         gamma=synthetic.surface_gamma)
+
+
+def spread_params(config: Config) -> SpreadParams:
+    synthetic = config.synthetic
+    return SpreadParams(a=synthetic.bid_ask_a, b=synthetic.bid_ask_b,
+                        vix_exponent=synthetic.bid_ask_c, min_half=synthetic.bid_ask_min_half)
+
+
+def garch_config(config: Config) -> GarchProxyConfig:
+    return GarchProxyConfig(vrp_multiplier=config.synthetic.garch_vrp_multiplier)
+
+
+def embedded_chain_provider(config: Config, freq: str = "5min", start=None,
+                            end=None) -> SyntheticChainProvider:
+    """Chain provider over the embedded data with the configured seed and surface, for the
+    configured backtest period unless ``start``/``end`` narrow it (e.g. one day to inspect)."""
+    backtest = config.backtest
+    return SyntheticChainProvider.from_embedded(
+        start=backtest.start if start is None else start, end=backtest.end if end is None else end,
+        seed=backtest.seed, freq=freq,
+        symbol=backtest.underlying, garch_config=garch_config(config),
+        dividend_yield=config.synthetic.dividend_yield, surface=surface_params(config),
+        spreads=spread_params(config), spot_vol_beta=config.synthetic.spot_vol_beta)
+
+
+def describe_run_data(config: Config, provider: SyntheticChainProvider, freq: str = "5min") -> dict:
+    """What a run's data was and which parts were synthetic (the run folder's data.json)."""
+    return {
+        "period": {"start": str(config.backtest.start), "end": str(config.backtest.end),
+                   "sessions": int(len(provider.sessions)), "bars": int(len(provider.bar_times)),
+                   "bar_frequency": freq},
+        "underlying": config.backtest.underlying,
+        "embedded": describe_embedded_data(),
+        "intraday_bars": describe_intraday(config.backtest.seed, freq),
+        "option_chains": provider.describe(),
+    }
