@@ -36,7 +36,7 @@ import pandas as pd
 
 from data_factory.errors import DataError
 from data_factory.market_calendar import (
-    CALENDAR_END, CALENDAR_START, EXCHANGE_TZ, nyse_calendar, session_bounds,
+    CALENDAR_END, CALENDAR_START, EXCHANGE_TZ, exchange_date, nyse_calendar, session_bounds,
 )
 
 MONTHLY_COUNT = 12
@@ -105,13 +105,7 @@ _WEEKLY_STARTS = {
 
 
 def _check_listing_date(on_date) -> pd.Timestamp:
-    try:
-        stamp = pd.Timestamp(on_date)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"on_date: cannot read {on_date!r} as a date ({exc})") from None
-    if stamp.tzinfo is not None:
-        stamp = stamp.tz_convert(EXCHANGE_TZ).tz_localize(None)
-    stamp = stamp.normalize()
+    stamp = exchange_date(on_date, "on_date", check_range=False)
     if not (pd.Timestamp(CALENDAR_START) <= stamp <= LAST_LISTING_DATE):
         raise DataError(f"on_date: {stamp.date()} is outside the listing calendar "
                         f"({CALENDAR_START} … {LAST_LISTING_DATE.date()})")

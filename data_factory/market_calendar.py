@@ -22,7 +22,9 @@ def nyse_calendar() -> xcals.ExchangeCalendar:
     return xcals.get_calendar("XNYS", start=CALENDAR_START, end=CALENDAR_END)
 
 
-def _as_date(value, field: str) -> pd.Timestamp:
+def exchange_date(value, field: str, check_range: bool = True) -> pd.Timestamp:
+    """``value`` as a tz-naive midnight date in exchange time; DataError naming ``field`` when it
+    cannot be read or (with ``check_range``) lies outside the calendar."""
     try:
         stamp = pd.Timestamp(value)
     except (ValueError, TypeError) as exc:
@@ -30,7 +32,7 @@ def _as_date(value, field: str) -> pd.Timestamp:
     if stamp.tzinfo is not None:
         stamp = stamp.tz_convert(EXCHANGE_TZ).tz_localize(None)
     stamp = stamp.normalize()
-    if not (pd.Timestamp(CALENDAR_START) <= stamp <= pd.Timestamp(CALENDAR_END)):
+    if check_range and not (pd.Timestamp(CALENDAR_START) <= stamp <= pd.Timestamp(CALENDAR_END)):
         raise DataError(f"{field}: {stamp.date()} is outside the exchange calendar "
                         f"({CALENDAR_START} … {CALENDAR_END})")
     return stamp
@@ -38,7 +40,7 @@ def _as_date(value, field: str) -> pd.Timestamp:
 
 def trading_sessions(start, end) -> pd.DatetimeIndex:
     """NYSE session dates from ``start`` to ``end`` inclusive (tz-naive, midnight)."""
-    first, last = _as_date(start, "start"), _as_date(end, "end")
+    first, last = exchange_date(start, "start"), exchange_date(end, "end")
     if first > last:
         raise DataError(f"start {first.date()} is after end {last.date()}")
     calendar = nyse_calendar()
@@ -62,14 +64,14 @@ def session_bounds(sessions: pd.DatetimeIndex) -> pd.DataFrame:
 
 
 def is_session(day) -> bool:
-    return bool(nyse_calendar().is_session(_as_date(day, "date")))
+    return bool(nyse_calendar().is_session(exchange_date(day, "date")))
 
 
 def previous_session_on_or_before(day) -> pd.Timestamp:
     """The session on ``day`` if it trades, else the last one before it (Friday-holiday rule)."""
-    return pd.Timestamp(nyse_calendar().date_to_session(_as_date(day, "date"), direction="previous"))
+    return pd.Timestamp(nyse_calendar().date_to_session(exchange_date(day, "date"), direction="previous"))
 
 
 def next_session_on_or_after(day) -> pd.Timestamp:
     """The session on ``day`` if it trades, else the first one after it (Monday-holiday rule)."""
-    return pd.Timestamp(nyse_calendar().date_to_session(_as_date(day, "date"), direction="next"))
+    return pd.Timestamp(nyse_calendar().date_to_session(exchange_date(day, "date"), direction="next"))

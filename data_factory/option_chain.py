@@ -61,7 +61,7 @@ from analytics.vol_surface import (
 )
 from data_factory.errors import DataError
 from data_factory.expirations import listings_for_sessions, settlement_times
-from data_factory.market_calendar import EXCHANGE_TZ, session_bounds
+from data_factory.market_calendar import EXCHANGE_TZ, exchange_date, session_bounds
 
 SECONDS_PER_YEAR = 525_600.0 * 60.0
 IV_INDEX_FLOOR_FRACTION = 0.5
@@ -557,10 +557,5 @@ class SyntheticChainProvider:
 
     @staticmethod
     def _expiry_day(expiry) -> int:
-        try:
-            stamp = pd.Timestamp(expiry)
-        except (ValueError, TypeError) as exc:
-            raise DataError(f"expiry: cannot read {expiry!r} as a date ({exc})") from None
-        if stamp.tzinfo is not None:
-            stamp = stamp.tz_convert(EXCHANGE_TZ).tz_localize(None)
-        return int(stamp.normalize().as_unit("ns").value // (86_400 * 1_000_000_000))
+        stamp = exchange_date(expiry, "expiry", check_range=False)
+        return int(stamp.as_unit("ns").value // (86_400 * 1_000_000_000))
