@@ -1,0 +1,232 @@
+"""The value objects shared by every driver (backtest and, later, live): legs, condors, quotes at
+a bar, decisions, fills, positions and portfolio Greeks.
+
+Units everywhere: prices in dollars per share; P&L, fees and cash in dollars (×100 multiplier);
+quantities in contracts; times tz-aware America/New_York; deltas signed per contract.
+Derived numbers are properties, never stored twice.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+CONTRACT_MULTIPLIER = 100
+
+
+class Right(str, Enum):
+    CALL = "C"
+    PUT = "P"
+
+
+@dataclass(frozen=True, slots=True)
+class OptionLeg:
+    """One contract line of a structure: ``ratio`` is signed per structure unit (−1 short, +1 long)."""
+
+    expiration: dt.date
+    strike: float
+    right: Right
+    ratio: int
+
+    @property
+    def is_call(self) -> bool:
+        return self.right is Right.CALL
+
+    @property
+    def is_short(self) -> bool:
+        return self.ratio < 0
+
+
+@dataclass(frozen=True, slots=True)
+class IronCondor:
+    """Short put spread + short call spread on one expiry; ``quantity`` condors (contracts per leg).
+
+    Leg order everywhere (arrays of four): long put, short put, short call, long call.
+    """
+
+    expiration: dt.date
+    settlement: pd.Timestamp          # PM settlement time of the expiry (session close)
+    long_put_strike: float
+    short_put_strike: float
+    short_call_strike: float
+    long_call_strike: float
+    quantity: int
+
+    def __post_init__(self):
+        if not (self.long_put_strike < self.short_put_strike <= self.short_call_strike
+                < self.long_call_strike):
+            raise ValueError(
+                f"iron condor strikes must satisfy long put < short put <= short call < long call, got "
+                f"{self.long_put_strike}/{self.short_put_strike}/{self.short_call_strike}/"
+                f"{self.long_call_strike}")
+        if self.quantity < 1:
+            raise ValueError(f"iron condor quantity must be >= 1, got {self.quantity}")
+
+    @property
+    def strikes(self) -> np.ndarray:
+        return np.array([self.long_put_strike, self.short_put_strike, self.short_call_strike,
+                         self.long_call_strike])
+
+    @property
+    def is_call(self) -> np.ndarray:
+        return np.array([False, False, True, True])
+
+    @property
+    def ratios(self) -> np.ndarray:
+        """Signed contracts per condor unit in leg order (+1 long, −1 short)."""
+        return np.array([1, -1, -1, 1])
+
+    @property
+    def legs(self) -> tuple[OptionLeg, ...]:
+        rights = (Right.PUT, Right.PUT, Right.CALL, Right.CALL)
+        return tuple(OptionLeg(self.expiration, float(k), right, int(ratio))
+                     for k, right, ratio in zip(self.strikes, rights, self.ratios))
+
+    @property
+    def put_width(self) -> float:
+        return self.short_put_strike - self.long_put_strike
+
+    @property
+    def call_width(self) -> float:
+        return self.long_call_strike - self.short_call_strike
+
+    @property
+    def width(self) -> float:
+        """The wider wing: at expiry only one side can finish in the money."""
+        return max(self.put_width, self.call_width)
+
+    def intrinsic_value(self, underlying: float) -> float:
+        """Value per share of the condor to its holder (what the short side owes) at ``underlying``."""
+        put_spread = min(max(self.short_put_strike - underlying, 0.0), self.put_width)
+        call_spread = min(max(underlying - self.short_call_strike, 0.0), self.call_width)
+        return put_spread + call_spread
+
+
+@dataclass(frozen=True, slots=True)
+class LegQuotes:
+    """Quotes of a structure's legs at one bar (arrays in leg order)."""
+
+    bid: np.ndarray
+    ask: np.ndarray
+    mid: np.ndarray
+    delta: np.ndarray
+    gamma: np.ndarray
+    vega: np.ndarray
+    theta: np.ndarray
+
+
+class Action(str, Enum):
+    OPEN = "open"
+    CLOSE = "close"
+    HOLD = "hold"
+
+
+class ExitReason(str, Enum):
+    PROFIT_TAKE = "profit_take"
+    STOP_LOSS = "stop_loss"
+    DTE_EXIT = "dte_exit"
+    MAX_HOLD = "max_hold"
+    EXPIRY = "expiry"
+    END_OF_DATA = "end_of_data"
+    KILL_SWITCH = "kill_switch"
+
+
+@dataclass(frozen=True, slots=True)
+class TradeDecision:
+    """What the engine decided at one bar. OPEN carries the condor and its expected credit;
+    CLOSE carries the position id and the reason; HOLD says why nothing was done (for logs)."""
+
+    action: Action
+    timestamp: pd.Timestamp
+    reason: str
+    condor: IronCondor | None = None
+    position_id: int | None = None
+    expected_price: float | None = None   # per share: credit for OPEN, debit for CLOSE
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """An executed structure order: per-leg prices, the net per share (credit > 0 received,
+    < 0 paid), contracts and fees in dollars."""
+
+    timestamp: pd.Timestamp
+    position_id: int
+    action: Action
+    leg_prices: tuple[float, float, float, float]
+    net_price: float
+    quantity: int
+    fees: float
+    reason: str
+
+    @property
+    def cash_flow(self) -> float:
+        """Dollars into the account (premium minus fees)."""
+        return self.net_price * self.quantity * CONTRACT_MULTIPLIER - self.fees
+
+
+@dataclass(slots=True)
+class Position:
+    """An open (or closed) condor and what happened to it. Mutable: the portfolio owns it."""
+
+    position_id: int
+    condor: IronCondor
+    entry_fill: Fill
+    exit_fill: Fill | None = None
+    max_adverse_excursion: float = 0.0      # worst unrealized loss in dollars at the closing side
+    assigned_legs: tuple[str, ...] = ()     # e.g. ('short_put',) when a short leg settled ITM
+    early_assignment_risk: bool = False     # a short leg was deep ITM near expiry
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def entry_credit(self) -> float:
+        return self.entry_fill.net_price
+
+    @property
+    def max_loss(self) -> float:
+        """Dollars at risk: (width − credit) × 100 × contracts."""
+        return (self.condor.width - self.entry_credit) * CONTRACT_MULTIPLIER * self.condor.quantity
+
+    @property
+    def is_open(self) -> bool:
+        return self.exit_fill is None
+
+    @property
+    def realized_pnl(self) -> float | None:
+        if self.exit_fill is None:
+            return None
+        return self.entry_fill.cash_flow + self.exit_fill.cash_flow
+
+
+@dataclass(frozen=True, slots=True)
+class PortfolioGreeks:
+    """Net Greeks of the open positions: delta per $1 (shares-equivalent ×100 applied),
+    gamma per $1, vega per vol point and theta per day, all in dollars."""
+
+    delta: float = 0.0
+    gamma: float = 0.0
+    vega: float = 0.0
+    theta: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class MarketSnapshot:
+    """Everything the engine may know at one bar, nothing from later.
+
+    ``chain(dte_min, dte_max)`` returns the option-chain slice at this bar; ``quote(condor)``
+    returns this bar's quotes of a structure's legs. ``features`` holds the bar's feature row
+    (indicators, memberships, regime, forecast) once those capabilities exist.
+    """
+
+    timestamp: pd.Timestamp
+    bar_index: int
+    symbol: str
+    spot: float
+    iv_index: float
+    session_close: pd.Timestamp            # when this bar's session ends
+    chain: Callable
+    quote: Callable[[IronCondor], LegQuotes]
+    features: dict = field(default_factory=dict)
