@@ -149,7 +149,8 @@ class BacktestConfig(_Section):
     fill_model: Literal["mid", "natural", "spread_fraction"] = "spread_fraction"
     # ORATS fills 2-leg trades at 66 % of the spread (verified); its 4-leg figure (~53 %) is
     # unverified, so the conservative verified number is the default.
-    fill_spread_fraction: float = Field(0.66, ge=0.0, le=1.0)
+    # Below 0.5 would fill better than mid, which flatters results: not allowed.
+    fill_spread_fraction: float = Field(0.66, ge=0.5, le=1.0)
     fill_on_next_bar: bool = Field(False, description="fill at bar t+1 prices instead of bar t")
     fees: Literal["ibkr", "alpaca", "none"] = "ibkr"
     plot: bool = True
@@ -190,6 +191,25 @@ class StrategyConfig(_Section):
     skew_put_wing_increment: float = Field(5.0, ge=0.0, le=100.0, description="dollars")
     max_positions: int = Field(3, ge=1, le=100)
     max_alloc: float = Field(0.15, gt=0.0, le=1.0, description="max share of equity at risk")
+    # Entries are considered only on bars whose close time lies in this window (exchange time).
+    entry_window_start: str = Field("09:45", description="HH:MM, America/New_York")
+    entry_window_end: str = Field("15:30", description="HH:MM, America/New_York")
+    max_entries_per_day: int = Field(1, ge=0, le=100, description="0 = no daily limit")
+
+    @field_validator("entry_window_start", "entry_window_end", mode="before")
+    @classmethod
+    def _clock_time(cls, value: Any, info) -> str:
+        # YAML 1.1 reads an unquoted 10:00 as the base-60 integer 600: take ints as minutes.
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value // 60:02d}:{value % 60:02d}"
+        text = str(value).strip()
+        parts = text.split(":")
+        _require(
+            len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < 24
+            and int(parts[1]) < 60,
+            f"{cls._dotted(info.field_name)} = {value!r} is not a clock time HH:MM",
+        )
+        return f"{int(parts[0]):02d}:{int(parts[1]):02d}"
 
     @model_validator(mode="after")
     def _ordered_bounds(self) -> StrategyConfig:
@@ -206,6 +226,11 @@ class StrategyConfig(_Section):
             self.wing_width_min <= self.wing_width_max,
             f"{self._show_field('wing_width_min')} must be <= {self._show_field('wing_width_max')}",
         )
+        _require(
+            self.entry_window_start < self.entry_window_end,
+            f"{self._show_field('entry_window_start')} must be before "
+            f"{self._show_field('entry_window_end')}",
+        )
         return self
 
 
@@ -218,6 +243,10 @@ class ExitsConfig(_Section):
     loss_close_multiple: float = Field(1.00, gt=0.0, le=10.0, description="loss as multiple of credit")
     max_hold_days: int = Field(10, ge=1, le=365)
     dte_exit: int = Field(21, ge=0, le=365, description="close when DTE <= this")
+    # Trade-log flag: a short leg in the money with less extrinsic value than this (dollars per
+    # share) within `early_assignment_days` of expiry is at risk of early exercise.
+    early_assignment_days: int = Field(3, ge=0, le=30)
+    early_assignment_extrinsic: float = Field(0.05, ge=0.0, le=5.0, description="dollars per share")
 
 
 class FiltersConfig(_Section):

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 CONTRACT_MULTIPLIER = 100
+EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 class Right(str, Enum):
@@ -93,6 +94,11 @@ class IronCondor:
     @property
     def call_width(self) -> float:
         return self.long_call_strike - self.short_call_strike
+
+    @property
+    def expiration_day(self) -> int:
+        """The expiration as days since 1970-01-01 (for day counts without calendar objects)."""
+        return self.expiration.toordinal() - EPOCH_ORDINAL
 
     @property
     def width(self) -> float:
@@ -223,10 +229,11 @@ class MarketSnapshot:
 
     timestamp: pd.Timestamp
     bar_index: int
+    session_day: int                       # the bar's session as days since 1970-01-01
     symbol: str
     spot: float
     iv_index: float
-    session_close: pd.Timestamp            # when this bar's session ends
-    chain: Callable
+    chain: Callable                        # chain(dte_min, dte_max) -> ChainSlice at this bar
     quote: Callable[[IronCondor], LegQuotes]
+    settlement_of: Callable[[dt.date], pd.Timestamp]   # listed expiry -> its settlement time
     features: dict = field(default_factory=dict)

@@ -1,9 +1,11 @@
 """CondorBrain command line: `python core/main.py --mode MODE [options]`.
 
-Modes present now:
-  data   what the embedded data is (sources, periods, what is synthetic) and the synthetic option
-         chain a strategy would see at one bar.
-The backtest, optimize and live modes plug in here as their capabilities land.
+Modes:
+  backtest  replay the iron-condor strategy over the embedded (or configured) data and write a run
+            folder (config, data description, trades, equity, metrics, plot, HTML report).
+  data      what the embedded data is (sources, periods, what is synthetic) and the synthetic
+            option chain a strategy would see at one bar.
+The optimize and live modes plug in here as their capabilities land.
 
 Errors in flags, configuration or data print one message and exit with status 2.
 """
@@ -23,30 +25,107 @@ if str(_PROJECT_ROOT) not in sys.path:
 USAGE_ERROR = 2
 
 
+# Flags of the backtest mode: (flag, type, help). Each sets the config field that
+# core.config.CLI_FLAG_TO_FIELD names; the help shows the effective default from the config.
+BACKTEST_FLAGS = (
+    ("--bt-start", str, "first session (YYYY-MM-DD)"),
+    ("--bt-end", str, "last session (YYYY-MM-DD)"),
+    ("--bt-cash", float, "starting capital in dollars"),
+    ("--bt-samples", int, "replay only the first N bars (0 = the whole period)"),
+    ("--underlying", str, "symbol to trade (the embedded data has SPY)"),
+    ("--quantity", int, "condors (contracts per leg) per trade"),
+    ("--dte-min", int, "shortest expiry in days"),
+    ("--dte-max", int, "longest expiry in days"),
+    ("--delta-low", float, "lower |delta| of the short strikes"),
+    ("--delta-high", float, "upper |delta| of the short strikes"),
+    ("--wing-min", float, "narrowest wing in dollars"),
+    ("--wing-max", float, "widest wing in dollars"),
+    ("--min-credit-ratio", float, "minimum credit / wing width"),
+    ("--profit-pct", float, "take profit at this share of the credit"),
+    ("--loss-multiple", float, "stop loss at this multiple of the credit"),
+    ("--max-hold-days", int, "close after this many calendar days"),
+    ("--max-positions", int, "most condors open at once"),
+    ("--max-alloc", float, "most of equity at risk (max loss) across open condors"),
+)
+
+
 def _build_parser(config_defaults) -> argparse.ArgumentParser:
-    strategy = config_defaults.strategy
+    from core.config import CLI_FLAG_TO_FIELD
+
     parser = argparse.ArgumentParser(
         prog="python core/main.py",
-        description="CondorBrain (Quantor-MTFuzz): backtest, optimize and paper-trade SPY iron condors.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="CondorBrain (Quantor-MTFuzz): backtest, optimize and paper-trade SPY iron condors. "
+                    "Defaults come from core/config.py (or --config FILE); a flag given overrides them.",
     )
-    parser.add_argument("--mode", choices=["data"], default="data",
-                        help="data: describe the embedded data and show a synthetic chain at one bar")
+    parser.add_argument("--mode", choices=["backtest", "data"], default="backtest",
+                        help="backtest: run the strategy and write a run folder; data: describe the "
+                             "embedded data and show a synthetic chain at one bar (default: backtest)")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (partial files allowed)")
+    run = parser.add_argument_group("backtest")
+    for flag, kind, text in BACKTEST_FLAGS:
+        default = config_defaults.get(CLI_FLAG_TO_FIELD[flag])
+        run.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                         help=f"{text} (default: {default})")
+    backtest = config_defaults.backtest
+    run.add_argument("--engine", choices=["backtrader", "fast"], default=None,
+                     help=f"driver: Backtrader event loop or the fast event-skipping driver, same trades "
+                          f"(default: {backtest.engine})")
+    run.add_argument("--fill-model", default=None, metavar="MODEL",
+                     help="mid | natural | a fraction 0.5-1.0 of the spread from our side "
+                          f"(default: {backtest.fill_model} {backtest.fill_spread_fraction})")
+    run.add_argument("--fill-next-bar", action="store_true",
+                     help="fill at the bar after the signal instead of the signal bar")
+    run.add_argument("--fees", choices=["ibkr", "alpaca", "none"], default=None,
+                     help=f"commission and fee preset (default: {backtest.fees})")
+    run.add_argument("--seed", type=int, default=None,
+                     help=f"seed of every synthetic step (default: {backtest.seed})")
+    run.add_argument("--out", metavar="DIR", default=None,
+                     help="run folder to create (default: runs/<timestamp>)")
+    run.add_argument("--no-plot", action="store_true", help="skip the equity/drawdown PNG")
     group = parser.add_argument_group("data mode")
     group.add_argument("--date", default="2015-08-24",
                        help="session to show the chain for (YYYY-MM-DD, 2001-01-02 … 2018-12-31)")
     group.add_argument("--time", default="10:00",
                        help="bar close time (HH:MM, America/New_York; 5-minute bars 09:35 … 16:00)")
-    group.add_argument("--dte-min", type=int, default=None,
-                       help=f"shortest expiry shown in days (default: config, {strategy.dte_min})")
-    group.add_argument("--dte-max", type=int, default=None,
-                       help=f"longest expiry shown in days (default: config, {strategy.dte_max})")
-    group.add_argument("--seed", type=int, default=None,
-                       help=f"seed of the synthetic intraday bars (default: config, {config_defaults.backtest.seed})")
     group.add_argument("--strikes", type=int, default=12,
                        help="strikes shown per side of the money for the nearest expiry in range")
     return parser
+
+
+def _overrides(args) -> dict:
+    """Config overrides from the flags actually given."""
+    from core.config import CLI_FLAG_TO_FIELD
+
+    overrides = {}
+    for flag, _, _ in BACKTEST_FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[CLI_FLAG_TO_FIELD[flag]] = value
+    if args.engine is not None:
+        overrides["backtest.engine"] = args.engine
+    if args.fees is not None:
+        overrides["backtest.fees"] = args.fees
+    if args.seed is not None:
+        overrides["backtest.seed"] = args.seed
+    if args.no_plot:
+        overrides["backtest.plot"] = False
+    if args.fill_next_bar:
+        overrides["backtest.fill_on_next_bar"] = True
+    if args.fill_model is not None:
+        if args.fill_model in ("mid", "natural"):
+            overrides["backtest.fill_model"] = args.fill_model
+        else:
+            try:
+                fraction = float(args.fill_model)
+            except ValueError:
+                fraction = None
+            if fraction is None:
+                from core.config import ConfigError
+                raise ConfigError(f"--fill-model {args.fill_model!r}: use mid, natural or a fraction "
+                                  f"between 0.5 and 1.0")
+            overrides["backtest.fill_model"] = "spread_fraction"
+            overrides["backtest.fill_spread_fraction"] = fraction
+    return overrides
 
 
 def _load_config(path: str | None, overrides: dict):
@@ -103,10 +182,7 @@ def _run_data_mode(args, config) -> int:
     sources.add_row("option chains", "SSVI on VIX term structure, BSM", "every bar", "SYNTHETIC, European")
     console.print(sources)
 
-    dte_min = config.strategy.dte_min if args.dte_min is None else args.dte_min
-    dte_max = config.strategy.dte_max if args.dte_max is None else args.dte_max
-    if dte_min < 0 or dte_max < dte_min:
-        raise DataError(f"--dte-min {dte_min} / --dte-max {dte_max}: need 0 <= dte-min <= dte-max")
+    dte_min, dte_max = config.strategy.dte_min, config.strategy.dte_max
     chain = provider.slice(stamp, dte_min=dte_min, dte_max=dte_max)
     iv_index = float(provider.iv_index_bars().iloc[provider.bar_index(stamp)])
     console.print(f"\n[bold]{config.backtest.underlying}[/bold] {stamp:%Y-%m-%d %H:%M %Z}: spot "
@@ -132,25 +208,78 @@ def _run_data_mode(args, config) -> int:
     return 0
 
 
+def _run_backtest_mode(args, config, argv) -> int:
+    import platform
+    import time
+
+    import backtrader
+    import numpy
+    import pandas
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from analytics.performance import performance_metrics
+    from core.backtest_engine import DRIVERS, equity_frame, trades_frame
+    from core.market_data import describe_run_data, embedded_chain_provider
+    from core.report import check_output_dir, default_run_dir, summary_table, write_run
+
+    console = Console()
+    out_dir = check_output_dir(args.out) if args.out else default_run_dir()
+    backtest = config.backtest
+    started = time.time()
+    with console.status(f"loading {backtest.start} … {backtest.end}: embedded daily data, synthetic "
+                        f"5-minute bars, chain surface…"):
+        provider = embedded_chain_provider(config)
+    total = len(provider.bar_times) if backtest.samples == 0 else min(backtest.samples, len(provider.bar_times))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} bars"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(f"{backtest.engine} backtest", total=total)
+        result = DRIVERS[backtest.engine](config, provider,
+                                          progress=lambda done: progress.update(task, completed=done))
+    trades = trades_frame(result.positions)
+    equity = equity_frame(result, backtest.cash)
+    metrics = performance_metrics(equity["equity"], trades, backtest.cash)
+    metrics["entry_rejections"] = result.rejections
+    run_info = {
+        "command": "python core/main.py " + " ".join(argv),
+        "engine": result.engine, "bars": result.bars, "driver_seconds": round(result.seconds, 3),
+        "seed": backtest.seed, "started": pandas.Timestamp(started, unit="s", tz="UTC").isoformat(),
+        "finished": pandas.Timestamp.now(tz="UTC").isoformat(),
+        "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
+                     "pandas": pandas.__version__, "backtrader": backtrader.__version__},
+        "backtrader_analyzers": result.analyzers,
+    }
+    with console.status("writing the run folder…"):
+        written = write_run(out_dir, config_dict=config.to_dict(),
+                            data_description=describe_run_data(config, provider), trades=trades,
+                            equity=equity, metrics=metrics, run_info=run_info, plot=backtest.plot)
+    console.print(summary_table(metrics, trades))
+    console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); option chains and "
+                  f"intraday bars are SYNTHETIC (see data.json)")
+    console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     from core.config import Config, ConfigError
+    from core.report import ReportError
     from data_factory.errors import DataError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _build_parser(Config())
     args = parser.parse_args(argv)
-    overrides = {}
-    if args.seed is not None:
-        overrides["backtest.seed"] = args.seed
     try:
-        config = _load_config(args.config, overrides)
+        config = _load_config(args.config, _overrides(args))
         if args.mode == "data":
             return _run_data_mode(args, config)
-    except (ConfigError, DataError) as error:
+        return _run_backtest_mode(args, config, argv)
+    except (ConfigError, DataError, ReportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    parser.error(f"unknown mode {args.mode}")
-    return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: no run folder was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ them (surface + BSM + spread fused); the Python side only wraps array views.
 """
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -64,6 +65,7 @@ from data_factory.expirations import listings_for_sessions, settlement_times
 from data_factory.market_calendar import EXCHANGE_TZ, exchange_date, session_bounds
 
 SECONDS_PER_YEAR = 525_600.0 * 60.0
+_EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 IV_INDEX_FLOOR_FRACTION = 0.5
 DEFAULT_STRIKE_RANGE = 0.25
 DEFAULT_STRIKE_LISTING_MARGIN = 0.25
@@ -154,9 +156,65 @@ class ChainSlice:
         return frame
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ContractPath:
+    """Quotes of a fixed set of contracts on one expiry over consecutive bars.
+
+    Arrays are (n_bars, n_legs), legs in the order asked for; rows at or after the expiry's
+    settlement are NaN. ``spot`` and ``bar_time_ns`` are per bar. The same arithmetic as
+    ``ChainSlice``: a contract quoted either way gets bitwise the same numbers.
+    """
+
+    bar_start: int
+    bar_time_ns: np.ndarray
+    spot: np.ndarray
+    bid: np.ndarray
+    ask: np.ndarray
+    mid: np.ndarray
+    delta: np.ndarray
+    gamma: np.ndarray
+    vega: np.ndarray
+    theta: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.spot.size)
+
+
 # ----------------------------------------------------------------------------------------------
 # numba kernel: one bar's slice
 # ----------------------------------------------------------------------------------------------
+
+# The two per-option steps shared by the slice kernel and the contract-path kernel, so that a
+# contract quoted through either gets bitwise the same numbers.
+@njit(cache=False, inline="always")
+def _expiry_state(settle_s, bar_time_s, dte, spot, iv_index, v0, rate, div_yield, model, table):
+    """Per (bar, expiry): T, the ATM total variance solved to the variance swap, SSVI φ, the
+    forward and the spread scale."""
+    t_years = (settle_s - bar_time_s) / SECONDS_PER_YEAR
+    total_var = variance_swap_total_variance_scalar(t_years, v0, model[_P_THETA_BAR], model[_P_KAPPA])
+    skew_ratio = skew_floor_ratio_scalar(t_years, model[_P_FLOOR_YEARS])
+    theta_atm = atm_total_variance_scalar(total_var, skew_ratio, model[_P_LN_W0], model[_P_LN_W_STEP],
+                                          model[_P_LN_S0], model[_P_LN_S_STEP], table)
+    phi = power_law_phi_scalar(theta_atm * skew_ratio, model[_P_ETA], model[_P_GAMMA])
+    forward = spot * math.exp((rate - div_yield) * t_years)
+    half_scale = quote_half_spread_scale_scalar(iv_index, float(dte), model[_P_VIX_EXP], model[_P_VIX_REF])
+    return t_years, theta_atm, phi, forward, half_scale
+
+
+@njit(cache=False, inline="always")
+def _quote_option(strike, is_call, spot, t_years, theta_atm, phi, forward, half_scale, rate, div_yield,
+                  model):
+    """One contract: SSVI vol, BSM price and Greeks, tick-rounded bid/ask."""
+    k = math.log(strike / forward)
+    sigma = math.sqrt(ssvi_total_variance_scalar(k, theta_atm, phi, model[_P_RHO]) / t_years)
+    z = k / math.sqrt(theta_atm)
+    price, delta, gamma_, vega, theta_, rho_ = bsm_scalar(spot, strike, t_years, rate, div_yield, sigma,
+                                                          is_call)
+    half = quote_half_spread_from_scale(price, half_scale, z, model[_P_A], model[_P_B], model[_P_MIN_HALF],
+                                        model[_P_LIQ_SLOPE], model[_P_LIQ_FREE])
+    bid, ask = quote_bid_ask_scalar(price, half, model[_P_ZERO_BID], model[_P_TICK])
+    return bid, ask, price, sigma, delta, gamma_, vega, theta_, rho_
+
 
 # Not cached on disk: numba's cache is keyed on this file only, so an edit to bsm_scalar or to the
 # vol_surface helpers it compiles in would leave a stale kernel. Compiling costs ~1 s per process.
@@ -194,13 +252,7 @@ def _slice_kernel(bar, dte_min, dte_max, only_expiry_day, strike_lo_req, strike_
     if n_rows == 0:
         return out_f, out_i, out_call
 
-    theta_bar, kappa, rho = model[_P_THETA_BAR], model[_P_KAPPA], model[_P_RHO]
-    eta, gamma, floor_years = model[_P_ETA], model[_P_GAMMA], model[_P_FLOOR_YEARS]
-    a, b, tick = model[_P_A], model[_P_B], model[_P_TICK]
-    min_half, zero_bid = model[_P_MIN_HALF], model[_P_ZERO_BID]
-    liq_slope, liq_free = model[_P_LIQ_SLOPE], model[_P_LIQ_FREE]
-    v0 = initial_variance_scalar(iv_index, theta_bar, kappa)
-
+    v0 = initial_variance_scalar(iv_index, model[_P_THETA_BAR], model[_P_KAPPA])
     row = 0
     for j in range(first, stop):
         e = listed_expiry_ids[j]
@@ -209,27 +261,16 @@ def _slice_kernel(bar, dte_min, dte_max, only_expiry_day, strike_lo_req, strike_
         if not (expiry_i64[e, 1] > bar_time_s and dte_min <= dte <= dte_max
                 and (only_expiry_day == _NO_EXPIRY or expiry_day == only_expiry_day)):
             continue
-        t_years = (expiry_i64[e, 1] - bar_time_s) / SECONDS_PER_YEAR
-        total_var = variance_swap_total_variance_scalar(t_years, v0, theta_bar, kappa)
-        skew_ratio = skew_floor_ratio_scalar(t_years, floor_years)
-        theta_atm = atm_total_variance_scalar(total_var, skew_ratio, model[_P_LN_W0], model[_P_LN_W_STEP],
-                                              model[_P_LN_S0], model[_P_LN_S_STEP], table)
-        phi = power_law_phi_scalar(theta_atm * skew_ratio, eta, gamma)
-        inv_sqrt_theta = 1.0 / math.sqrt(theta_atm)
-        forward = spot * math.exp((rate - div_yield) * t_years)
-        half_scale = quote_half_spread_scale_scalar(iv_index, float(dte), model[_P_VIX_EXP], model[_P_VIX_REF])
+        t_years, theta_atm, phi, forward, half_scale = _expiry_state(
+            expiry_i64[e, 1], bar_time_s, dte, spot, iv_index, v0, rate, div_yield, model, table)
         for i in range(n_strikes):
             strike = float(strike_lo + i)
-            k = math.log(strike / forward)
-            sigma = math.sqrt(ssvi_total_variance_scalar(k, theta_atm, phi, rho) / t_years)
-            z = k * inv_sqrt_theta
             for side in range(2):
                 r = row + i + side * n_strikes
                 is_call = side == 0
-                price, delta, gamma_, vega, theta_, rho_ = bsm_scalar(
-                    spot, strike, t_years, rate, div_yield, sigma, is_call)
-                half = quote_half_spread_from_scale(price, half_scale, z, a, b, min_half, liq_slope, liq_free)
-                bid, ask = quote_bid_ask_scalar(price, half, zero_bid, tick)
+                (bid, ask, price, sigma, delta, gamma_, vega, theta_, rho_) = _quote_option(
+                    strike, is_call, spot, t_years, theta_atm, phi, forward, half_scale, rate,
+                    div_yield, model)
                 out_f[_STRIKE, r] = strike
                 out_f[_BID, r] = bid
                 out_f[_ASK, r] = ask
@@ -249,6 +290,42 @@ def _slice_kernel(bar, dte_min, dte_max, only_expiry_day, strike_lo_req, strike_
                 out_call[r] = is_call
         row += 2 * n_strikes
     return out_f, out_i, out_call
+
+
+@njit(cache=False)
+def _contract_path_kernel(bar_start, bar_stop, expiry_day, settle_s, strikes, is_call, bar_i64, bar_f64,
+                          sess_i64, sess_f64, model, table):
+    """Quotes of fixed contracts (one expiry) at every bar in [bar_start, bar_stop): arrays
+    (n_bars, n_legs) of bid, ask, mid, delta, gamma, vega, theta; NaN at or after settlement."""
+    n_bars = bar_stop - bar_start
+    n_legs = strikes.size
+    out = np.full((7, n_bars, n_legs), np.nan)
+    for b in range(n_bars):
+        bar = bar_start + b
+        bar_time_s = bar_i64[bar, 0]
+        if bar_time_s >= settle_s:
+            continue
+        session = bar_i64[bar, 1]
+        spot = bar_f64[bar, 0]
+        iv_index = bar_f64[bar, 1]
+        rate = sess_f64[session, 0]
+        div_yield = sess_f64[session, 1]
+        dte = expiry_day - sess_i64[session, 0]
+        v0 = initial_variance_scalar(iv_index, model[_P_THETA_BAR], model[_P_KAPPA])
+        t_years, theta_atm, phi, forward, half_scale = _expiry_state(
+            settle_s, bar_time_s, dte, spot, iv_index, v0, rate, div_yield, model, table)
+        for leg in range(n_legs):
+            (bid, ask, price, sigma, delta, gamma_, vega, theta_, rho_) = _quote_option(
+                strikes[leg], is_call[leg], spot, t_years, theta_atm, phi, forward, half_scale, rate,
+                div_yield, model)
+            out[0, b, leg] = bid
+            out[1, b, leg] = ask
+            out[2, b, leg] = 0.5 * (bid + ask)
+            out[3, b, leg] = delta
+            out[4, b, leg] = gamma_
+            out[5, b, leg] = vega
+            out[6, b, leg] = theta_
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,7 +632,48 @@ class SyntheticChainProvider:
             out_f[_BID], out_f[_ASK], out_f[_MID], out_f[_THEO], out_f[_IV], out_f[_DELTA],
             out_f[_GAMMA], out_f[_THETA], out_f[_VEGA], out_f[_RHO], out_f[_IV_CONF], out_f[_QUOTE_AGE])
 
+    def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes, is_call) -> ContractPath:
+        """Quotes of the given contracts (one expiration) at bars ``bar_start … bar_stop − 1``.
+
+        For position paths: the fast driver asks for a whole holding period at once, the per-bar
+        driver for one bar; both get the numbers ``slice`` gives for the same contracts.
+        """
+        n_bars = len(self._bar_ns)
+        if not (0 <= bar_start <= bar_stop <= n_bars):
+            raise DataError(f"bar range {bar_start} … {bar_stop} is outside 0 … {n_bars}")
+        expiry_day = self._expiry_day(expiration)
+        row = int(np.searchsorted(self._expiry_i64[:, 0], expiry_day))
+        if row == len(self._expiry_i64) or self._expiry_i64[row, 0] != expiry_day:
+            raise DataError(f"expiration {pd.Timestamp(expiry_day, unit='D').date()} is not a listed expiry "
+                            f"in the provider's period")
+        strikes = np.ascontiguousarray(strikes, dtype=float)
+        is_call = np.ascontiguousarray(is_call, dtype=np.bool_)
+        if strikes.shape != is_call.shape or strikes.ndim != 1:
+            raise ValueError("strikes and is_call must be 1-d arrays of the same length")
+        out = _contract_path_kernel(bar_start, bar_stop, expiry_day, self._expiry_i64[row, 1], strikes,
+                                    is_call, self._bar_i64, self._bar_f64, self._sess_i64, self._sess_f64,
+                                    self._model, self._table)
+        return ContractPath(bar_start, self._bar_ns[bar_start:bar_stop],
+                            self._bar_f64[bar_start:bar_stop, 0], *out)
+
+    def settlement_time(self, expiration) -> pd.Timestamp:
+        """PM settlement (session close) of a listed expiration."""
+        expiry_day = self._expiry_day(expiration)
+        row = int(np.searchsorted(self._expiry_i64[:, 0], expiry_day))
+        if row == len(self._expiry_i64) or self._expiry_i64[row, 0] != expiry_day:
+            raise DataError(f"expiration {pd.Timestamp(expiry_day, unit='D').date()} is not listed")
+        return pd.Timestamp(int(self._expiry_i64[row, 1]), unit="s", tz="UTC").tz_convert(EXCHANGE_TZ)
+
+    def bar_index_at_or_before(self, timestamp) -> int:
+        """Position of the last bar stamped at or before ``timestamp`` (−1 if none)."""
+        stamp = pd.Timestamp(timestamp)
+        if stamp.tzinfo is None:
+            stamp = stamp.tz_localize(EXCHANGE_TZ)
+        return int(self._bar_ns.searchsorted(stamp.as_unit("ns").value, side="right")) - 1
+
     @staticmethod
     def _expiry_day(expiry) -> int:
+        if type(expiry) is dt.date:  # the drivers' hot path: no parsing needed
+            return expiry.toordinal() - _EPOCH_ORDINAL
         stamp = exchange_date(expiry, "expiry", check_range=False)
         return int(stamp.as_unit("ns").value // (86_400 * 1_000_000_000))

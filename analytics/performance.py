@@ -1,0 +1,174 @@
+"""Performance metrics of a finished run: drawdown series and the summary numbers of
+``metrics.json`` (net profit, returns, drawdown, Sharpe, Sortino, trade statistics, fitness).
+
+Pure functions on an equity series (pd.Series of dollars indexed by tz-aware bar times) and a
+trades frame (one row per closed trade, columns at least ``entry_time, exit_time, pnl, days_held``;
+``pnl`` in dollars net of fees). Results are plain Python floats/ints/None so they go straight to
+JSON; None means "undefined" (e.g. a profit factor with no losing trade), never NaN or inf.
+
+Conventions (so the numbers can be recomputed by hand from equity.csv and trades.csv):
+* Drawdown is the equity change from the running peak, a number <= 0 (dollars and percent); the
+  running peak starts at ``starting_cash``. ``max_drawdown`` is the most negative value (a
+  negative number, 0.0 when equity never fell); fitness divides by its absolute value.
+* Daily returns: the last equity of each exchange session (America/New_York date), simple returns
+  from one session to the next, the first measured against ``starting_cash``.
+* Sharpe = mean / std (ddof 1) × √252 of the daily returns, risk-free rate 0.
+  Sortino = mean / downside deviation × √252, downside deviation = √(mean(min(r, 0)²)) over all
+  days (target 0).
+* CAGR over calendar time from the first to the last bar (years of 365.25 days).
+* ``net_profit`` = last equity − starting cash (equals Σ trade pnl when the run ends flat).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+TRADING_DAYS_PER_YEAR = 252
+# Kept here rather than imported: analytics must not depend on data_factory or core.
+_EXCHANGE_TZ = "America/New_York"
+TRADE_COLUMNS = ("entry_time", "exit_time", "pnl", "days_held")
+
+
+def _check_equity(equity: pd.Series) -> pd.Series:
+    if not isinstance(equity, pd.Series):
+        raise TypeError(f"equity must be a pandas Series, got {type(equity).__name__}")
+    if equity.empty:
+        raise ValueError("equity series is empty: no bars were replayed")
+    if not isinstance(equity.index, pd.DatetimeIndex) or equity.index.tz is None:
+        raise ValueError("equity must be indexed by tz-aware timestamps (a DatetimeIndex with a time zone)")
+    if not equity.index.is_monotonic_increasing:
+        raise ValueError("equity index must be sorted by time")
+    values = equity.to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise ValueError(f"equity is not a finite number at {equity.index[np.argmax(bad)]}: "
+                         f"{values[np.argmax(bad)]!r}")
+    return equity.astype(np.float64)
+
+
+def _check_trades(trades: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in TRADE_COLUMNS if c not in trades.columns]
+    if missing:
+        raise ValueError(f"trades is missing column(s) {missing}; needs {list(TRADE_COLUMNS)}")
+    pnl = trades["pnl"].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(pnl)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"trades row {row}: pnl is not a finite number ({pnl[row]!r})")
+    return trades
+
+
+def drawdown_series(equity: pd.Series, starting_cash: float | None = None) -> pd.DataFrame:
+    """Per bar: ``peak`` (running max of equity, starting from ``starting_cash`` when given),
+    ``drawdown`` (equity − peak, dollars, <= 0) and ``drawdown_pct`` (percent of the peak, <= 0)."""
+    equity = _check_equity(equity)
+    peak = equity.cummax()
+    if starting_cash is not None:
+        peak = peak.clip(lower=float(starting_cash))
+    drawdown = equity - peak
+    return pd.DataFrame({"peak": peak, "drawdown": drawdown, "drawdown_pct": drawdown / peak * 100.0})
+
+
+def daily_returns(equity: pd.Series, starting_cash: float) -> pd.Series:
+    """Simple returns between the last equity of consecutive exchange sessions; the first session
+    is measured against ``starting_cash``. Indexed by session date."""
+    equity = _check_equity(equity)
+    session_dates = equity.index.tz_convert(_EXCHANGE_TZ).date
+    session_close = equity.groupby(session_dates).last()
+    previous = session_close.shift(1)
+    previous.iloc[0] = float(starting_cash)
+    return session_close / previous - 1.0
+
+
+def _none_if_not_finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def sharpe_ratio(returns: pd.Series) -> float | None:
+    """Annualised Sharpe of daily returns (rf = 0); None with fewer than 2 days or no variation."""
+    values = returns.to_numpy(dtype=np.float64)
+    if values.size < 2:
+        return None
+    std = float(np.std(values, ddof=1))
+    if std == 0.0:
+        return None
+    return _none_if_not_finite(float(np.mean(values)) / std * math.sqrt(TRADING_DAYS_PER_YEAR))
+
+
+def sortino_ratio(returns: pd.Series) -> float | None:
+    """Annualised Sortino of daily returns (target 0); None with no days or no losing day."""
+    values = returns.to_numpy(dtype=np.float64)
+    if values.size == 0:
+        return None
+    downside = math.sqrt(float(np.mean(np.minimum(values, 0.0) ** 2)))
+    if downside == 0.0:
+        return None
+    return _none_if_not_finite(float(np.mean(values)) / downside * math.sqrt(TRADING_DAYS_PER_YEAR))
+
+
+def trade_statistics(trades: pd.DataFrame) -> dict:
+    """Win rate (fraction of trades with pnl > 0; zero-pnl trades count as neither win nor loss
+    but stay in the denominator), profit factor (gross profit / |gross loss|; None without a
+    losing trade), expectancy ratio (average win / |average loss|; None without both a win and a
+    loss), expectancy (mean pnl per trade), average days held and the trade count."""
+    trades = _check_trades(trades)
+    pnl = trades["pnl"].to_numpy(dtype=np.float64)
+    count = int(pnl.size)
+    wins = pnl[pnl > 0.0]
+    losses = pnl[pnl < 0.0]
+    gross_profit = float(wins.sum())
+    gross_loss = float(losses.sum())
+    return {
+        "trade_count": count,
+        "win_rate": float(wins.size / count) if count else None,
+        "gross_profit": gross_profit,
+        "gross_loss": gross_loss,
+        "profit_factor": gross_profit / abs(gross_loss) if losses.size else None,
+        "avg_win": float(wins.mean()) if wins.size else None,
+        "avg_loss": float(losses.mean()) if losses.size else None,
+        "expectancy_ratio": (float(wins.mean()) / abs(float(losses.mean()))
+                             if wins.size and losses.size else None),
+        "expectancy": float(pnl.mean()) if count else None,
+        "avg_days_held": float(trades["days_held"].to_numpy(dtype=np.float64).mean()) if count else None,
+    }
+
+
+def performance_metrics(equity: pd.Series, trades: pd.DataFrame, starting_cash: float) -> dict:
+    """The run's summary: see the module docstring for every convention. Keys: net_profit,
+    total_return_pct, cagr_pct, max_drawdown, max_drawdown_pct, sharpe, sortino, win_rate,
+    profit_factor, expectancy_ratio, expectancy, avg_days_held, trade_count, fitness, plus
+    gross_profit, gross_loss, avg_win, avg_loss, final_equity, years."""
+    if not (math.isfinite(starting_cash) and starting_cash > 0):
+        raise ValueError(f"starting_cash must be a finite number > 0, got {starting_cash!r}")
+    equity = _check_equity(equity)
+    final_equity = float(equity.iloc[-1])
+    net_profit = final_equity - float(starting_cash)
+
+    years = (equity.index[-1] - equity.index[0]).total_seconds() / (365.25 * 86400.0)
+    if years <= 0.0:
+        cagr_pct = None
+    elif final_equity <= 0.0:
+        cagr_pct = -100.0
+    else:
+        cagr_pct = _none_if_not_finite(((final_equity / starting_cash) ** (1.0 / years) - 1.0) * 100.0)
+
+    drawdowns = drawdown_series(equity, starting_cash)
+    max_drawdown = float(drawdowns["drawdown"].min())
+    returns = daily_returns(equity, starting_cash)
+
+    metrics = {
+        "net_profit": net_profit,
+        "final_equity": final_equity,
+        "total_return_pct": net_profit / starting_cash * 100.0,
+        "years": float(years),
+        "cagr_pct": cagr_pct,
+        "max_drawdown": max_drawdown,
+        "max_drawdown_pct": float(drawdowns["drawdown_pct"].min()),
+        "sharpe": sharpe_ratio(returns),
+        "sortino": sortino_ratio(returns),
+    }
+    metrics.update(trade_statistics(trades))
+    metrics["fitness"] = net_profit / abs(max_drawdown) if max_drawdown < 0.0 else None
+    return metrics

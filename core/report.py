@@ -1,0 +1,892 @@
+"""A backtest's run folder: what was run, on what data, and what came out.
+
+Owns the files of one run (``config.yaml``, ``data.json``, ``trades.csv``, ``equity.csv``,
+``metrics.json``, ``run.json``, ``equity.png``, ``report.html``), the rule that a run folder only
+appears once it is complete, and the terminal summary table. It computes no performance figures:
+the metrics arrive ready-made (from ``analytics.performance``) and are only formatted here.
+
+Conventions the formatting relies on (those of ``analytics.performance``): money in dollars;
+keys ending ``_pct`` (``cagr_pct``, ``max_drawdown_pct``, equity.csv's ``drawdown_pct``) already in
+percent (-5.2 = -5.2 %); ``win_rate`` a fraction (0.71 = 71 %); times tz-aware.
+
+Atomicity: everything is written into a sibling ``<name>.partial-<pid>-*`` folder which is renamed
+onto ``out_dir`` as the last step; any failure removes it, so a folder named ``out_dir`` is always a
+complete run. A process killed outright leaves at most a folder whose name says ``partial``.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import enum
+import html
+import io
+import json
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+# Order of the columns in trades.csv / equity.csv; columns not listed follow in the order given.
+TRADE_COLUMNS: tuple[str, ...] = (
+    "position_id", "entry_time", "exit_time", "expiration", "long_put", "short_put", "short_call",
+    "long_call", "contracts", "credit", "exit_debit", "fees", "pnl", "exit_reason",
+    "max_adverse_excursion", "days_held", "max_loss", "assigned_legs", "early_assignment_risk", "notes",
+)
+EQUITY_COLUMNS: tuple[str, ...] = (
+    "timestamp", "cash", "equity", "equity_liquidation", "drawdown", "drawdown_pct", "open_positions",
+)
+
+# Above this many trades the HTML shows the first and last HTML_TRADE_EDGE rows (trades.csv has all).
+HTML_TRADE_LIMIT = 2_000
+HTML_TRADE_EDGE = 1_000
+
+# The PNG is drawn at FIGURE_INCHES × FIGURE_DPI = 1400 × 800 pixels.
+FIGURE_INCHES = (14.0, 8.0)
+FIGURE_DPI = 100
+
+FILE_NAMES = ("config.yaml", "data.json", "trades.csv", "equity.csv", "metrics.json", "run.json",
+              "equity.png", "report.html")
+
+
+class ReportError(ValueError):
+    """An output folder that cannot take a run, or report input that cannot be written.
+
+    ``path`` is the folder (or file) concerned, ``reason`` the short why ("not empty", ...).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, detail: str = ""):
+        self.path = Path(path)
+        self.reason = reason
+        message = f"output folder {str(self.path)!r}: {reason}"
+        super().__init__(message + (f" ({detail})" if detail else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# output folder
+# ---------------------------------------------------------------------------------------------
+
+def default_run_dir(base: str | os.PathLike[str] = "runs") -> Path:
+    """``<base>/<YYYYmmdd-HHMMSS>`` in local time, with ``-2``, ``-3``... added if that exists.
+
+    Nothing is created: two processes starting in the same second may get the same name; the
+    second to finish then gets a ReportError from `write_run` instead of overwriting the first.
+    """
+    base = Path(base)
+    stem = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate = base / stem
+    suffix = 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate = base / f"{stem}-{suffix}"
+        suffix += 1
+    return candidate
+
+
+def check_output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Fail fast (before a long run) if ``out_dir`` cannot become this run's folder.
+
+    Creates the parent folders if missing and writes/removes a probe folder in the parent, so an
+    unwritable place is found now rather than after the run. Returns ``out_dir`` as a Path.
+    Raises ReportError naming the path and the reason: is a file, not empty, not writable.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() and not out_dir.exists():
+        raise ReportError(out_dir, "is a broken symbolic link")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ReportError(out_dir, "is a file, not a folder")
+        try:
+            entries = sorted(entry.name for entry in out_dir.iterdir())
+        except OSError as error:
+            raise ReportError(out_dir, "cannot be read", error.strerror or str(error)) from None
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ReportError(out_dir, "already exists and is not empty",
+                              f"{len(entries)} entries: {shown}; choose another --out or remove it")
+    parent = out_dir.absolute().parent
+    blocker = _first_non_folder(parent)
+    if blocker is not None:
+        raise ReportError(out_dir, "not writable",
+                          f"{str(blocker)!r} is a file, so no folder can be made under it")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out_dir.name}.probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as error:
+        raise ReportError(out_dir, "not writable",
+                          f"cannot create a folder in {str(parent)!r}: {error.strerror or error}") from None
+    return out_dir
+
+
+def _first_non_folder(path: Path) -> Path | None:
+    """The first existing component of ``path`` (from the root down) that is not a folder."""
+    for candidate in reversed((path, *path.parents)):
+        if candidate.exists() and not candidate.is_dir():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the run folder
+# ---------------------------------------------------------------------------------------------
+
+def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any],
+              data_description: Mapping[str, Any], trades: pd.DataFrame, equity: pd.DataFrame,
+              metrics: Mapping[str, Any], run_info: Mapping[str, Any], plot: bool = True) -> Path:
+    """Write one run's folder; it appears at ``out_dir`` complete or not at all.
+
+    ``config_dict`` is the resolved configuration (``Config.to_dict()``; a Config is accepted),
+    ``data_description`` what the data was and what of it is synthetic (``describe_run_data``),
+    ``trades`` one row per condor, ``equity`` one row per bar (a ``timestamp`` column or a
+    DatetimeIndex), ``metrics`` the performance figures, ``run_info`` command line, engine, seed,
+    times and versions. With ``plot=False`` no PNG is drawn and the HTML has no image.
+    Returns ``out_dir``. ReportError if ``out_dir`` exists and is not empty or cannot be written.
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
+    if hasattr(config_dict, "to_dict") and not isinstance(config_dict, Mapping):
+        config_dict = config_dict.to_dict()
+    _check_inputs(config_dict, data_description, trades, equity, metrics, run_info, plot)
+    trades_out = ordered_frame(trades, TRADE_COLUMNS, empty_default=True)
+    equity_out = ordered_frame(_with_timestamp_column(equity), EQUITY_COLUMNS, empty_default=False)
+    # Converted before the folder exists, so bad times fail before any work is done.
+    trades_csv, equity_csv = csv_ready(trades_out), csv_ready(equity_out)
+
+    staging = _make_staging_dir(out_dir)
+    try:
+        _write_text(staging / "config.yaml",
+                    "# CondorBrain resolved configuration; load with core.config.Config.from_yaml.\n"
+                    + yaml.safe_dump(to_plain(config_dict), sort_keys=False, default_flow_style=False,
+                                     allow_unicode=True))
+        _write_text(staging / "data.json", to_json(data_description))
+        _write_csv(staging / "trades.csv", trades_csv)
+        _write_csv(staging / "equity.csv", equity_csv)
+        _write_text(staging / "metrics.json", to_json(metrics))
+        _write_text(staging / "run.json", to_json(run_info))
+        png = None
+        if plot:
+            png = render_equity_png(equity_out, title_lines(config_dict, data_description))
+            (staging / "equity.png").write_bytes(png)
+        _write_text(staging / "report.html",
+                    render_html(config_dict=config_dict, data_description=data_description,
+                                trades=trades_out, metrics=metrics, run_info=run_info, png=png))
+        try:
+            # POSIX rename replaces an empty folder in one step and refuses a non-empty one, so a
+            # folder created meanwhile by someone else is never overwritten.
+            os.rename(staging, out_dir)
+        except OSError as error:
+            raise ReportError(out_dir, "could not be created", error.strerror or str(error)) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _make_staging_dir(out_dir: Path) -> Path:
+    """A new, uniquely named sibling ``<name>.partial-<pid>-<token>`` of ``out_dir``.
+
+    os.mkdir rather than tempfile.mkdtemp: mkdtemp makes the folder private (0700), and the
+    renamed folder should get the same permissions as any folder the user creates (umask).
+    """
+    parent = out_dir.absolute().parent
+    for _ in range(100):
+        staging = parent / f"{out_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(staging)
+            return staging
+        except FileExistsError:
+            continue
+        except OSError as error:
+            raise ReportError(out_dir, "not writable",
+                              f"cannot create a folder in {str(parent)!r}: {error.strerror or error}") from None
+    raise ReportError(out_dir, "not writable", f"no free temporary folder name in {str(parent)!r}")
+
+
+def _check_inputs(config_dict, data_description, trades, equity, metrics, run_info, plot) -> None:
+    for name, value in (("config_dict", config_dict), ("data_description", data_description),
+                        ("metrics", metrics), ("run_info", run_info)):
+        if not isinstance(value, Mapping):
+            raise TypeError(f"write_run: {name} must be a mapping, got {type(value).__name__}")
+    for name, value in (("trades", trades), ("equity", equity)):
+        if not isinstance(value, pd.DataFrame):
+            raise TypeError(f"write_run: {name} must be a pandas DataFrame, got {type(value).__name__}")
+    if plot and "equity" not in equity.columns:
+        raise ValueError(f"write_run: equity has no 'equity' column to plot; columns are "
+                         f"{list(equity.columns)}")
+
+
+def _with_timestamp_column(equity: pd.DataFrame) -> pd.DataFrame:
+    """The bar times as the ``timestamp`` column (the equity curve is often indexed by them)."""
+    if "timestamp" in equity.columns:
+        return equity.reset_index(drop=True)
+    if isinstance(equity.index, pd.DatetimeIndex):
+        frame = equity.copy()
+        frame.index = frame.index.rename("timestamp")
+        return frame.reset_index()
+    raise ValueError("write_run: equity needs a 'timestamp' column or a DatetimeIndex of bar times")
+
+
+def ordered_frame(frame: pd.DataFrame, preferred: tuple[str, ...], empty_default: bool) -> pd.DataFrame:
+    """``frame`` with the ``preferred`` columns first (those present), the rest in given order.
+
+    A frame with no columns at all becomes an empty frame with the preferred columns when
+    ``empty_default`` (a run without trades still gets a trades.csv header).
+    """
+    if len(frame.columns) == 0 and empty_default:
+        return pd.DataFrame(columns=list(preferred))
+    duplicated = frame.columns[frame.columns.duplicated()].tolist()
+    if duplicated:
+        raise ValueError(f"write_run: duplicate column names {duplicated}")
+    present = [column for column in preferred if column in frame.columns]
+    others = [column for column in frame.columns if column not in preferred]
+    return frame.loc[:, present + others].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# plain values: JSON, YAML, CSV
+# ---------------------------------------------------------------------------------------------
+
+def to_plain(value: Any) -> Any:
+    """``value`` with numpy/pandas scalars as Python ones, NaN/inf/NaT as None, enums as their
+    values, times as ISO 8601 strings (dates stay dates for YAML), containers as dicts/lists."""
+    if isinstance(value, Mapping):
+        return {str(key.value if isinstance(key, enum.Enum) else key): to_plain(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset, np.ndarray, pd.Series, pd.Index)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
+        return [to_plain(item) for item in items]
+    if isinstance(value, enum.Enum):
+        return to_plain(value.value)
+    if value is None or value is pd.NaT or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, (pd.Timestamp, dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, pd.Timedelta):
+        return value.isoformat()
+    if isinstance(value, (np.datetime64, np.timedelta64)):
+        return None if np.isnat(value) else to_plain(pd.Timestamp(value) if isinstance(value, np.datetime64)
+                                                     else pd.Timedelta(value))
+    if isinstance(value, (dt.date, int, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def to_json(value: Any) -> str:
+    """Strict JSON (no NaN/Infinity tokens) of ``to_plain(value)``, dates as ISO strings."""
+    return json.dumps(to_plain(value), indent=2, allow_nan=False,
+                      default=lambda item: item.isoformat() if isinstance(item, dt.date) else str(item)) + "\n"
+
+
+def csv_ready(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with times as ISO 8601 strings (with offset for tz-aware times; dates as
+    YYYY-MM-DD) and enums as their values; numbers untouched so they round-trip exactly."""
+    out = frame.copy()
+    for column in out.columns:
+        series = out[column]
+        if isinstance(series.dtype, pd.DatetimeTZDtype):
+            out[column] = _iso_times(series)
+        elif pd.api.types.is_datetime64_dtype(series.dtype):
+            raise ValueError(f"write_run: column {column!r} holds times without a time zone; "
+                             "times must be tz-aware (America/New_York)")
+        elif series.dtype == object:
+            out[column] = [_iso_cell(value, column) for value in series]
+    return out
+
+
+def _iso_times(series: pd.Series) -> pd.Series:
+    values = series.dt.tz_localize(None)
+    whole_seconds = series.isna() | ((series.dt.microsecond == 0) & (series.dt.nanosecond == 0))
+    if not bool(whole_seconds.all()):
+        return series.map(lambda stamp: "" if pd.isna(stamp) else stamp.isoformat())
+    # Same text as Timestamp.isoformat(), built from arrays: strftime/isoformat per element cost
+    # about a second on a five-year five-minute equity curve.
+    local = values.to_numpy(dtype="datetime64[ns]")
+    utc = series.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    valid = ~np.isnat(local)
+    offset_minutes = np.zeros(len(series), dtype=np.int64)
+    offset_minutes[valid] = (local[valid] - utc[valid]) // np.timedelta64(1, "m")
+    offset_text = {minutes: f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+                   for minutes in np.unique(offset_minutes[valid]).tolist()}
+    clock = np.datetime_as_string(local, unit="s").astype(object)
+    offsets = np.array([offset_text.get(minutes, "") for minutes in offset_minutes.tolist()], dtype=object)
+    text = np.where(valid, clock + offsets, "")
+    return pd.Series(text, index=series.index, dtype=object)
+
+
+def _iso_cell(value: Any, column: str) -> Any:
+    if isinstance(value, (pd.Timestamp, dt.datetime)):
+        if value.tzinfo is None:
+            raise ValueError(f"write_run: column {column!r} holds a time without a time zone "
+                             f"({value}); times must be tz-aware (America/New_York)")
+        return value.isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return "|".join(str(_iso_cell(item, column)) for item in value)
+    return value
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    # Python's float repr round-trips exactly; no float_format on purpose.
+    frame.to_csv(path, index=False, lineterminator="\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics for people
+# ---------------------------------------------------------------------------------------------
+
+# (key, label, kind) in display order, keys as analytics.performance.performance_metrics names
+# them. Kinds: usd, pct (already in percent), fraction (shown as %), ratio, days, count.
+METRIC_DISPLAY: tuple[tuple[str, str, str], ...] = (
+    ("net_profit", "Net profit", "usd"),
+    ("cagr_pct", "CAGR", "pct"),
+    ("max_drawdown", "Max drawdown $", "usd"),
+    ("max_drawdown_pct", "Max drawdown %", "pct"),
+    ("sharpe", "Sharpe", "ratio"),
+    ("sortino", "Sortino", "ratio"),
+    ("win_rate", "Win rate", "fraction"),
+    ("profit_factor", "Profit factor", "ratio"),
+    ("expectancy_ratio", "Expectancy ratio", "ratio"),
+    ("avg_days_held", "Avg days held", "days"),
+    ("trade_count", "Trades", "count"),
+    ("fitness", "Fitness (net profit / |max DD|)", "ratio"),
+)
+
+# The other figures performance_metrics returns, shown after the headline ones in the HTML.
+OTHER_METRICS: dict[str, tuple[str, str]] = {
+    "final_equity": ("Final equity", "usd"),
+    "total_return_pct": ("Total return", "pct"),
+    "years": ("Years", "ratio"),
+    "expectancy": ("Expectancy per trade", "usd"),
+    "gross_profit": ("Gross profit", "usd"),
+    "gross_loss": ("Gross loss", "usd"),
+    "avg_win": ("Average win", "usd"),
+    "avg_loss": ("Average loss", "usd"),
+}
+
+
+def metric_value(metrics: Mapping[str, Any], key: str) -> tuple[str | None, Any]:
+    """(key, value) if ``metrics`` has ``key``, else (None, None)."""
+    if key in metrics:
+        return key, metrics[key]
+    return None, None
+
+
+def metric_kind(key: str, value: Any) -> str:
+    """How to show a metric not in METRIC_DISPLAY, judged from its name."""
+    name = key.lower()
+    if name.endswith("_pct"):
+        return "pct"
+    if name.endswith(("_rate", "_fraction")):
+        return "fraction"
+    if any(word in name for word in ("profit", "pnl", "usd", "dollar", "fees", "cash", "equity",
+                                     "loss", "gain", "expectancy")) and "ratio" not in name \
+            and "factor" not in name:
+        return "usd"
+    if "days" in name:
+        return "days"
+    if isinstance(value, (bool, np.bool_)):
+        return "text"
+    if isinstance(value, (int, np.integer)):
+        return "count"
+    if isinstance(value, (float, np.floating)):
+        return "ratio"
+    return "text"
+
+
+def format_value(value: Any, kind: str) -> str:
+    """A number as a person reads it: $1,234.56, 12.34 % (``pct`` is already in percent,
+    ``fraction`` is multiplied by 100), 1.23, 4.5 days, 1,234; n/a if missing or undefined."""
+    if isinstance(value, (float, np.floating)) and math.isinf(value) and kind != "text":
+        # metrics.json stores it as null; a person should still see that it was infinite.
+        return "∞" if value > 0 else "-∞"
+    plain = to_plain(value)
+    if plain is None:
+        return "n/a"
+    if kind == "text" or isinstance(plain, (str, list, dict, bool)):
+        return str(plain)
+    number = float(plain)
+    if kind == "usd":
+        return f"-${abs(number):,.2f}" if number < 0 else f"${number:,.2f}"
+    if kind == "pct":
+        return f"{number:,.2f} %"
+    if kind == "fraction":
+        return f"{number * 100:,.2f} %"
+    if kind == "days":
+        return f"{number:,.1f} days"
+    if kind == "count":
+        return f"{int(round(number)):,}" if number == round(number) else f"{number:,.2f}"
+    return f"{number:,.2f}"
+
+
+def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(key, label, formatted value) for the known metrics in order, then every other key."""
+    rows, used = [], set()
+    for key, label, kind in METRIC_DISPLAY:
+        found, value = metric_value(metrics, key)
+        if found is not None:
+            used.add(found)
+        rows.append((found or key, label, format_value(value, kind)))
+    for key, value in metrics.items():
+        if key in used:
+            continue
+        label, kind = OTHER_METRICS.get(key, (key.replace("_", " ").capitalize(), metric_kind(key, value)))
+        rows.append((key, label, format_value(value, kind)))
+    return rows
+
+
+def exit_reason_counts(trades: pd.DataFrame) -> list[tuple[str, int]]:
+    """(exit reason, trades) most frequent first, ties by name; open trades as "(open)"."""
+    if "exit_reason" not in trades.columns or trades.empty:
+        return []
+    reasons = [("(open)" if value is None or (isinstance(value, float) and math.isnan(value))
+                else str(value.value if isinstance(value, enum.Enum) else value))
+               for value in trades["exit_reason"]]
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+
+
+def summary_table(metrics: Mapping[str, Any], trades: pd.DataFrame):
+    """The terminal summary: the headline metrics, then a section of exit-reason counts."""
+    from rich.table import Table
+
+    table = Table(title="Backtest summary", title_justify="left", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, label, kind in METRIC_DISPLAY:
+        _, value = metric_value(metrics, key)
+        table.add_row(label, format_value(value, kind))
+    table.add_section()
+    counts = exit_reason_counts(trades)
+    total = sum(count for _, count in counts)
+    if not counts:
+        table.add_row("[bold]exit reasons[/bold]", "no trades")
+    else:
+        table.add_row("[bold]exit reasons[/bold]", "[bold]trades (share)[/bold]")
+        for reason, count in counts:
+            table.add_row(f"  {reason}", f"{count:,} ({count / total:.0%})")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# what the data was
+# ---------------------------------------------------------------------------------------------
+
+_DESCRIBING_KEYS = ("description", "model", "method", "source")
+
+
+def synthetic_items(data_description: Mapping[str, Any]) -> list[str]:
+    """One line per synthetic, proxy or assumed part of the data, found anywhere in the
+    description, shallowest first: sections marked ``synthetic: true`` / ``proxy: true`` /
+    ``assumption: true``. A section that carries its own summary (a list under a key mentioning
+    "synthetic", e.g. ``synthetic_or_proxy``) is represented by that list alone."""
+    found: list[tuple[int, str]] = []
+
+    def describe(node: Mapping[str, Any]) -> str:
+        for key in _DESCRIBING_KEYS:
+            if isinstance(node.get(key), str):
+                return node[key]
+        if "value" in node:
+            return f"value {to_plain(node['value'])}"
+        return ""
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item, path)
+            return
+        if not isinstance(node, Mapping):
+            return
+        summaries = [item for key, item in node.items()
+                     if "synthetic" in str(key) and isinstance(item, (list, tuple))]
+        if summaries:
+            found.extend((len(path) + 1, str(entry)) for summary in summaries for entry in summary)
+            return
+        where = " › ".join(part.replace("_", " ") for part in path) or "data"
+        if node.get("synthetic") is True or node.get("proxy") is True:
+            tag = "synthetic" if node.get("synthetic") is True else "proxy"
+            text = describe(node)
+            found.append((len(path), f"{where} ({tag}): {text}" if text else f"{where} ({tag})"))
+        elif node.get("assumption") is True:
+            why = f" — {node['why']}" if isinstance(node.get("why"), str) else ""
+            found.append((len(path), f"{where} (assumption): {describe(node)}{why}"))
+        for key, item in node.items():
+            walk(item, (*path, str(key)))
+
+    walk(data_description, ())
+    ordered = sorted(enumerate(found), key=lambda pair: (pair[1][0], pair[0]))
+    return list(dict.fromkeys(text for _, (_, text) in ordered))
+
+
+def data_label(data_description: Mapping[str, Any], underlying: str | None = None) -> str:
+    """A short label for titles, e.g. "SPY proxy, synthetic intraday bars, option chains".
+
+    ``data_description['label']`` wins when given (user data can name itself).
+    """
+    if isinstance(data_description.get("label"), str):
+        return data_description["label"]
+    underlying = underlying or data_description.get("underlying")
+    proxied = False
+
+    def find_proxy(node: Any) -> None:
+        nonlocal proxied
+        if isinstance(node, Mapping):
+            for key, item in node.items():
+                if key == underlying and isinstance(item, Mapping) and item.get("proxy") is True:
+                    proxied = True
+                find_proxy(item)
+
+    find_proxy(data_description)
+    synthetic_sections = [str(key).replace("_", " ") for key, item in data_description.items()
+                          if isinstance(item, Mapping) and item.get("synthetic") is True]
+    parts = []
+    if underlying:
+        parts.append(f"{underlying} proxy" if proxied else str(underlying))
+    if synthetic_sections:
+        parts.append("synthetic " + ", ".join(synthetic_sections))
+    elif synthetic_items(data_description):
+        parts.append("partly synthetic data")
+    return ", ".join(parts) if parts else "data as described in data.json"
+
+
+def _section(config_dict: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    section = config_dict.get(name)
+    return section if isinstance(section, Mapping) else {}
+
+
+def run_facts(config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
+              run_info: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, text) pairs for the report header: period, engine, fills, fees, cash, seed."""
+    backtest = _section(config_dict, "backtest")
+    period = data_description.get("period") if isinstance(data_description.get("period"), Mapping) else {}
+    start = backtest.get("start", period.get("start", "?"))
+    end = backtest.get("end", period.get("end", "?"))
+    period_text = f"{to_plain(start)} … {to_plain(end)}"
+    extra = [f"{period[key]:,} {key}" for key in ("sessions", "bars") if isinstance(period.get(key), int)]
+    if period.get("bar_frequency"):
+        extra.append(f"bar size {period['bar_frequency']}")
+    if extra:
+        period_text += " (" + ", ".join(extra) + ")"
+    fill_model = backtest.get("fill_model", "?")
+    fill_text = str(fill_model)
+    if fill_model == "spread_fraction" and backtest.get("fill_spread_fraction") is not None:
+        fill_text += (f": {float(backtest['fill_spread_fraction']) * 100:.0f} % of the bid/ask spread from "
+                      "our side (50 % = mid, 100 % = natural)")
+    if "fill_on_next_bar" in backtest:
+        fill_text += "; fills at the next bar" if backtest["fill_on_next_bar"] else "; fills at the signal bar"
+    facts = [
+        ("Underlying", str(backtest.get("underlying", data_description.get("underlying", "?")))),
+        ("Data", data_label(data_description, backtest.get("underlying"))),
+        ("Period", period_text),
+        ("Engine", str(run_info.get("engine", backtest.get("engine", "?")))),
+        ("Fill model", fill_text),
+        ("Fees", str(backtest.get("fees", "?"))),
+    ]
+    if backtest.get("cash") is not None:
+        facts.append(("Starting cash", format_value(backtest["cash"], "usd")))
+    seed = run_info.get("seed", backtest.get("seed"))
+    if seed is not None:
+        facts.append(("Seed", str(seed)))
+    return facts
+
+
+def title_lines(config_dict: Mapping[str, Any], data_description: Mapping[str, Any]) -> tuple[str, str]:
+    """(title, subtitle) of the PNG: what was traded over when, and which data it rests on."""
+    backtest = _section(config_dict, "backtest")
+    underlying = backtest.get("underlying", data_description.get("underlying", ""))
+    period = data_description.get("period") if isinstance(data_description.get("period"), Mapping) else {}
+    start = to_plain(backtest.get("start", period.get("start", "")))
+    end = to_plain(backtest.get("end", period.get("end", "")))
+    title = f"{underlying} iron condor backtest, {start} … {end}".strip()
+    subtitle_parts = [f"Data: {data_label(data_description, underlying or None)}"]
+    if backtest.get("engine") is not None:
+        subtitle_parts.append(f"engine {backtest['engine']}")
+    if backtest.get("fill_model") == "spread_fraction" and backtest.get("fill_spread_fraction") is not None:
+        subtitle_parts.append(f"fills at {float(backtest['fill_spread_fraction']) * 100:.0f} % of the spread")
+    elif backtest.get("fill_model") is not None:
+        subtitle_parts.append(f"fills at {backtest['fill_model']}")
+    if backtest.get("fees") is not None:
+        subtitle_parts.append(f"fees {backtest['fees']}")
+    return title, " · ".join(subtitle_parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the picture
+# ---------------------------------------------------------------------------------------------
+
+def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str]) -> bytes:
+    """Equity (at mid, and at liquidation value lighter) above drawdown %, sharing the time axis;
+    1400 × 800 pixels. ``equity`` has a ``timestamp`` column and an ``equity`` column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    times = pd.to_datetime(equity["timestamp"])
+    if isinstance(times.dtype, pd.DatetimeTZDtype):
+        # Plot wall-clock exchange time; matplotlib would otherwise convert to UTC.
+        times = times.dt.tz_localize(None)
+    times = times.to_numpy(dtype="datetime64[ns]")
+    figure, (top, bottom) = plt.subplots(
+        2, 1, sharex=True, figsize=FIGURE_INCHES, dpi=FIGURE_DPI,
+        gridspec_kw={"height_ratios": [3, 1.3], "hspace": 0.06})
+    try:
+        figure.suptitle(titles[0], fontsize=16, fontweight="bold", x=0.06, ha="left", y=0.975)
+        figure.text(0.06, 0.925, titles[1], fontsize=11.5, color="#9a3412", ha="left")
+        if len(equity) == 0:
+            top.text(0.5, 0.5, "no equity rows", ha="center", va="center", transform=top.transAxes)
+        else:
+            if "equity_liquidation" in equity.columns:
+                top.plot(*envelope(times, equity["equity_liquidation"].to_numpy(dtype=float)),
+                         color="#93c5fd", linewidth=1.0, label="equity at liquidation value (closing side)")
+            top.plot(*envelope(times, equity["equity"].to_numpy(dtype=float)), color="#1d4ed8",
+                     linewidth=1.4, label="equity at mid")
+            # Above the plot area, so it never hides the curve.
+            top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=11, frameon=False,
+                       borderaxespad=0.2)
+            drawdown, drawdown_label, formatter = _drawdown_to_plot(equity)
+            if drawdown is not None:
+                drawdown_times, drawdown = envelope(times, drawdown)
+                bottom.fill_between(drawdown_times, drawdown, 0.0, color="#dc2626", alpha=0.35, linewidth=0)
+                bottom.plot(drawdown_times, drawdown, color="#b91c1c", linewidth=0.9)
+                bottom.yaxis.set_major_formatter(FuncFormatter(formatter))
+                bottom.set_ylabel(drawdown_label, fontsize=12)
+            else:
+                bottom.text(0.5, 0.5, "no drawdown column", ha="center", va="center",
+                            transform=bottom.transAxes)
+        top.set_ylabel("equity ($)", fontsize=12)
+        top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"${value:,.0f}"))
+        for axis in (top, bottom):
+            axis.grid(True, color="#e5e7eb", linewidth=0.8)
+            axis.tick_params(labelsize=11)
+            for side in ("top", "right"):
+                axis.spines[side].set_visible(False)
+        locator = mdates.AutoDateLocator(minticks=4, maxticks=12)
+        bottom.xaxis.set_major_locator(locator)
+        bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        figure.subplots_adjust(left=0.08, right=0.98, top=0.87, bottom=0.07)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+def envelope(times: np.ndarray, values: np.ndarray, buckets: int = 4_000) -> tuple[np.ndarray, np.ndarray]:
+    """At most ~2 × ``buckets`` points that draw like the full series at 1400 px: each bucket of
+    consecutive points keeps its minimum and maximum in time order, plus the last point.
+
+    Why: Agg spends seconds stroking 100k-point lines that no pixel can show, and plain
+    every-n-th sampling would drop the extremes (the deepest drawdown) from the picture.
+    """
+    count = len(values)
+    if count <= 2 * buckets:
+        return times, values
+    bucket_of = np.arange(count) * buckets // count
+    starts = np.flatnonzero(np.r_[True, bucket_of[1:] != bucket_of[:-1]])
+    # NaN would win neither reduction; treat it as absent by filling with the bucket's own values.
+    filled_low = np.where(np.isnan(values), np.inf, values)
+    filled_high = np.where(np.isnan(values), -np.inf, values)
+    # Buckets are contiguous, so after sorting by (bucket, value) bucket i still starts at
+    # starts[i]; the first entry there is the bucket's minimum (maximum for the negated sort).
+    lowest = np.lexsort((filled_low, bucket_of))[starts]
+    highest = np.lexsort((-filled_high, bucket_of))[starts]
+    keep = np.unique(np.concatenate([lowest, highest, [count - 1]]))
+    return times[keep], values[keep]
+
+
+def _drawdown_to_plot(equity: pd.DataFrame):
+    """(values drawn below zero, axis label, tick formatter) from drawdown_pct, else drawdown $.
+
+    Either sign convention is accepted: the depth is drawn downwards.
+    """
+    if "drawdown_pct" in equity.columns:
+        # Already in percent (analytics.performance.drawdown_series).
+        values = -np.abs(equity["drawdown_pct"].to_numpy(dtype=float))
+        return values, "drawdown (%)", lambda value, _: f"{value:.3g} %"
+    if "drawdown" in equity.columns:
+        values = -np.abs(equity["drawdown"].to_numpy(dtype=float))
+        return values, "drawdown ($)", lambda value, _: f"${value:,.0f}"
+    return None, "", None
+
+
+# ---------------------------------------------------------------------------------------------
+# the HTML report
+# ---------------------------------------------------------------------------------------------
+
+_TRADE_LABELS = {
+    "entry_time": "Entry", "exit_time": "Exit", "expiration": "Expiry", "long_put": "Long put",
+    "short_put": "Short put", "short_call": "Short call", "long_call": "Long call",
+    "contracts": "Contracts", "credit": "Credit", "exit_debit": "Exit debit", "fees": "Fees",
+    "pnl": "P&L", "exit_reason": "Exit reason", "max_adverse_excursion": "Max adverse exc.",
+    "position_id": "Id", "days_held": "Days held", "max_loss": "Max loss", "assigned_legs": "Assigned",
+    "early_assignment_risk": "Early assign. risk", "notes": "Notes",
+}
+_STRIKE_COLUMNS = {"long_put", "short_put", "short_call", "long_call"}
+_DOLLAR_COLUMNS = {"fees", "pnl", "max_adverse_excursion", "max_loss"}
+
+_CSS = """
+body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px auto;max-width:1440px;
+color:#111827;padding:0 16px;line-height:1.4}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px}
+.sub{color:#4b5563;margin:0 0 16px}
+.facts{border-collapse:collapse;margin:8px 0}.facts th{text-align:left;padding:2px 16px 2px 0;color:#4b5563;
+font-weight:600}.facts td{padding:2px 0}
+.synthetic{border:2px solid #d97706;background:#fffbeb;border-radius:6px;padding:10px 16px;margin:16px 0}
+.synthetic h2{margin:0 0 6px;color:#92400e}.synthetic ul{margin:4px 0 4px 18px;padding:0}
+img{max-width:100%;height:auto;border:1px solid #e5e7eb}
+table.data{border-collapse:collapse;font-size:13px}
+table.data th,table.data td{border-bottom:1px solid #e5e7eb;padding:3px 8px;white-space:nowrap}
+table.data th{background:#f3f4f6;position:sticky;top:0;text-align:left}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.neg{color:#b91c1c}.pos{color:#047857}
+.note{color:#92400e;font-style:italic}
+.grid{display:flex;gap:40px;flex-wrap:wrap;align-items:flex-start}
+pre{background:#f9fafb;padding:8px;white-space:pre-wrap;font-size:12px}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def render_html(*, config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
+                trades: pd.DataFrame, metrics: Mapping[str, Any], run_info: Mapping[str, Any],
+                png: bytes | None) -> str:
+    """The self-contained report: inline CSS, the PNG as a data: URI, no scripts or links."""
+    title, subtitle = title_lines(config_dict, data_description)
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title>", f"<style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(subtitle)}</p>',
+        '<table class="facts">',
+        *(f"<tr><th>{_e(label)}</th><td>{_e(text)}</td></tr>"
+          for label, text in run_facts(config_dict, data_description, run_info)),
+        "</table>",
+        _synthetic_box(data_description),
+    ]
+    if png is not None:
+        encoded = base64.b64encode(png).decode("ascii")
+        parts.append(f'<img alt="equity and drawdown" width="1400" height="800" '
+                     f'src="data:image/png;base64,{encoded}">')
+    parts.append('<div class="grid"><div><h2>Metrics</h2><table class="data">')
+    parts.append("<tr><th>metric</th><th>value</th></tr>")
+    for key, label, text in metric_rows(metrics):
+        parts.append(f'<tr><td title="{_e(key)}">{_e(label)}</td><td class="num">{_e(text)}</td></tr>')
+    parts.append("</table></div>")
+    counts = exit_reason_counts(trades)
+    parts.append('<div><h2>Exit reasons</h2><table class="data"><tr><th>reason</th><th>trades</th></tr>')
+    if counts:
+        parts.extend(f'<tr><td>{_e(reason)}</td><td class="num">{count:,}</td></tr>' for reason, count in counts)
+    else:
+        parts.append('<tr><td colspan="2">no trades</td></tr>')
+    parts.append("</table></div></div>")
+    parts.append(_trade_table(trades))
+    parts.append(_run_info_block(run_info))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _synthetic_box(data_description: Mapping[str, Any]) -> str:
+    items = synthetic_items(data_description)
+    if not items:
+        return ('<div class="synthetic"><h2>Data</h2><p>Nothing in this run\'s data description is '
+                "marked synthetic, proxy or assumed; see data.json.</p></div>")
+    lines = "".join(f"<li>{_e(item)}</li>" for item in items)
+    return ('<div class="synthetic"><h2>What was synthetic</h2>'
+            "<p><strong>This run is not a replay of real market quotes.</strong> The parts below are "
+            "synthetic, proxies or assumptions; results describe the model as much as the market. "
+            f"Full description in data.json.</p><ul>{lines}</ul></div>")
+
+
+def _cell(value: Any, column: str) -> tuple[str, str]:
+    """(text, css class) of one trade-table cell."""
+    if value is None or value is pd.NaT or (isinstance(value, float) and math.isnan(value)):
+        return "", ""
+    if isinstance(value, str) and column.endswith(("_time", "timestamp")) and "T" in value:
+        return value[:16].replace("T", " "), ""
+    if isinstance(value, (pd.Timestamp, dt.datetime)):
+        return value.strftime("%Y-%m-%d %H:%M"), ""
+    if isinstance(value, dt.date):
+        return value.isoformat(), ""
+    if isinstance(value, enum.Enum):
+        return str(value.value), ""
+    if isinstance(value, (bool, np.bool_)):
+        return ("yes" if value else "no"), ""
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}", "num"
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if column in _STRIKE_COLUMNS:
+            return f"{number:.2f}".rstrip("0").rstrip("."), "num"
+        if column in _DOLLAR_COLUMNS or column.endswith(("_usd", "_dollars")):
+            sign_class = "num neg" if number < 0 else ("num pos" if number > 0 and column == "pnl" else "num")
+            return format_value(number, "usd"), sign_class
+        return f"{number:,.2f}", "num"
+    return str(value), ""
+
+
+def _trade_table(trades: pd.DataFrame) -> str:
+    count = len(trades)
+    parts = [f"<h2>Trades ({count:,})</h2>"]
+    if count == 0:
+        parts.append("<p>No trades.</p>")
+        return "\n".join(parts)
+    columns = list(trades.columns)
+    zones = sorted({str(trades[column].dt.tz) for column in columns
+                    if isinstance(trades[column].dtype, pd.DatetimeTZDtype)})
+    if zones:
+        parts.append(f"<p>Times in {_e(', '.join(zones))}; prices per share, money in dollars.</p>")
+    if count > HTML_TRADE_LIMIT:
+        shown = [(trades.iloc[:HTML_TRADE_EDGE], 0), (trades.iloc[-HTML_TRADE_EDGE:], count - HTML_TRADE_EDGE)]
+        parts.append(f'<p class="note">{count:,} trades: the first and last {HTML_TRADE_EDGE:,} are shown; '
+                     "trades.csv has all of them.</p>")
+    else:
+        shown = [(trades, 0)]
+    parts.append('<table class="data"><tr><th>#</th>'
+                 + "".join(f"<th>{_e(_TRADE_LABELS.get(c, str(c).replace('_', ' ')))}</th>" for c in columns)
+                 + "</tr>")
+    for block_number, (block, first_row) in enumerate(shown):
+        if block_number > 0:
+            parts.append(f'<tr><td class="note" colspan="{len(columns) + 1}">… {count - 2 * HTML_TRADE_EDGE:,} '
+                         "trades not shown (see trades.csv) …</td></tr>")
+        for offset, row in enumerate(block.itertuples(index=False, name=None)):
+            cells = []
+            for column, value in zip(columns, row, strict=True):
+                text, css = _cell(value, str(column))
+                cells.append(f'<td class="{css}">{_e(text)}</td>' if css else f"<td>{_e(text)}</td>")
+            parts.append(f'<tr><td class="num">{first_row + offset + 1:,}</td>{"".join(cells)}</tr>')
+    parts.append("</table>")
+    return "\n".join(parts)
+
+
+def _run_info_block(run_info: Mapping[str, Any]) -> str:
+    if not run_info:
+        return ""
+    return "<h2>Run</h2><pre>" + _e(to_json(run_info).strip()) + "</pre>"

@@ -1,0 +1,152 @@
+"""The mechanical iron condor: which expiry, which strikes, whether the credit is worth it, and
+when an open condor must be closed.
+
+Pure rules over a chain slice and quote arrays; no pricing (the chain carries the Greeks), no
+state, no knowledge of drivers. Exit rules take arrays with a leading bar axis so the fast
+driver evaluates a whole holding period with the same arithmetic the per-bar driver uses on one
+bar.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.config import Config
+from core.dto import ExitReason
+
+# Exit codes in the order they are checked when several hold at the same bar: losses first
+# (a stop must never be reported as something milder), then profit, then the time-based exits.
+NO_EXIT = 0
+EXIT_ORDER = (ExitReason.STOP_LOSS, ExitReason.PROFIT_TAKE, ExitReason.DTE_EXIT, ExitReason.MAX_HOLD)
+EXIT_CODE = {reason: code for code, reason in enumerate(EXIT_ORDER, start=1)}
+REASON_OF_CODE = {code: reason for reason, code in EXIT_CODE.items()}
+
+
+@dataclass(frozen=True)
+class CondorChoice:
+    """Strikes picked from one chain slice, with the quotes the credit test used (leg order:
+    long put, short put, short call, long call)."""
+
+    expiration: np.datetime64
+    dte: int
+    strikes: np.ndarray
+    bid: np.ndarray
+    ask: np.ndarray
+    short_put_delta: float
+    short_call_delta: float
+
+    @property
+    def put_width(self) -> float:
+        return float(self.strikes[1] - self.strikes[0])
+
+    @property
+    def call_width(self) -> float:
+        return float(self.strikes[3] - self.strikes[2])
+
+    @property
+    def width(self) -> float:
+        return max(self.put_width, self.call_width)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why no condor was proposed at this bar (shown in logs, counted in reports)."""
+
+    reason: str
+
+
+def _pick_short(strikes: np.ndarray, abs_delta: np.ndarray, bid: np.ndarray, low: float, high: float,
+                prefer_lower_strike: bool) -> int:
+    """Index of the short strike: |delta| inside [low, high] closest to the band's centre, with a
+    positive bid; ties go to the further-from-the-money strike. −1 if none qualifies."""
+    eligible = np.flatnonzero((abs_delta >= low) & (abs_delta <= high) & (bid > 0.0))
+    if eligible.size == 0:
+        return -1
+    target = 0.5 * (low + high)
+    distance = np.abs(abs_delta[eligible] - target)
+    best = eligible[distance == distance.min()]
+    return int(best[np.argmin(strikes[best])] if prefer_lower_strike else best[np.argmax(strikes[best])])
+
+
+def choose_iron_condor(chain, config: Config) -> CondorChoice | Rejection:
+    """Pick the condor from a chain slice already limited to ``dte_min … dte_max``.
+
+    Rules (documented choices where the seed is silent): the nearest expiry in the slice; each
+    short strike is the one whose |delta| is closest to the centre of
+    ``target_short_delta_low … high`` (puts and calls separately); each long wing is the narrowest
+    listed width in ``wing_width_min … wing_width_max`` dollars.
+    """
+    strategy = config.strategy
+    if len(chain) == 0:
+        return Rejection("no_expiry_in_dte_range")
+    expiration = chain.expiration.min()
+    on_expiry = chain.expiration == expiration
+    dte = int(chain.dte[on_expiry][0])
+    picks = {}
+    for is_call in (False, True):
+        rows = np.flatnonzero(on_expiry & (chain.is_call == is_call))
+        strikes = chain.strike[rows]
+        short = _pick_short(strikes, np.abs(chain.delta[rows]), chain.bid[rows],
+                            strategy.target_short_delta_low, strategy.target_short_delta_high,
+                            prefer_lower_strike=not is_call)
+        if short < 0:
+            return Rejection("no_call_in_delta_band" if is_call else "no_put_in_delta_band")
+        short_strike = strikes[short]
+        # Widths are tried narrowest first; strikes are on a $1 grid, so compare in cents.
+        wanted = short_strike + (1.0 if is_call else -1.0) * strikes_width_candidates(strategy)
+        long = -1
+        for strike in wanted:
+            match = np.flatnonzero(np.abs(strikes - strike) < 0.005)
+            if match.size:
+                long = int(match[0])
+                break
+        if long < 0:
+            return Rejection("no_call_wing_listed" if is_call else "no_put_wing_listed")
+        picks[is_call] = (rows[long], rows[short])
+    (long_put, short_put), (long_call, short_call) = picks[False], picks[True]
+    legs = np.array([long_put, short_put, short_call, long_call])
+    if chain.strike[short_put] > chain.strike[short_call]:
+        return Rejection("short_strikes_cross")
+    return CondorChoice(
+        expiration=expiration, dte=dte, strikes=chain.strike[legs].copy(), bid=chain.bid[legs].copy(),
+        ask=chain.ask[legs].copy(), short_put_delta=float(chain.delta[short_put]),
+        short_call_delta=float(chain.delta[short_call]))
+
+
+def strikes_width_candidates(strategy) -> np.ndarray:
+    """Wing widths to try, narrowest first: whole dollars from ``wing_width_min`` to ``wing_width_max``."""
+    first = np.ceil(strategy.wing_width_min - 1e-9)
+    last = np.floor(strategy.wing_width_max + 1e-9)
+    if last < first:
+        return np.array([strategy.wing_width_min])
+    return np.arange(first, last + 1.0)
+
+
+def credit_is_sufficient(credit: float, width: float, config: Config) -> bool:
+    """The credit (at the fill model, per share) must be at least ``min_credit_to_width`` × width."""
+    return credit > 0.0 and credit >= config.strategy.min_credit_to_width * width
+
+
+def exit_codes(close_debit: np.ndarray, entry_credit: float, dte: np.ndarray, days_held: np.ndarray,
+               config: Config) -> np.ndarray:
+    """Exit code per bar (0 = hold) for one open condor.
+
+    ``close_debit``: what closing would cost per share at the fill model; ``dte``: calendar days
+    from the bar's session to expiry; ``days_held``: calendar days since the entry session.
+    Profit take: P&L ≥ profit_take_pct × credit; stop loss: loss ≥ loss_close_multiple × credit
+    (seed formulas, P&L per share at the closing price).
+    """
+    exits = config.exits
+    pnl = entry_credit - close_debit
+    codes = np.zeros(np.shape(close_debit), dtype=np.int8)
+    conditions = {
+        ExitReason.STOP_LOSS: -pnl >= exits.loss_close_multiple * entry_credit,
+        ExitReason.PROFIT_TAKE: pnl >= exits.profit_take_pct * entry_credit,
+        ExitReason.DTE_EXIT: dte <= exits.dte_exit,
+        ExitReason.MAX_HOLD: days_held >= exits.max_hold_days,
+    }
+    # Fill from the lowest priority up so the highest-priority reason wins.
+    for reason in reversed(EXIT_ORDER):
+        codes[conditions[reason]] = EXIT_CODE[reason]
+    return codes
