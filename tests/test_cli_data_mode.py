@@ -58,10 +58,10 @@ def test_data_mode_prints_sources_and_chain(capsys, monkeypatch):
     (["--date", "2016-03-15", "--time", "10:02"], "not a bar"),
     (["--date", "yesterday-ish"], "--date: cannot read"),
     (["--seed", "-4"], "backtest.seed = -4"),
-    (["--date", "2016-03-15", "--dte-min", "50", "--dte-max", "40"], "dte-min"),
+    (["--date", "2016-03-15", "--dte-min", "50", "--dte-max", "40"], "strategy.dte_min = 50"),
 ])
 def test_data_mode_bad_input_is_one_message_and_exit_2(argv, words, capsys):
-    assert main(argv) == USAGE_ERROR
+    assert main(["--mode", "data", *argv]) == USAGE_ERROR
     err = capsys.readouterr().err
     assert words in err
     assert err.count("error:") == 1
@@ -71,7 +71,7 @@ def test_data_mode_bad_input_is_one_message_and_exit_2(argv, words, capsys):
 def test_bad_config_file_names_file_and_field(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("strategy:\n  dte_min: -3\n")
-    assert main(["--config", str(path)]) == USAGE_ERROR
+    assert main(["--mode", "data", "--config", str(path)]) == USAGE_ERROR
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "strategy.dte_min = -3" in err
 
