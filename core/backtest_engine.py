@@ -25,16 +25,15 @@ import pandas as pd
 
 from core.config import Config
 from core.dto import (
-    CONTRACT_MULTIPLIER, Action, ExitReason, IronCondor, LegQuotes, MarketSnapshot, Position,
+    Action, ExitReason, IronCondor, LegQuotes, MarketSnapshot, Position,
     TradeDecision,
 )
-from core.engine import TradingEngine, clock_minutes
+from core.engine import ConditionRows, TradingEngine, clock_minutes
 from core.execution import (
-    CONDOR_RATIOS, FillModel, close_debit, fee_schedule, make_fill, settlement_fill,
+    FillModel, fee_schedule, make_fill, settlement_fill,
 )
-from core.portfolio import Portfolio, value_at_closing_side, value_at_mid
+from core.portfolio import Portfolio
 from data_factory.option_chain import SyntheticChainProvider
-from strategies.options_strategy import exit_codes
 
 DAY_NS = 86_400 * 1_000_000_000
 
@@ -84,6 +83,10 @@ class BacktestSession:
         self.open_count = np.zeros(self.n_bars, dtype=np.int64)
         self.pending: list[TradeDecision] = []
         self.current_equity = float(config.backtest.cash)
+        self._expiry_rows: dict = {}
+        self._structures_key: tuple = ()
+        self._structures: tuple = ()
+        self._timestamps = None
 
     # ------------------------------------------------------------------------------- market view
     def quote(self, bar: int, condor: IronCondor) -> LegQuotes:
@@ -91,28 +94,47 @@ class BacktestSession:
         return LegQuotes(path.bid[0], path.ask[0], path.mid[0], path.delta[0], path.gamma[0],
                          path.vega[0], path.theta[0])
 
+    def quote_many(self, bar: int, positions: list[Position]):
+        key = tuple(p.position_id for p in positions)
+        if self._structures_key != key:
+            # Rebuilt only when the open set changes, not on every bar.
+            self._structures_key = key
+            self._structures = (
+                np.array([self._expiry_row(p.condor) for p in positions], dtype=np.int64),
+                np.array([[p.condor.long_put_strike, p.condor.short_put_strike, p.condor.short_call_strike,
+                           p.condor.long_call_strike] for p in positions]))
+        return self.provider.quote_structures(bar, *self._structures)
+
+    def _expiry_row(self, condor: IronCondor) -> int:
+        row = self._expiry_rows.get(condor.expiration)
+        if row is None:
+            row = self._expiry_rows[condor.expiration] = self.provider.expiry_row(condor.expiration)
+        return row
+
     def chain(self, bar: int, dte_min: int, dte_max: int):
         return self.provider.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
 
     def snapshot(self, bar: int) -> MarketSnapshot:
+        if self._timestamps is None:
+            # Boxing a Timestamp out of the index costs more than the rest of a quiet bar.
+            self._timestamps = list(self.bar_times)
         return MarketSnapshot(
-            timestamp=self.bar_times[bar], bar_index=bar, session_day=int(self.session_day[bar]),
+            timestamp=self._timestamps[bar], bar_index=bar, session_day=int(self.session_day[bar]),
             symbol=self.symbol,
             spot=float(self.spot[bar]), iv_index=float(self.iv_index[bar]),
             chain=partial(self.chain, bar), quote=partial(self.quote, bar),
-            settlement_of=self.provider.settlement_time)
+            quote_many=partial(self.quote_many, bar), settlement_of=self.provider.settlement_time)
 
     # ------------------------------------------------------------------------------- fills
-    def _fill(self, decision: TradeDecision, snapshot: MarketSnapshot, quotes: dict) -> None:
+    def _fill(self, decision: TradeDecision, snapshot: MarketSnapshot) -> None:
         """Execute one decision at this bar's quotes and book it."""
         if decision.action is Action.OPEN:
             condor = decision.condor
             leg_quotes = self.quote(snapshot.bar_index, condor)
             fill = make_fill(snapshot.timestamp, 0, Action.OPEN, leg_quotes.bid, leg_quotes.ask,
                              condor.quantity, decision.reason, self.fill_model, self.fees)
-            position = self.portfolio.open_position(condor, fill)
+            self.portfolio.open_position(condor, fill)
             self.engine.note_opened(snapshot.timestamp.date())
-            quotes[position.position_id] = leg_quotes
             return
         position = self.portfolio.position(decision.position_id)
         condor = position.condor
@@ -121,9 +143,7 @@ class BacktestSession:
                                              self.fees)
             self.portfolio.close_position(position.position_id, fill, assigned_legs=assigned)
         else:
-            leg_quotes = quotes.get(position.position_id)
-            if leg_quotes is None:
-                leg_quotes = self.quote(snapshot.bar_index, condor)
+            leg_quotes = self.quote(snapshot.bar_index, condor)
             fill = make_fill(snapshot.timestamp, position.position_id, Action.CLOSE, leg_quotes.bid,
                              leg_quotes.ask, condor.quantity, decision.reason, self.fill_model, self.fees)
             self.portfolio.close_position(position.position_id, fill)
@@ -132,39 +152,50 @@ class BacktestSession:
     def step(self, bar: int) -> None:
         """One bar: due fills, the engine's decisions, their fills, the account record."""
         snapshot = self.snapshot(bar)
-        quotes: dict[int, LegQuotes] = {}
+        filled = False
         if self.pending:
             due, self.pending = self.pending, []
             for decision in due:
-                self._fill(decision, snapshot, quotes)
+                self._fill(decision, snapshot)
+            filled = True
         decisions = self.engine.on_bar(snapshot)
-        quotes.update({pid: q for pid, q in self.engine.last_quotes.items() if q is not None})
         for decision in decisions:
             settles_now = (decision.action is Action.CLOSE
                            and snapshot.timestamp >= self.portfolio.position(decision.position_id).condor.settlement)
             if self.next_bar_fills and not settles_now:
                 self.pending.append(decision)
             else:
-                self._fill(decision, snapshot, quotes)
-        self.record(bar, snapshot, quotes)
+                self._fill(decision, snapshot)
+                filled = True
+        if filled or self.engine.last_rows is None:
+            self.record(bar, snapshot)
+        else:
+            # No fill at this bar: the open positions are the ones the engine just marked.
+            self._store(bar, self.portfolio.cash, self.engine.last_rows.mid_value, self.engine.last_rows.closing_value)
 
-    def record(self, bar: int, snapshot: MarketSnapshot, quotes: dict) -> None:
+    def record(self, bar: int, snapshot: MarketSnapshot) -> None:
         """The account after this bar's fills: cash, equity at mid and at the closing side."""
-        cash = self.portfolio.cash
+        positions = list(self.portfolio.open_positions.values())
+        if not positions:
+            self._store(bar, self.portfolio.cash, (), ())
+            return
+        bid, ask, mid = self.quote_many(bar, positions)
+        rows = self.engine.evaluate(positions, bid, ask, mid, np.array([snapshot.spot]),
+                                    np.array([snapshot.session_day], dtype=np.int64))
+        self._store(bar, self.portfolio.cash, rows.mid_value, rows.closing_value)
+
+    def _store(self, bar: int, cash: float, mid_values, closing_values) -> None:
+        # Summed position by position in id order, as the fast driver sums its paths.
         mid_total = cash
         closing_total = cash
-        for position in self.portfolio.open_positions.values():
-            leg_quotes = quotes.get(position.position_id)
-            if leg_quotes is None:
-                leg_quotes = self.quote(bar, position.condor)
-                quotes[position.position_id] = leg_quotes
-            quantity = position.condor.quantity
-            mid_total += float(value_at_mid(leg_quotes.mid, CONDOR_RATIOS, quantity))
-            closing_total += float(value_at_closing_side(leg_quotes.bid, leg_quotes.ask, CONDOR_RATIOS, quantity))
+        for value in mid_values:
+            mid_total += float(value)
+        for value in closing_values:
+            closing_total += float(value)
         self.cash[bar] = cash
         self.equity_mid[bar] = mid_total
         self.equity_closing[bar] = closing_total
-        self.open_count[bar] = len(self.portfolio.open_positions)
+        self.open_count[bar] = len(mid_values)
         self.current_equity = mid_total
 
     def finish(self) -> None:
@@ -173,13 +204,12 @@ class BacktestSession:
         bar = self.n_bars - 1
         snapshot = self.snapshot(bar)
         self.pending = []
-        quotes: dict[int, LegQuotes] = {}
         for position in list(self.portfolio.open_positions.values()):
             reason = (ExitReason.EXPIRY if snapshot.timestamp >= position.condor.settlement
                       else ExitReason.END_OF_DATA)
             self._fill(TradeDecision(Action.CLOSE, snapshot.timestamp, reason.value,
-                                     position_id=position.position_id), snapshot, quotes)
-        self.record(bar, snapshot, quotes)
+                                     position_id=position.position_id), snapshot)
+        self.record(bar, snapshot)
 
     def result(self, engine_name: str, seconds: float, analyzers: dict | None = None) -> BacktestResult:
         equity = pd.DataFrame({
@@ -199,7 +229,7 @@ class BacktestSession:
 # ----------------------------------------------------------------------------------------------
 
 def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=None,
-                   empty_strategy: bool = False) -> BacktestResult:
+                   empty_strategy: bool = False, analyzers: bool = True) -> BacktestResult:
     """Replay the bars through Backtrader with the engine hosted in a ``bt.Strategy``.
 
     ``empty_strategy`` runs the same Cerebro and feed with a strategy that does nothing (the
@@ -237,7 +267,7 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
     cerebro.broker.set_cash(config.backtest.cash)
     cerebro.adddata(feed)
     cerebro.addstrategy(EmptyStrategy if empty_strategy else CondorStrategy)
-    if not empty_strategy:
+    if analyzers and not empty_strategy:
         cerebro.addanalyzer(bt.analyzers.SharpeRatio, _name="sharpe", timeframe=bt.TimeFrame.Days,
                             riskfreerate=0.0, annualize=True, factor=252)
         cerebro.addanalyzer(bt.analyzers.DrawDown, _name="drawdown")
@@ -249,7 +279,9 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
     session.finish()
     session.tick(session.n_bars)
     strategy = strategies[0]
-    analyzers = {
+    if not analyzers:
+        return session.result("backtrader", time.perf_counter() - started)
+    figures = {
         "sharpe_ratio": strategy.analyzers.sharpe.get_analysis().get("sharperatio"),
         "max_drawdown_pct": strategy.analyzers.drawdown.get_analysis().max.drawdown,
         "max_drawdown_money": strategy.analyzers.drawdown.get_analysis().max.moneydown,
@@ -257,7 +289,7 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
         "note": "Backtrader analyzers read the equity at mid through the broker shim, before the "
                 "end-of-data close; metrics.json is computed from equity.csv",
     }
-    return session.result("backtrader", time.perf_counter() - started, analyzers)
+    return session.result("backtrader", time.perf_counter() - started, figures)
 
 
 def _array_feed(bt, session: BacktestSession, provider: SyntheticChainProvider):
@@ -302,16 +334,13 @@ def _array_feed(bt, session: BacktestSession, provider: SyntheticChainProvider):
 
 @dataclass
 class _PositionPath:
-    """One open condor's quotes from its entry bar to the bar before settlement (or data end)."""
+    """One open condor evaluated on every bar from its fill bar to the bar before settlement (or
+    the end of the data): the rows the per-bar engine would compute bar by bar."""
 
     first_bar: int
     stop_bar: int               # exclusive: settlement bar or n_bars
     settle_bar: int             # bar at/after settlement (n_bars if beyond the data)
-    mid_value: np.ndarray       # dollars at mid per bar
-    closing_value: np.ndarray   # dollars at the closing side per bar
-    loss: np.ndarray            # adverse excursion candidate per bar (dollars)
-    codes: np.ndarray           # exit code per bar (0 = hold)
-    mid: np.ndarray             # (n, 4) leg mids, for the early-assignment flag
+    rows: ConditionRows
 
 
 def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) -> BacktestResult:
@@ -321,83 +350,65 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) ->
     engine = session.engine
     n = session.n_bars
     window = (clock_minutes(config.strategy.entry_window_start), clock_minutes(config.strategy.entry_window_end))
-    in_window = (session.minute_of_day >= window[0]) & (session.minute_of_day <= window[1])
-    window_bars = np.flatnonzero(in_window)
+    window_bars = np.flatnonzero((session.minute_of_day >= window[0]) & (session.minute_of_day <= window[1]))
     window_days = session.session_day[window_bars]
-    limit = config.strategy.max_entries_per_day
-    max_positions = config.strategy.max_positions
-    settlement_ns = {}
     paths: dict[int, _PositionPath] = {}
-    scanned_to: dict[int, int] = {}      # per position: bars before this one are already applied
+    scanned_to: dict[int, int] = {}      # per position: bars before this one are already booked
     bar_ns = session.bar_times.asi8
-
-    def settle_bar_of(condor: IronCondor) -> int:
-        key = condor.expiration
-        if key not in settlement_ns:
-            settlement_ns[key] = condor.settlement.as_unit("ns").value
-        return int(np.searchsorted(bar_ns, settlement_ns[key], side="left"))
 
     def build_path(position: Position, fill_bar: int) -> _PositionPath:
         condor = position.condor
-        settle = min(settle_bar_of(condor), n)
-        quotes = provider.quote_contracts(fill_bar, settle, condor.expiration, condor.strikes, condor.is_call)
-        _, debit = close_debit(quotes.bid, quotes.ask, session.fill_model)
-        quantity = condor.quantity
-        days = session.session_day[fill_bar:settle]
-        codes = exit_codes(debit, position.entry_credit, condor.expiration_day - days,
-                           days - engine.entry_day(position), config)
-        loss = (debit - position.entry_credit) * CONTRACT_MULTIPLIER * quantity
-        return _PositionPath(
-            fill_bar, settle, settle_bar_of(condor),
-            value_at_mid(quotes.mid, CONDOR_RATIOS, quantity),
-            value_at_closing_side(quotes.bid, quotes.ask, CONDOR_RATIOS, quantity),
-            loss, codes, quotes.mid)
+        settle_bar = int(np.searchsorted(bar_ns, condor.settlement.as_unit("ns").value, side="left"))
+        stop = min(settle_bar, n)
+        quotes = provider.quote_contracts(fill_bar, stop, condor.expiration, condor.strikes, condor.is_call)
+        rows = engine.evaluate([position], quotes.bid, quotes.ask, quotes.mid, session.spot[fill_bar:stop],
+                               session.session_day[fill_bar:stop])
+        return _PositionPath(fill_bar, stop, settle_bar, rows)
 
     def next_exit_bar(position_id: int, after: int) -> int:
         """First bar ≥ ``after`` where the engine would decide to close this position."""
         path = paths[position_id]
         start = max(after, path.first_bar)
         if start < path.stop_bar:
-            hits = np.flatnonzero(path.codes[start - path.first_bar:])
+            hits = np.flatnonzero(path.rows.code[start - path.first_bar:])
             if hits.size:
                 return start + int(hits[0])
-        return path.settle_bar if path.settle_bar < n else n
+        return min(path.settle_bar, n)
 
-    def apply_skipped(position: Position, upto: int) -> None:
-        """Excursion and early-assignment checks the per-bar engine would have made on the
-        skipped bars [scanned_to, upto) of an open position."""
+    def book_skipped(position: Position, upto: int) -> None:
+        """Excursion and early-assignment checks the per-bar engine made on the skipped bars
+        [scanned_to, upto) of an open position, from its path."""
         path = paths[position.position_id]
-        start = max(scanned_to.get(position.position_id, path.first_bar), path.first_bar)
+        start = scanned_to[position.position_id]
         stop = min(upto, path.stop_bar)
         if stop <= start:
             return
-        offset = slice(start - path.first_bar, stop - path.first_bar)
-        worst = float(path.loss[offset].max())
+        offset = start - path.first_bar
+        rows = path.rows
+        worst = float(rows.loss[offset: stop - path.first_bar].max())
         if worst > position.max_adverse_excursion:
             session.portfolio.update_excursion(position.position_id, worst)
         if not position.early_assignment_risk:
-            _early_assignment_scan(session, position, path, start, stop)
+            flagged = np.flatnonzero(rows.early_assignment[offset: stop - path.first_bar])
+            if flagged.size:
+                row = offset + int(flagged[0])
+                engine.apply_row(position, rows, row, float(session.spot[path.first_bar + row]))
         scanned_to[position.position_id] = stop
 
     bar = 0
     last_recorded = -1
     while bar < n:
-        # Record the skipped bars' account from the paths, then step this event bar.
         _fill_skipped_equity(session, paths, last_recorded + 1, bar)
         for position in session.portfolio.open_positions.values():
             if not engine.is_closing(position.position_id):
-                apply_skipped(position, bar)
-        before_ids = set(session.portfolio.open_positions)
+                book_skipped(position, bar)
         session.step(bar)
         last_recorded = bar
         for position in session.portfolio.open_positions.values():
-            if position.position_id not in before_ids:
-                fill_bar = bar
-                paths[position.position_id] = build_path(position, fill_bar)
-                scanned_to[position.position_id] = bar + 1
-            else:
-                scanned_to[position.position_id] = bar + 1
-        bar = _next_event_bar(session, bar, window_bars, window_days, limit, max_positions, next_exit_bar)
+            if position.position_id not in paths:
+                paths[position.position_id] = build_path(position, bar)
+            scanned_to[position.position_id] = bar + 1
+        bar = _next_event_bar(session, bar, window_bars, window_days, next_exit_bar)
         session.tick(min(bar, n))
     session.finish()
     session.tick(n)
@@ -405,10 +416,12 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) ->
 
 
 def _next_event_bar(session: BacktestSession, bar: int, window_bars: np.ndarray, window_days: np.ndarray,
-                    limit: int, max_positions: int, next_exit_bar) -> int:
-    """The next bar after ``bar`` where the per-bar engine could do anything."""
+                    next_exit_bar) -> int:
+    """The next bar after ``bar`` where the per-bar engine could do anything: a fill is due, an
+    exit rule or an expiry fires, an entry may be tried, or the data ends."""
     n = session.n_bars
     engine = session.engine
+    strategy = session.config.strategy
     if session.pending:
         return bar + 1
     candidates = [n - 1] if bar < n - 1 else [n]
@@ -418,22 +431,22 @@ def _next_event_bar(session: BacktestSession, bar: int, window_bars: np.ndarray,
             continue
         active += 1
         candidates.append(next_exit_bar(position.position_id, bar + 1))
-    if active < max_positions:
-        position_in_window = int(np.searchsorted(window_bars, bar + 1))
-        while position_in_window < window_bars.size:
-            candidate = int(window_bars[position_in_window])
-            day = session.bar_times[candidate].date()
-            if not limit or engine.entries_on(day) < limit:
+    if active < strategy.max_positions:
+        index = int(np.searchsorted(window_bars, bar + 1))
+        while index < window_bars.size:
+            candidate = int(window_bars[index])
+            limit = strategy.max_entries_per_day
+            if not limit or engine.entries_on(session.bar_times[candidate].date()) < limit:
                 candidates.append(candidate)
                 break
-            # This session is used up: jump to the first window bar of a later session.
-            position_in_window = int(np.searchsorted(window_days, session.session_day[candidate] + 1))
+            # This session's entries are used up: jump to the first window bar of a later session.
+            index = int(np.searchsorted(window_days, session.session_day[candidate] + 1))
     return min(candidates)
 
 
 def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop: int) -> None:
     """Account records of bars [start, stop) that were not stepped: cash unchanged since the last
-    stepped bar, positions marked from their paths, summed in id order like ``record``."""
+    stepped bar, positions marked from their paths, summed in id order like ``_store``."""
     if stop <= start:
         return
     cash = session.portfolio.cash
@@ -442,38 +455,13 @@ def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop
     for position_id in session.portfolio.open_positions:
         path = paths[position_id]
         rows = slice(start - path.first_bar, stop - path.first_bar)
-        mid_total += path.mid_value[rows]
-        closing_total += path.closing_value[rows]
+        mid_total += path.rows.mid_value[rows]
+        closing_total += path.rows.closing_value[rows]
     session.cash[start:stop] = cash
     session.equity_mid[start:stop] = mid_total
     session.equity_closing[start:stop] = closing_total
     session.open_count[start:stop] = len(session.portfolio.open_positions)
     session.current_equity = float(mid_total[-1])
-
-
-def _early_assignment_scan(session: BacktestSession, position: Position, path: _PositionPath,
-                           start: int, stop: int) -> None:
-    """Find the first bar in [start, stop) where the engine's early-assignment check fires and
-    let the engine flag it from that bar's numbers (same rule, same note)."""
-    exits = session.config.exits
-    condor = position.condor
-    dte = condor.expiration_day - session.session_day[start:stop]
-    near = dte <= exits.early_assignment_days
-    if not near.any():
-        return
-    spot = session.spot[start:stop]
-    rows = slice(start - path.first_bar, stop - path.first_bar)
-    put_intrinsic = np.maximum(condor.short_put_strike - spot, 0.0)
-    call_intrinsic = np.maximum(spot - condor.short_call_strike, 0.0)
-    put_hit = (put_intrinsic > 0.0) & (path.mid[rows, 1] - put_intrinsic < exits.early_assignment_extrinsic)
-    call_hit = (call_intrinsic > 0.0) & (path.mid[rows, 2] - call_intrinsic < exits.early_assignment_extrinsic)
-    hits = np.flatnonzero(near & (put_hit | call_hit))
-    if hits.size:
-        row = int(hits[0])
-        bar = start + row
-        mids = path.mid[row + start - path.first_bar]
-        quotes = LegQuotes(mids, mids, mids, mids, mids, mids, mids)
-        session.engine.flag_early_assignment(position, quotes, float(session.spot[bar]), int(dte[row]))
 
 
 # ----------------------------------------------------------------------------------------------

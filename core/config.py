@@ -242,7 +242,7 @@ class ExitsConfig(_Section):
     profit_take_pct: float = Field(0.40, gt=0.0, le=1.0, description="share of the credit kept")
     loss_close_multiple: float = Field(1.00, gt=0.0, le=10.0, description="loss as multiple of credit")
     max_hold_days: int = Field(10, ge=1, le=365)
-    dte_exit: int = Field(21, ge=0, le=365, description="close when DTE <= this")
+    dte_exit: int = Field(21, ge=0, le=365, description="close when DTE <= this; 0 = hold to expiry")
     # Trade-log flag: a short leg in the money with less extrinsic value than this (dollars per
     # share) within `early_assignment_days` of expiry is at risk of early exercise.
     early_assignment_days: int = Field(3, ge=0, le=30)
@@ -613,9 +613,9 @@ class Config(BaseModel):
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Config:
         _require(
-            self.exits.dte_exit < self.strategy.dte_min,
+            self.exits.dte_exit == 0 or self.exits.dte_exit < self.strategy.dte_min,
             f"exits.dte_exit = {self.exits.dte_exit} must be less than "
-            f"strategy.dte_min = {self.strategy.dte_min} (a new trade would exit at once)",
+            f"strategy.dte_min = {self.strategy.dte_min} (a new trade would exit at once), or 0 (off)",
         )
         _require(
             self.backtest.underlying in self.data_pipeline.max_lag_sec,

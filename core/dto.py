@@ -223,7 +223,8 @@ class MarketSnapshot:
     """Everything the engine may know at one bar, nothing from later.
 
     ``chain(dte_min, dte_max)`` returns the option-chain slice at this bar; ``quote(condor)``
-    returns this bar's quotes of a structure's legs. ``features`` holds the bar's feature row
+    returns this bar's quotes of a structure's legs; ``quote_many(positions)`` the bid/ask/mid of
+    several open condors at once. ``features`` holds the bar's feature row
     (indicators, memberships, regime, forecast) once those capabilities exist.
     """
 
@@ -235,5 +236,6 @@ class MarketSnapshot:
     iv_index: float
     chain: Callable                        # chain(dte_min, dte_max) -> ChainSlice at this bar
     quote: Callable[[IronCondor], LegQuotes]
+    quote_many: Callable          # quote_many(positions) -> (bid, ask, mid), each (k, 4), in that order
     settlement_of: Callable[[dt.date], pd.Timestamp]   # listed expiry -> its settlement time
     features: dict = field(default_factory=dict)

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from numba import njit
 
 from core.config import Config
 from core.dto import (
-    CONTRACT_MULTIPLIER, EPOCH_ORDINAL, Action, ExitReason, IronCondor, LegQuotes, MarketSnapshot, Position,
+    CONTRACT_MULTIPLIER, EPOCH_ORDINAL, Action, ExitReason, IronCondor, MarketSnapshot, Position,
     TradeDecision,
 )
-from core.execution import FillModel, close_debit, open_credit
-from core.portfolio import Portfolio, position_value
+from core.execution import FillModel, close_debit_row, open_credit
+from core.portfolio import Portfolio
 from strategies.options_strategy import (
-    REASON_OF_CODE, CondorChoice, Rejection, choose_iron_condor, credit_is_sufficient, exit_codes,
+    REASON_OF_CODE, CondorChoice, Rejection, choose_iron_condor, credit_is_sufficient, exit_code_scalar,
 )
 
 DAY_NS = 86_400 * 1_000_000_000
@@ -43,7 +45,9 @@ class TradingEngine:
                         clock_minutes(config.strategy.entry_window_end))
         self._entries_by_session: dict[dt.date, int] = {}
         self._closing: set[int] = set()
-        self._entry_days: dict[int, int] = {}          # positions with a close decided, not yet filled
+        self._entry_days: dict[int, int] = {}
+        self._columns_key: tuple = ()
+        self._columns: tuple = ()          # positions with a close decided, not yet filled
         self.rejections: dict[str, int] = {}     # why entries were not made, for the report
 
     # ----------------------------------------------------------------------------- bookkeeping
@@ -64,28 +68,85 @@ class TradingEngine:
         return [p for p in self.portfolio.open_positions.values() if p.position_id not in self._closing]
 
     # ----------------------------------------------------------------------------- exits
-    def exit_decision(self, position: Position, snapshot: MarketSnapshot,
-                      quotes: LegQuotes | None) -> TradeDecision | None:
-        """Close decision for one open position at this bar, or None to hold.
+    def evaluate(self, positions: list[Position], bid: np.ndarray, ask: np.ndarray, mid: np.ndarray,
+                 spot: np.ndarray, session_day: np.ndarray) -> ConditionRows:
+        """The exit rules, excursions, early-assignment checks and marks of open condors on rows
+        of quotes: one row per position at one bar (per-bar drivers) or one row per bar of one
+        position (the fast driver's holding-period paths). Same compiled arithmetic either way."""
+        exits = self.config.exits
+        if len(positions) == 1:
+            # One position: its constants broadcast over however many rows (bars) there are.
+            position = positions[0]
+            condor = position.condor
+            columns = (np.array([position.entry_credit]), np.array([condor.quantity], dtype=np.int64),
+                       np.array([condor.expiration_day], dtype=np.int64),
+                       np.array([self.entry_day(position)], dtype=np.int64),
+                       np.array([condor.short_put_strike]), np.array([condor.short_call_strike]))
+        else:
+            columns = self._position_columns(positions)
+        out_f, out_i = evaluate_condor_rows(
+            bid, ask, mid, spot, session_day, *columns, self.fill_model.fraction, exits.profit_take_pct,
+            exits.loss_close_multiple, exits.dte_exit, exits.max_hold_days, exits.early_assignment_days,
+            exits.early_assignment_extrinsic)
+        return ConditionRows(out_f[0], out_f[1], out_f[2], out_f[3], out_i[0], out_i[1], out_f[4], out_i[2])
 
-        At (or after) the expiry's settlement the position settles; otherwise the exit rules run
-        on the cost to close at the fill model.
-        """
-        condor = position.condor
-        if snapshot.timestamp >= condor.settlement:
-            return TradeDecision(Action.CLOSE, snapshot.timestamp, ExitReason.EXPIRY.value,
-                                 position_id=position.position_id,
-                                 expected_price=condor.intrinsic_value(snapshot.spot))
-        _, debit = close_debit(quotes.bid[np.newaxis, :], quotes.ask[np.newaxis, :], self.fill_model)
-        dte = np.array([condor.expiration_day - snapshot.session_day])
-        days_held = np.array([snapshot.session_day - self.entry_day(position)])
-        code = int(exit_codes(debit, position.entry_credit, dte, days_held, self.config)[0])
-        self.track_excursion(position, float(debit[0]))
-        self.flag_early_assignment(position, quotes, snapshot.spot, int(dte[0]))
-        if code == 0:
-            return None
-        return TradeDecision(Action.CLOSE, snapshot.timestamp, REASON_OF_CODE[code].value,
-                             position_id=position.position_id, expected_price=float(debit[0]))
+    def _position_columns(self, positions: list[Position]):
+        """Per-position constants as arrays, rebuilt only when the set of positions changes (the
+        per-bar drivers ask for the same open set on most bars)."""
+        key = tuple(p.position_id for p in positions)
+        if self._columns_key != key:
+            self._columns_key = key
+            self._columns = (
+                np.array([p.entry_credit for p in positions]),
+                np.array([p.condor.quantity for p in positions], dtype=np.int64),
+                np.array([p.condor.expiration_day for p in positions], dtype=np.int64),
+                np.array([self.entry_day(p) for p in positions], dtype=np.int64),
+                np.array([p.condor.short_put_strike for p in positions]),
+                np.array([p.condor.short_call_strike for p in positions]))
+        return self._columns
+
+    def exit_decisions(self, snapshot: MarketSnapshot, positions: list[Position],
+                       rows: ConditionRows) -> list[TradeDecision]:
+        """Close decisions for open positions (rows in the same order) at this bar; also books
+        their excursions and early-assignment flags. At or after settlement a position settles."""
+        decisions = []
+        for i, position in enumerate(positions):
+            if position.position_id in self._closing:
+                continue
+            condor = position.condor
+            # No quotes (NaN) exactly when the expiry has settled.
+            if rows.debit[i] != rows.debit[i] and snapshot.timestamp >= condor.settlement:
+                decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, ExitReason.EXPIRY.value,
+                                               position_id=position.position_id,
+                                               expected_price=condor.intrinsic_value(snapshot.spot)))
+                continue
+            self.apply_row(position, rows, i, snapshot.spot)
+            code = int(rows.code[i])
+            if code:
+                decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, REASON_OF_CODE[code].value,
+                                               position_id=position.position_id,
+                                               expected_price=float(rows.debit[i])))
+        for decision in decisions:
+            self._closing.add(decision.position_id)
+        return decisions
+
+    def apply_row(self, position: Position, rows: ConditionRows, i: int, spot: float) -> None:
+        """Book one evaluated bar of a position: its adverse excursion and, the first time, an
+        early-assignment flag."""
+        loss = float(rows.loss[i])
+        if loss > position.max_adverse_excursion:
+            self.portfolio.update_excursion(position.position_id, loss)
+        flag = int(rows.early_assignment[i])
+        if flag and not position.early_assignment_risk:
+            condor = position.condor
+            is_call = flag == 2
+            strike = condor.short_call_strike if is_call else condor.short_put_strike
+            intrinsic = max(spot - strike, 0.0) if is_call else max(strike - spot, 0.0)
+            extrinsic = float(rows.short_mid[i]) - intrinsic
+            self.portfolio.flag_early_assignment_risk(
+                position.position_id,
+                f"early-assignment risk {'short call' if is_call else 'short put'} {strike:g}: "
+                f"ITM by {intrinsic:.2f}, extrinsic {extrinsic:.3f}, {int(rows.dte[i])} DTE")
 
     def entry_day(self, position: Position) -> int:
         """The entry bar's session as days since 1970-01-01 (cached per position)."""
@@ -94,26 +155,6 @@ class TradingEngine:
             stamp = position.entry_fill.timestamp
             day = self._entry_days[position.position_id] = stamp.date().toordinal() - EPOCH_ORDINAL
         return day
-
-    def track_excursion(self, position: Position, close_debit: float) -> None:
-        loss = (close_debit - position.entry_credit) * CONTRACT_MULTIPLIER * position.condor.quantity
-        if loss > position.max_adverse_excursion:
-            self.portfolio.update_excursion(position.position_id, loss)
-
-    def flag_early_assignment(self, position: Position, quotes: LegQuotes, spot: float, dte: int) -> None:
-        """Trade-log flag: a short leg in the money with little extrinsic value near expiry."""
-        exits = self.config.exits
-        if position.early_assignment_risk or dte > exits.early_assignment_days:
-            return
-        condor = position.condor
-        for leg, strike, is_call in ((1, condor.short_put_strike, False), (2, condor.short_call_strike, True)):
-            intrinsic = max(spot - strike, 0.0) if is_call else max(strike - spot, 0.0)
-            if intrinsic > 0.0 and quotes.mid[leg] - intrinsic < exits.early_assignment_extrinsic:
-                self.portfolio.flag_early_assignment_risk(
-                    position.position_id,
-                    f"early-assignment risk {'short call' if is_call else 'short put'} {strike:g}: "
-                    f"ITM by {intrinsic:.2f}, extrinsic {quotes.mid[leg] - intrinsic:.3f}, {dte} DTE")
-                return
 
     # ----------------------------------------------------------------------------- entries
     def entry_allowed(self, snapshot: MarketSnapshot, open_count: int) -> str | None:
@@ -169,39 +210,95 @@ class TradingEngine:
         return None
 
     # ----------------------------------------------------------------------------- per bar
-    def mark_at_mid(self, position: Position, quotes: LegQuotes | None, snapshot: MarketSnapshot) -> float:
-        """Dollars the position is worth to us at this bar: at mid, or at its settlement value
-        once the expiry has settled (no quotes then)."""
-        if snapshot.timestamp >= position.condor.settlement:
-            return -position.condor.intrinsic_value(snapshot.spot) * CONTRACT_MULTIPLIER * position.condor.quantity
-        return position_value(position, quotes, "mid")
-
     def on_bar(self, snapshot: MarketSnapshot) -> list[TradeDecision]:
         """Exits for every open position, then at most one entry, all decided on the account as it
-        stands before this bar's fills. The legs' quotes fetched here are kept on ``last_quotes``
-        (by position id) for the driver's fills and marks."""
+        stands before this bar's fills. The rows evaluated here stay on ``last_rows`` (with the
+        positions they belong to on ``last_positions``) for the driver's fills and marks."""
+        positions = list(self.portfolio.open_positions.values())
+        self.last_positions = positions
         decisions = []
-        self.last_quotes = {}
-        for position in self.portfolio.open_positions.values():
-            quotes = None
-            if snapshot.timestamp < position.condor.settlement:
-                quotes = snapshot.quote(position.condor)
-            self.last_quotes[position.position_id] = quotes
-            if position.position_id in self._closing:
-                continue
-            decision = self.exit_decision(position, snapshot, quotes)
-            if decision is not None:
-                self._closing.add(position.position_id)
-                decisions.append(decision)
-        active = self.active_positions()
-        if self.entry_allowed(snapshot, len(active)) is None:
+        rows = None
+        if positions:
+            bid, ask, mid = snapshot.quote_many(positions)
+            rows = self.evaluate(positions, bid, ask, mid, np.array([snapshot.spot]),
+                                 np.array([snapshot.session_day], dtype=np.int64))
+            decisions = self.exit_decisions(snapshot, positions, rows)
+        self.last_rows = rows
+        active_count = len(positions) - len(self._closing)
+        if self.entry_allowed(snapshot, active_count) is None:
             equity = self.portfolio.cash
-            for position in self.portfolio.open_positions.values():
-                equity += self.mark_at_mid(position, self.last_quotes[position.position_id], snapshot)
             committed = 0.0
-            for position in active:
-                committed += position.max_loss
-            entry = self.entry_decision(snapshot, equity, len(active), committed)
+            for i, position in enumerate(positions):
+                if snapshot.timestamp >= position.condor.settlement:
+                    equity += -position.condor.intrinsic_value(snapshot.spot) * CONTRACT_MULTIPLIER * position.condor.quantity
+                else:
+                    equity += float(rows.mid_value[i])
+                if position.position_id not in self._closing:
+                    committed += position.max_loss
+            entry = self.entry_decision(snapshot, equity, active_count, committed)
             if entry is not None:
                 decisions.append(entry)
         return decisions
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionRows:
+    """``evaluate``'s output per row: debit to close at the fill model, adverse excursion in
+    dollars, mid and closing-side values in dollars, exit code, early-assignment flag (0 none,
+    1 short put, 2 short call), the flagged short leg's mid and the row's DTE."""
+
+    debit: np.ndarray
+    loss: np.ndarray
+    mid_value: np.ndarray
+    closing_value: np.ndarray
+    code: np.ndarray
+    early_assignment: np.ndarray
+    short_mid: np.ndarray
+    dte: np.ndarray
+
+
+@njit(cache=False, inline="always")
+def _row(values, i):
+    # Per-row input, or one value broadcast to every row.
+    return values[i] if values.shape[0] > 1 else values[0]
+
+
+@njit(cache=False)
+def evaluate_condor_rows(bid, ask, mid, spot, session_day, credit, quantity, expiration_day, entry_day,
+                         short_put, short_call, fraction, profit_take_pct, loss_close_multiple, dte_exit,
+                         max_hold_days, early_assignment_days, early_assignment_extrinsic):
+    """Per row (a condor at a bar; legs long put, short put, short call, long call): the debit to
+    close at the fill model (as ``core.execution.close_debit``), the exit code (as
+    ``exit_code_scalar``), the adverse excursion, mid and closing-side values (as
+    ``core.portfolio``) and the early-assignment check. The other inputs are per row or one value
+    for all rows. Rows without quotes (NaN: settled) give NaN numbers and code 0. Not cached on
+    disk: it compiles in functions from other modules."""
+    rows = bid.shape[0]
+    out_f = np.full((5, rows), np.nan)
+    out_i = np.zeros((3, rows), dtype=np.int64)
+    for i in range(rows):
+        dte = _row(expiration_day, i) - _row(session_day, i)
+        out_i[2, i] = dte
+        if math.isnan(bid[i, 0]):
+            continue
+        entry_credit = _row(credit, i)
+        contracts = _row(quantity, i)
+        debit = close_debit_row(bid[i], ask[i], fraction)
+        out_f[0, i] = debit
+        out_f[1, i] = (debit - entry_credit) * 100 * contracts
+        dollars_per_share = float(100 * contracts)
+        out_f[2, i] = (((mid[i, 0] - mid[i, 1]) - mid[i, 2]) + mid[i, 3]) * dollars_per_share
+        out_f[3, i] = (((bid[i, 0] - ask[i, 1]) - ask[i, 2]) + bid[i, 3]) * dollars_per_share
+        out_i[0, i] = exit_code_scalar(debit, entry_credit, dte, _row(session_day, i) - _row(entry_day, i),
+                                       profit_take_pct, loss_close_multiple, dte_exit, max_hold_days)
+        if dte <= early_assignment_days:
+            price = _row(spot, i)
+            put_intrinsic = max(_row(short_put, i) - price, 0.0)
+            call_intrinsic = max(price - _row(short_call, i), 0.0)
+            if put_intrinsic > 0.0 and mid[i, 1] - put_intrinsic < early_assignment_extrinsic:
+                out_i[1, i] = 1
+                out_f[4, i] = mid[i, 1]
+            elif call_intrinsic > 0.0 and mid[i, 2] - call_intrinsic < early_assignment_extrinsic:
+                out_i[1, i] = 2
+                out_f[4, i] = mid[i, 2]
+    return out_f, out_i

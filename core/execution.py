@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from numba import njit
 
 from core.dto import Action, ExitReason, Fill, IronCondor
 
@@ -154,6 +155,19 @@ def net_price(leg_prices, ratios, opening: bool):
         raise ValueError(f"leg_prices must have shape (..., 4), got {leg_prices.shape}")
     short_side_value = leg_sum(-_as_ratios(ratios) * leg_prices)
     return round_against_us(short_side_value, receiving=opening)
+
+
+@njit(cache=True)
+def close_debit_row(bid, ask, fraction: float) -> float:
+    """``close_debit`` for one condor row (leg order, CONDOR_RATIOS) inside numba kernels: the
+    same operations in the same order, so the per-bar evaluator and the fills agree bitwise
+    (a test holds them together)."""
+    p0 = ask[0] - fraction * (ask[0] - bid[0])     # long put sold
+    p1 = bid[1] + fraction * (ask[1] - bid[1])     # short put bought
+    p2 = bid[2] + fraction * (ask[2] - bid[2])     # short call bought
+    p3 = ask[3] - fraction * (ask[3] - bid[3])     # long call sold
+    value = ((-p0 + p1) + p2) + -p3
+    return math.ceil(value / TICK - _TICK_TOLERANCE) / TICKS_PER_DOLLAR
 
 
 def open_credit(bid, ask, fill_model: FillModel) -> tuple[np.ndarray, np.ndarray]:

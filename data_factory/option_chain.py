@@ -328,6 +328,37 @@ def _contract_path_kernel(bar_start, bar_stop, expiry_day, settle_s, strikes, is
     return out
 
 
+@njit(cache=False)
+def _positions_at_bar_kernel(bar, expiry_rows, strikes, bar_i64, bar_f64, sess_i64, sess_f64, expiry_i64,
+                             model, table):
+    """Quotes of k four-leg structures (each on its own expiry) at one bar: (3, k, 4) bid, ask,
+    mid; NaN for a structure whose expiry has settled. Legs: put, put, call, call."""
+    k = strikes.shape[0]
+    out = np.full((3, k, 4), np.nan)
+    bar_time_s = bar_i64[bar, 0]
+    session = bar_i64[bar, 1]
+    spot = bar_f64[bar, 0]
+    iv_index = bar_f64[bar, 1]
+    rate = sess_f64[session, 0]
+    div_yield = sess_f64[session, 1]
+    v0 = initial_variance_scalar(iv_index, model[_P_THETA_BAR], model[_P_KAPPA])
+    for p in range(k):
+        settle_s = expiry_i64[expiry_rows[p], 1]
+        if bar_time_s >= settle_s:
+            continue
+        dte = expiry_i64[expiry_rows[p], 0] - sess_i64[session, 0]
+        t_years, theta_atm, phi, forward, half_scale = _expiry_state(
+            settle_s, bar_time_s, dte, spot, iv_index, v0, rate, div_yield, model, table)
+        for leg in range(4):
+            (bid, ask, price, sigma, delta, gamma_, vega, theta_, rho_) = _quote_option(
+                strikes[p, leg], leg >= 2, spot, t_years, theta_atm, phi, forward, half_scale, rate,
+                div_yield, model)
+            out[0, p, leg] = bid
+            out[1, p, leg] = ask
+            out[2, p, leg] = 0.5 * (bid + ask)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # construction helpers (vectorised, run once)
 # ----------------------------------------------------------------------------------------------
@@ -503,6 +534,7 @@ class SyntheticChainProvider:
         from data_factory.market_calendar import CALENDAR_START, trading_sessions
 
         garch_kwargs = {} if garch_config is None else {"garch_config": garch_config}
+        embedded.daily_bars(symbol, start, end)   # the requested period, checked as the user gave it
         first = pd.Timestamp(start)
         earlier = trading_sessions(max(first - pd.Timedelta(days=10), pd.Timestamp(CALENDAR_START)), first)
         earlier = earlier[earlier < first]
@@ -632,6 +664,23 @@ class SyntheticChainProvider:
             out_f[_BID], out_f[_ASK], out_f[_MID], out_f[_THEO], out_f[_IV], out_f[_DELTA],
             out_f[_GAMMA], out_f[_THETA], out_f[_VEGA], out_f[_RHO], out_f[_IV_CONF], out_f[_QUOTE_AGE])
 
+    def expiry_row(self, expiration) -> int:
+        """Row of a listed expiration in the provider's expiry table (for ``quote_structures``)."""
+        expiry_day = self._expiry_day(expiration)
+        row = int(np.searchsorted(self._expiry_i64[:, 0], expiry_day))
+        if row == len(self._expiry_i64) or self._expiry_i64[row, 0] != expiry_day:
+            raise DataError(f"expiration {pd.Timestamp(expiry_day, unit='D').date()} is not a listed expiry "
+                            f"in the provider's period")
+        return row
+
+    def quote_structures(self, bar: int, expiry_rows: np.ndarray, strikes: np.ndarray):
+        """Bid, ask and mid (each (k, 4)) of k put-put-call-call structures at one bar, in one
+        kernel call: the per-bar driver's marks of every open condor. Same numbers as
+        ``quote_contracts`` and ``slice``; NaN rows for settled expiries."""
+        out = _positions_at_bar_kernel(bar, expiry_rows, strikes, self._bar_i64, self._bar_f64, self._sess_i64,
+                                       self._sess_f64, self._expiry_i64, self._model, self._table)
+        return out[0], out[1], out[2]
+
     def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes, is_call) -> ContractPath:
         """Quotes of the given contracts (one expiration) at bars ``bar_start … bar_stop − 1``.
 
@@ -641,11 +690,8 @@ class SyntheticChainProvider:
         n_bars = len(self._bar_ns)
         if not (0 <= bar_start <= bar_stop <= n_bars):
             raise DataError(f"bar range {bar_start} … {bar_stop} is outside 0 … {n_bars}")
-        expiry_day = self._expiry_day(expiration)
-        row = int(np.searchsorted(self._expiry_i64[:, 0], expiry_day))
-        if row == len(self._expiry_i64) or self._expiry_i64[row, 0] != expiry_day:
-            raise DataError(f"expiration {pd.Timestamp(expiry_day, unit='D').date()} is not a listed expiry "
-                            f"in the provider's period")
+        row = self.expiry_row(expiration)
+        expiry_day = int(self._expiry_i64[row, 0])
         strikes = np.ascontiguousarray(strikes, dtype=float)
         is_call = np.ascontiguousarray(is_call, dtype=np.bool_)
         if strikes.shape != is_call.shape or strikes.ndim != 1:

@@ -11,13 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from core.config import Config
 from core.dto import ExitReason
 
 # Exit codes in the order they are checked when several hold at the same bar: losses first
 # (a stop must never be reported as something milder), then profit, then the time-based exits.
+# `exit_code_scalar` returns these numbers.
 NO_EXIT = 0
+# Dollars per share: far below the $0.01 tick, far above float noise on prices of a few dollars.
+PRICE_TOLERANCE = 1e-9
 EXIT_ORDER = (ExitReason.STOP_LOSS, ExitReason.PROFIT_TAKE, ExitReason.DTE_EXIT, ExitReason.MAX_HOLD)
 EXIT_CODE = {reason: code for code, reason in enumerate(EXIT_ORDER, start=1)}
 REASON_OF_CODE = {code: reason for reason, code in EXIT_CODE.items()}
@@ -124,8 +128,40 @@ def strikes_width_candidates(strategy) -> np.ndarray:
 
 
 def credit_is_sufficient(credit: float, width: float, config: Config) -> bool:
-    """The credit (at the fill model, per share) must be at least ``min_credit_to_width`` × width."""
-    return credit > 0.0 and credit >= config.strategy.min_credit_to_width * width
+    """The credit (at the fill model, per share) must be at least ``min_credit_to_width`` × width
+    (a credit exactly at the minimum passes, whatever the float rounding of the product)."""
+    return credit > 0.0 and credit >= config.strategy.min_credit_to_width * width - PRICE_TOLERANCE
+
+
+@njit(cache=True)
+def exit_code_scalar(close_debit: float, entry_credit: float, dte: int, days_held: int,
+                     profit_take_pct: float, loss_close_multiple: float, dte_exit: int,
+                     max_hold_days: int) -> int:
+    """Exit code for one bar of one condor (0 = hold), in priority order: stop loss, profit take,
+    DTE exit (``dte_exit`` 0 = off: hold to expiry), max hold. The one implementation of the rule;
+    every caller goes through it."""
+    pnl = entry_credit - close_debit
+    # Prices sit on a cent grid; a threshold hit exactly must not miss by float noise
+    # (0.9 − 0.54 = 0.35999999999999999 < 0.4 × 0.9), so compare with a tolerance far below a cent.
+    if -pnl >= loss_close_multiple * entry_credit - PRICE_TOLERANCE:
+        return 1
+    if pnl >= profit_take_pct * entry_credit - PRICE_TOLERANCE:
+        return 2
+    if dte_exit > 0 and dte <= dte_exit:
+        return 3
+    if days_held >= max_hold_days:
+        return 4
+    return 0
+
+
+@njit(cache=True)
+def _exit_codes_kernel(close_debit, entry_credit, dte, days_held, profit_take_pct, loss_close_multiple,
+                       dte_exit, max_hold_days):
+    codes = np.zeros(close_debit.size, dtype=np.int8)
+    for i in range(close_debit.size):
+        codes[i] = exit_code_scalar(close_debit[i], entry_credit, dte[i], days_held[i], profit_take_pct,
+                                    loss_close_multiple, dte_exit, max_hold_days)
+    return codes
 
 
 def exit_codes(close_debit: np.ndarray, entry_credit: float, dte: np.ndarray, days_held: np.ndarray,
@@ -135,18 +171,14 @@ def exit_codes(close_debit: np.ndarray, entry_credit: float, dte: np.ndarray, da
     ``close_debit``: what closing would cost per share at the fill model; ``dte``: calendar days
     from the bar's session to expiry; ``days_held``: calendar days since the entry session.
     Profit take: P&L ≥ profit_take_pct × credit; stop loss: loss ≥ loss_close_multiple × credit
-    (seed formulas, P&L per share at the closing price).
+    (seed formulas, P&L per share at the closing price). A NaN debit (no quote) never triggers.
     """
     exits = config.exits
-    pnl = entry_credit - close_debit
-    codes = np.zeros(np.shape(close_debit), dtype=np.int8)
-    conditions = {
-        ExitReason.STOP_LOSS: -pnl >= exits.loss_close_multiple * entry_credit,
-        ExitReason.PROFIT_TAKE: pnl >= exits.profit_take_pct * entry_credit,
-        ExitReason.DTE_EXIT: dte <= exits.dte_exit,
-        ExitReason.MAX_HOLD: days_held >= exits.max_hold_days,
-    }
-    # Fill from the lowest priority up so the highest-priority reason wins.
-    for reason in reversed(EXIT_ORDER):
-        codes[conditions[reason]] = EXIT_CODE[reason]
-    return codes
+    debit = np.ascontiguousarray(close_debit, dtype=np.float64).ravel()
+    shape = np.shape(close_debit)
+    dte = np.broadcast_to(np.asarray(dte, dtype=np.int64), shape).ravel()
+    days_held = np.broadcast_to(np.asarray(days_held, dtype=np.int64), shape).ravel()
+    codes = _exit_codes_kernel(debit, float(entry_credit), np.ascontiguousarray(dte),
+                               np.ascontiguousarray(days_held), exits.profit_take_pct,
+                               exits.loss_close_multiple, exits.dte_exit, exits.max_hold_days)
+    return codes.reshape(shape)
