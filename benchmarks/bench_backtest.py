@@ -51,9 +51,13 @@ def main() -> None:
 
     timings = {}
     results = {}
-    for name, runner in (("empty bt.Strategy (anchor)", lambda: run_backtrader(config, provider, empty_strategy=True)),
-                         ("Backtrader driver", lambda: run_backtrader(config, provider)),
-                         ("fast driver", lambda: run_fast(config, provider))):
+    for name, runner in (
+            ("empty bt.Strategy (anchor)", lambda: run_backtrader(config, provider, empty_strategy=True)),
+            ("empty + the 3 analyzers", lambda: run_backtrader(config, provider, empty_strategy=True,
+                                                                analyzers_on_empty=True)),
+            ("Backtrader driver", lambda: run_backtrader(config, provider)),
+            ("  same, analyzers off", lambda: run_backtrader(config, provider, analyzers=False)),
+            ("fast driver", lambda: run_fast(config, provider))):
         best = None
         for _ in range(args.repeats):
             t0 = time.perf_counter()
@@ -71,6 +75,11 @@ def main() -> None:
     trades_fast = len(results["fast driver"].positions)
     print(f"trades: Backtrader {trades_bt}, fast {trades_fast}")
     print(f"ratio Backtrader driver / empty loop: {bt_time / anchor:.2f}x (target <= 2x)")
+    print(f"  of which Backtrader's Sharpe/DrawDown/Returns analyzers: "
+          f"{(timings['empty + the 3 analyzers'] - anchor) / bars * 1e6:.1f} us/bar; the engine step: "
+          f"{(timings['  same, analyzers off'] - anchor) / bars * 1e6:.1f} us/bar; "
+          f"driver / (empty + analyzers) {bt_time / timings['empty + the 3 analyzers']:.2f}x, "
+          f"driver without analyzers / empty {timings['  same, analyzers off'] / anchor:.2f}x")
     print(f"ratio fast driver / empty loop: {fast_time / anchor:.2f}x; fast speed-up over Backtrader "
           f"driver {bt_time / fast_time:.1f}x")
     print(f"fast driver: {bars / fast_time:,.0f} bars/s (target >= 100,000); peak RSS {peak_rss_mib():.0f} MiB "

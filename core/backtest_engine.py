@@ -16,6 +16,7 @@ Two drivers run it:
 """
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -229,11 +230,13 @@ class BacktestSession:
 # ----------------------------------------------------------------------------------------------
 
 def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=None,
-                   empty_strategy: bool = False, analyzers: bool = True) -> BacktestResult:
+                   empty_strategy: bool = False, analyzers: bool = True,
+                   analyzers_on_empty: bool = False) -> BacktestResult:
     """Replay the bars through Backtrader with the engine hosted in a ``bt.Strategy``.
 
     ``empty_strategy`` runs the same Cerebro and feed with a strategy that does nothing (the
-    benchmark's anchor)."""
+    benchmark's anchor; ``analyzers_on_empty`` attaches the analyzers to it too); ``analyzers``
+    False leaves Backtrader's analyzers off (benchmark decomposition)."""
     import backtrader as bt
 
     session = BacktestSession(config, provider, progress)
@@ -267,13 +270,19 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
     cerebro.broker.set_cash(config.backtest.cash)
     cerebro.adddata(feed)
     cerebro.addstrategy(EmptyStrategy if empty_strategy else CondorStrategy)
-    if analyzers and not empty_strategy:
+    if (analyzers and not empty_strategy) or analyzers_on_empty:
         cerebro.addanalyzer(bt.analyzers.SharpeRatio, _name="sharpe", timeframe=bt.TimeFrame.Days,
                             riskfreerate=0.0, annualize=True, factor=252)
         cerebro.addanalyzer(bt.analyzers.DrawDown, _name="drawdown")
         cerebro.addanalyzer(bt.analyzers.Returns, _name="returns", tann=252)
     started = time.perf_counter()
-    strategies = cerebro.run()
+    # Backtrader allocates many small objects per bar; moving everything alive now (the bars, the
+    # chain tables) out of the collector's sight keeps the periodic full collections cheap.
+    gc.freeze()
+    try:
+        strategies = cerebro.run()
+    finally:
+        gc.unfreeze()
     if empty_strategy:
         return session.result("backtrader-empty", time.perf_counter() - started)
     session.finish()

@@ -47,7 +47,13 @@ class TradingEngine:
         self._closing: set[int] = set()
         self._entry_days: dict[int, int] = {}
         self._columns_key: tuple = ()
-        self._columns: tuple = ()          # positions with a close decided, not yet filled
+        self._columns: tuple = ()
+        exits = config.exits
+        # The exit-rule settings packed for the compiled evaluator (few arguments dispatch faster).
+        self._rule_floats = np.array([fill_model.fraction, exits.profit_take_pct, exits.loss_close_multiple,
+                                      exits.early_assignment_extrinsic])
+        self._rule_ints = np.array([exits.dte_exit, exits.max_hold_days, exits.early_assignment_days],
+                                   dtype=np.int64)          # positions with a close decided, not yet filled
         self.rejections: dict[str, int] = {}     # why entries were not made, for the report
 
     # ----------------------------------------------------------------------------- bookkeeping
@@ -73,21 +79,13 @@ class TradingEngine:
         """The exit rules, excursions, early-assignment checks and marks of open condors on rows
         of quotes: one row per position at one bar (per-bar drivers) or one row per bar of one
         position (the fast driver's holding-period paths). Same compiled arithmetic either way."""
-        exits = self.config.exits
         if len(positions) == 1:
             # One position: its constants broadcast over however many rows (bars) there are.
-            position = positions[0]
-            condor = position.condor
-            columns = (np.array([position.entry_credit]), np.array([condor.quantity], dtype=np.int64),
-                       np.array([condor.expiration_day], dtype=np.int64),
-                       np.array([self.entry_day(position)], dtype=np.int64),
-                       np.array([condor.short_put_strike]), np.array([condor.short_call_strike]))
+            columns_f, columns_i = _position_columns([positions[0]], [self.entry_day(positions[0])])
         else:
-            columns = self._position_columns(positions)
-        out_f, out_i = evaluate_condor_rows(
-            bid, ask, mid, spot, session_day, *columns, self.fill_model.fraction, exits.profit_take_pct,
-            exits.loss_close_multiple, exits.dte_exit, exits.max_hold_days, exits.early_assignment_days,
-            exits.early_assignment_extrinsic)
+            columns_f, columns_i = self._position_columns(positions)
+        out_f, out_i = evaluate_condor_rows(bid, ask, mid, spot, session_day, columns_f, columns_i,
+                                            self._rule_floats, self._rule_ints)
         return ConditionRows(out_f[0], out_f[1], out_f[2], out_f[3], out_i[0], out_i[1], out_f[4], out_i[2])
 
     def _position_columns(self, positions: list[Position]):
@@ -96,13 +94,7 @@ class TradingEngine:
         key = tuple(p.position_id for p in positions)
         if self._columns_key != key:
             self._columns_key = key
-            self._columns = (
-                np.array([p.entry_credit for p in positions]),
-                np.array([p.condor.quantity for p in positions], dtype=np.int64),
-                np.array([p.condor.expiration_day for p in positions], dtype=np.int64),
-                np.array([self.entry_day(p) for p in positions], dtype=np.int64),
-                np.array([p.condor.short_put_strike for p in positions]),
-                np.array([p.condor.short_call_strike for p in positions]))
+            self._columns = _position_columns(positions, [self.entry_day(p) for p in positions])
         return self._columns
 
     def exit_decisions(self, snapshot: MarketSnapshot, positions: list[Position],
@@ -263,38 +255,51 @@ def _row(values, i):
     return values[i] if values.shape[0] > 1 else values[0]
 
 
+def _position_columns(positions: list[Position], entry_days: list[int]):
+    """(k, 3) floats: entry credit, short put and short call strikes; (k, 3) ints: contracts,
+    expiration day, entry day."""
+    floats = np.array([[p.entry_credit, p.condor.short_put_strike, p.condor.short_call_strike] for p in positions])
+    ints = np.array([[p.condor.quantity, p.condor.expiration_day, day] for p, day in zip(positions, entry_days)],
+                    dtype=np.int64)
+    return floats, ints
+
+
 @njit(cache=False)
-def evaluate_condor_rows(bid, ask, mid, spot, session_day, credit, quantity, expiration_day, entry_day,
-                         short_put, short_call, fraction, profit_take_pct, loss_close_multiple, dte_exit,
-                         max_hold_days, early_assignment_days, early_assignment_extrinsic):
+def evaluate_condor_rows(bid, ask, mid, spot, session_day, columns_f, columns_i, rule_floats, rule_ints):
     """Per row (a condor at a bar; legs long put, short put, short call, long call): the debit to
     close at the fill model (as ``core.execution.close_debit``), the exit code (as
     ``exit_code_scalar``), the adverse excursion, mid and closing-side values (as
-    ``core.portfolio``) and the early-assignment check. The other inputs are per row or one value
-    for all rows. Rows without quotes (NaN: settled) give NaN numbers and code 0. Not cached on
-    disk: it compiles in functions from other modules."""
+    ``core.portfolio``) and the early-assignment check. ``spot``, ``session_day`` and the
+    position columns are per row or one row for all. Rows without quotes (NaN: settled) give NaN
+    numbers and code 0. Not cached on disk: it compiles in functions from other modules."""
+    fraction, profit_take_pct, loss_close_multiple, early_assignment_extrinsic = (
+        rule_floats[0], rule_floats[1], rule_floats[2], rule_floats[3])
+    dte_exit, max_hold_days, early_assignment_days = rule_ints[0], rule_ints[1], rule_ints[2]
     rows = bid.shape[0]
     out_f = np.full((5, rows), np.nan)
     out_i = np.zeros((3, rows), dtype=np.int64)
+    per_row_position = columns_f.shape[0] > 1
     for i in range(rows):
-        dte = _row(expiration_day, i) - _row(session_day, i)
+        p = i if per_row_position else 0
+        day = _row(session_day, i)
+        dte = columns_i[p, 1] - day
         out_i[2, i] = dte
         if math.isnan(bid[i, 0]):
             continue
-        entry_credit = _row(credit, i)
-        contracts = _row(quantity, i)
+        entry_credit = columns_f[p, 0]
+        contracts = columns_i[p, 0]
         debit = close_debit_row(bid[i], ask[i], fraction)
         out_f[0, i] = debit
         out_f[1, i] = (debit - entry_credit) * 100 * contracts
         dollars_per_share = float(100 * contracts)
         out_f[2, i] = (((mid[i, 0] - mid[i, 1]) - mid[i, 2]) + mid[i, 3]) * dollars_per_share
         out_f[3, i] = (((bid[i, 0] - ask[i, 1]) - ask[i, 2]) + bid[i, 3]) * dollars_per_share
-        out_i[0, i] = exit_code_scalar(debit, entry_credit, dte, _row(session_day, i) - _row(entry_day, i),
-                                       profit_take_pct, loss_close_multiple, dte_exit, max_hold_days)
+        out_i[0, i] = exit_code_scalar(debit, entry_credit, dte, day - columns_i[p, 2], profit_take_pct,
+                                       loss_close_multiple, dte_exit, max_hold_days)
         if dte <= early_assignment_days:
             price = _row(spot, i)
-            put_intrinsic = max(_row(short_put, i) - price, 0.0)
-            call_intrinsic = max(price - _row(short_call, i), 0.0)
+            put_intrinsic = max(columns_f[p, 1] - price, 0.0)
+            call_intrinsic = max(price - columns_f[p, 2], 0.0)
             if put_intrinsic > 0.0 and mid[i, 1] - put_intrinsic < early_assignment_extrinsic:
                 out_i[1, i] = 1
                 out_f[4, i] = mid[i, 1]

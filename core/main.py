@@ -132,7 +132,7 @@ def _load_config(path: str | None, overrides: dict):
     from core.config import Config
 
     config = Config.from_yaml(path) if path else Config()
-    return config.override(overrides) if overrides else config
+    return config.override(overrides, source="command line") if overrides else config
 
 
 def _run_data_mode(args, config) -> int:

@@ -290,3 +290,13 @@ def test_an_unknown_flag_exits_2_from_the_shell(tmp_path):
     assert len(errors) == 1 and "--no-such-flag" in errors[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_full_backtest_script_is_the_cli(tmp_path):
+    # The wrapper passes its flags to core/main.py: a bad value gives the CLI's message and exit 2.
+    result = subprocess.run([sys.executable, "scripts/run_full_backtest.py", "--bt-cash", "0",
+                             "--out", str(tmp_path / "run")], cwd=PROJECT_ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "backtest.cash = 0.0 is out of range" in result.stderr
+    assert not (tmp_path / "run").exists()
