@@ -341,15 +341,58 @@ def _array_feed(bt, session: BacktestSession, provider: SyntheticChainProvider):
 # Fast driver
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class _PositionPath:
-    """One open condor evaluated on every bar from its fill bar to the bar before settlement (or
-    the end of the data): the rows the per-bar engine would compute bar by bar."""
+# Bars of a holding period evaluated at once; most condors exit within two weeks, so the path is
+# extended chunk by chunk (doubling) instead of being evaluated all the way to expiry up front.
+PATH_CHUNK_BARS = 512
 
-    first_bar: int
-    stop_bar: int               # exclusive: settlement bar or n_bars
-    settle_bar: int             # bar at/after settlement (n_bars if beyond the data)
-    rows: ConditionRows
+
+class _PositionPath:
+    """One open condor evaluated on the bars from its fill bar towards the bar before settlement
+    (or the end of the data): the rows the per-bar engine would compute bar by bar, computed
+    lazily in chunks."""
+
+    def __init__(self, session: BacktestSession, position: Position, first_bar: int):
+        condor = position.condor
+        self.session = session
+        self.position = position
+        self.first_bar = first_bar
+        self.settle_bar = int(np.searchsorted(session.bar_times.asi8, condor.settlement.as_unit("ns").value,
+                                              side="left"))
+        self.stop_bar = min(self.settle_bar, session.n_bars)    # exclusive end of quotable bars
+        self.computed_to = first_bar
+        self.chunk = PATH_CHUNK_BARS
+        self.rows: ConditionRows | None = None
+
+    def ensure(self, upto: int) -> None:
+        """Evaluate the bars before ``upto`` (capped at the last quotable bar)."""
+        upto = min(upto, self.stop_bar)
+        while self.computed_to < upto:
+            self.extend(max(upto, self.computed_to + self.chunk))
+
+    def extend(self, to: int) -> None:
+        start, stop = self.computed_to, min(to, self.stop_bar)
+        session, condor = self.session, self.position.condor
+        quotes = session.provider.quote_contracts(start, stop, condor.expiration, condor.strikes, condor.is_call)
+        rows = session.engine.evaluate([self.position], quotes.bid, quotes.ask, quotes.mid,
+                                       session.spot[start:stop], session.session_day[start:stop])
+        if self.rows is not None:
+            rows = ConditionRows(*(np.concatenate([getattr(self.rows, f), getattr(rows, f)])
+                                   for f in ConditionRows.__dataclass_fields__))
+        self.rows = rows
+        self.computed_to = stop
+        self.chunk *= 2
+
+    def first_exit(self, after: int) -> int:
+        """First bar ≥ ``after`` where the engine would decide to close, else the settlement bar
+        (or the end of the data)."""
+        start = max(after, self.first_bar)
+        while start < self.stop_bar:
+            self.ensure(start + 1)
+            hits = np.flatnonzero(self.rows.code[start - self.first_bar:])
+            if hits.size:
+                return start + int(hits[0])
+            start = self.computed_to
+        return min(self.settle_bar, self.session.n_bars)
 
 
 def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) -> BacktestResult:
@@ -363,26 +406,9 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) ->
     window_days = session.session_day[window_bars]
     paths: dict[int, _PositionPath] = {}
     scanned_to: dict[int, int] = {}      # per position: bars before this one are already booked
-    bar_ns = session.bar_times.asi8
-
-    def build_path(position: Position, fill_bar: int) -> _PositionPath:
-        condor = position.condor
-        settle_bar = int(np.searchsorted(bar_ns, condor.settlement.as_unit("ns").value, side="left"))
-        stop = min(settle_bar, n)
-        quotes = provider.quote_contracts(fill_bar, stop, condor.expiration, condor.strikes, condor.is_call)
-        rows = engine.evaluate([position], quotes.bid, quotes.ask, quotes.mid, session.spot[fill_bar:stop],
-                               session.session_day[fill_bar:stop])
-        return _PositionPath(fill_bar, stop, settle_bar, rows)
 
     def next_exit_bar(position_id: int, after: int) -> int:
-        """First bar ≥ ``after`` where the engine would decide to close this position."""
-        path = paths[position_id]
-        start = max(after, path.first_bar)
-        if start < path.stop_bar:
-            hits = np.flatnonzero(path.rows.code[start - path.first_bar:])
-            if hits.size:
-                return start + int(hits[0])
-        return min(path.settle_bar, n)
+        return paths[position_id].first_exit(after)
 
     def book_skipped(position: Position, upto: int) -> None:
         """Excursion and early-assignment checks the per-bar engine made on the skipped bars
@@ -392,6 +418,7 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) ->
         stop = min(upto, path.stop_bar)
         if stop <= start:
             return
+        path.ensure(stop)
         offset = start - path.first_bar
         rows = path.rows
         worst = float(rows.loss[offset: stop - path.first_bar].max())
@@ -415,7 +442,7 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) ->
         last_recorded = bar
         for position in session.portfolio.open_positions.values():
             if position.position_id not in paths:
-                paths[position.position_id] = build_path(position, bar)
+                paths[position.position_id] = _PositionPath(session, position, bar)
             scanned_to[position.position_id] = bar + 1
         bar = _next_event_bar(session, bar, window_bars, window_days, next_exit_bar)
         session.tick(min(bar, n))
@@ -463,6 +490,7 @@ def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop
     closing_total = np.full(stop - start, cash)
     for position_id in session.portfolio.open_positions:
         path = paths[position_id]
+        path.ensure(stop)
         rows = slice(start - path.first_bar, stop - path.first_bar)
         mid_total += path.rows.mid_value[rows]
         closing_total += path.rows.closing_value[rows]
