@@ -37,6 +37,7 @@ from core.portfolio import Portfolio
 from data_factory.option_chain import SyntheticChainProvider
 
 DAY_NS = 86_400 * 1_000_000_000
+_NO_VALUES = np.empty(0)
 
 
 @dataclass
@@ -178,7 +179,7 @@ class BacktestSession:
         """The account after this bar's fills: cash, equity at mid and at the closing side."""
         positions = list(self.portfolio.open_positions.values())
         if not positions:
-            self._store(bar, self.portfolio.cash, (), ())
+            self._store(bar, self.portfolio.cash, _NO_VALUES, _NO_VALUES)
             return
         bid, ask, mid = self.quote_many(bar, positions)
         rows = self.engine.evaluate(positions, bid, ask, mid, np.array([snapshot.spot]),
@@ -189,10 +190,10 @@ class BacktestSession:
         # Summed position by position in id order, as the fast driver sums its paths.
         mid_total = cash
         closing_total = cash
-        for value in mid_values:
-            mid_total += float(value)
-        for value in closing_values:
-            closing_total += float(value)
+        for value in mid_values.tolist():
+            mid_total += value
+        for value in closing_values.tolist():
+            closing_total += value
         self.cash[bar] = cash
         self.equity_mid[bar] = mid_total
         self.equity_closing[bar] = closing_total
@@ -376,8 +377,7 @@ class _PositionPath:
         rows = session.engine.evaluate([self.position], quotes.bid, quotes.ask, quotes.mid,
                                        session.spot[start:stop], session.session_day[start:stop])
         if self.rows is not None:
-            rows = ConditionRows(*(np.concatenate([getattr(self.rows, f), getattr(rows, f)])
-                                   for f in ConditionRows.__dataclass_fields__))
+            rows = ConditionRows(*(np.concatenate([old, new]) for old, new in zip(self.rows, rows)))
         self.rows = rows
         self.computed_to = stop
         self.chunk *= 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -102,22 +102,26 @@ class TradingEngine:
         """Close decisions for open positions (rows in the same order) at this bar; also books
         their excursions and early-assignment flags. At or after settlement a position settles."""
         decisions = []
+        debits = rows.debit.tolist()
+        codes = rows.code.tolist()
+        losses = rows.loss.tolist()
+        flags = rows.early_assignment.tolist()
         for i, position in enumerate(positions):
             if position.position_id in self._closing:
                 continue
             condor = position.condor
             # No quotes (NaN) exactly when the expiry has settled.
-            if rows.debit[i] != rows.debit[i] and snapshot.timestamp >= condor.settlement:
+            if debits[i] != debits[i] and snapshot.timestamp >= condor.settlement:
                 decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, ExitReason.EXPIRY.value,
                                                position_id=position.position_id,
                                                expected_price=condor.intrinsic_value(snapshot.spot)))
                 continue
-            self.apply_row(position, rows, i, snapshot.spot)
-            code = int(rows.code[i])
+            if losses[i] > position.max_adverse_excursion or (flags[i] and not position.early_assignment_risk):
+                self.apply_row(position, rows, i, snapshot.spot)
+            code = codes[i]
             if code:
                 decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, REASON_OF_CODE[code].value,
-                                               position_id=position.position_id,
-                                               expected_price=float(rows.debit[i])))
+                                               position_id=position.position_id, expected_price=debits[i]))
         for decision in decisions:
             self._closing.add(decision.position_id)
         return decisions
@@ -233,11 +237,11 @@ class TradingEngine:
         return decisions
 
 
-@dataclass(frozen=True, slots=True)
-class ConditionRows:
+class ConditionRows(NamedTuple):
     """``evaluate``'s output per row: debit to close at the fill model, adverse excursion in
     dollars, mid and closing-side values in dollars, exit code, early-assignment flag (0 none,
-    1 short put, 2 short call), the flagged short leg's mid and the row's DTE."""
+    1 short put, 2 short call), the flagged short leg's mid and the row's DTE. (A NamedTuple:
+    built once per bar per driver, it must be cheap to make.)"""
 
     debit: np.ndarray
     loss: np.ndarray

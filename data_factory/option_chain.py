@@ -522,6 +522,8 @@ class SyntheticChainProvider:
             array.setflags(write=False)
         self._sessions = sessions
         self._bar_times = bar_times
+        self._structure_state = (self._bar_i64, self._bar_f64, self._sess_i64, self._sess_f64, self._expiry_i64,
+                                 self._model, self._table)
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -677,8 +679,7 @@ class SyntheticChainProvider:
         """Bid, ask and mid (each (k, 4)) of k put-put-call-call structures at one bar, in one
         kernel call: the per-bar driver's marks of every open condor. Same numbers as
         ``quote_contracts`` and ``slice``; NaN rows for settled expiries."""
-        out = _positions_at_bar_kernel(bar, expiry_rows, strikes, self._bar_i64, self._bar_f64, self._sess_i64,
-                                       self._sess_f64, self._expiry_i64, self._model, self._table)
+        out = _positions_at_bar_kernel(bar, expiry_rows, strikes, *self._structure_state)
         return out[0], out[1], out[2]
 
     def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes, is_call) -> ContractPath:
