@@ -305,7 +305,7 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
 def _array_feed(bt, session: BacktestSession, provider: SyntheticChainProvider):
     """A Backtrader feed over preloaded NumPy arrays (exchange-time datetimes, as Backtrader wants
     naive datetimes)."""
-    bars = provider.ohlcv_bars() if hasattr(provider, "ohlcv_bars") else None
+    bars = provider.ohlcv_bars()
     local_ns = session.bar_times.tz_convert("America/New_York").tz_localize(None).asi8
     # Backtrader's date2num: days since 0001-01-01 (proleptic ordinal 1) as a float.
     date_numbers = local_ns / DAY_NS + 719163.0

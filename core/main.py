@@ -12,7 +12,6 @@ Errors in flags, configuration or data print one message and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -261,7 +260,6 @@ def _run_backtest_mode(args, config, argv) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
     from core.config import Config, ConfigError
     from core.report import ReportError
     from data_factory.errors import DataError

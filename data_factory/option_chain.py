@@ -522,6 +522,8 @@ class SyntheticChainProvider:
             array.setflags(write=False)
         self._sessions = sessions
         self._bar_times = bar_times
+        ohlcv = ["open", "high", "low", "close", "volume"]
+        self._ohlcv = bars[ohlcv].copy() if set(ohlcv) <= set(bars.columns) else None
         self._structure_state = (self._bar_i64, self._bar_f64, self._sess_i64, self._sess_f64, self._expiry_i64,
                                  self._model, self._table)
 
@@ -568,7 +570,7 @@ class SyntheticChainProvider:
                   "iv_index": "embedded VIX closes (GARCH proxy before 2014-01-03)",
                   "rate": "Fama–French RF, monthly, flat within the month",
                   "iv_source_counts": iv["iv_source"].loc[period.index].value_counts().to_dict()}
-        return cls(bars[["close"]], frame, source=source, **kwargs)
+        return cls(bars, frame, source=source, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -579,6 +581,11 @@ class SyntheticChainProvider:
     @property
     def sessions(self) -> pd.DatetimeIndex:
         return self._sessions
+
+    def ohlcv_bars(self) -> pd.DataFrame | None:
+        """The spot bars' open/high/low/close/volume when the provider was given them (for a
+        Backtrader feed), else None."""
+        return self._ohlcv
 
     def iv_index_bars(self) -> pd.Series:
         """The per-bar IV index (VIX points) anchoring each bar's surface."""

@@ -318,3 +318,31 @@ def test_changing_spot_and_vix_after_a_session_close_changes_no_decision_up_to_i
     later = ["entry_time", "long_put", "short_put", "short_call", "long_call", "credit"]
     assert not base_trades.loc[base_trades["entry_time"] > cut, later].reset_index(drop=True).equals(
         changed_trades.loc[changed_trades["entry_time"] > cut, later].reset_index(drop=True))
+
+
+def test_backtrader_feed_carries_the_synthetic_ohlcv_in_exchange_time(provider):
+    import backtrader as bt
+
+    from core.backtest_engine import BacktestSession, _array_feed
+
+    config = BASE.override({"backtest.samples": 200})
+    session = BacktestSession(config, provider)
+    seen = []
+
+    class Recorder(bt.Strategy):
+        def next(self):
+            data = self.data
+            seen.append((data.datetime.datetime(0), data.open[0], data.high[0], data.low[0], data.close[0],
+                         data.volume[0]))
+
+    cerebro = bt.Cerebro(stdstats=False)
+    cerebro.adddata(_array_feed(bt, session, provider))
+    cerebro.addstrategy(Recorder)
+    cerebro.run()
+    bars = provider.ohlcv_bars().iloc[:200]
+    assert len(seen) == 200
+    expected_times = bars.index.tz_convert("America/New_York").tz_localize(None).to_pydatetime()
+    # Backtrader stores times as float day numbers: equal to the microsecond.
+    assert all(abs((got[0] - want).total_seconds()) < 1e-3 for got, want in zip(seen, expected_times))
+    assert np.array_equal(np.array([row[1:] for row in seen]),
+                          bars[["open", "high", "low", "close", "volume"]].to_numpy())
