@@ -256,9 +256,14 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
         get_cash = getcash
 
     class CondorStrategy(bt.Strategy):
+        def start(self):
+            self.bar = 0
+
         def next(self):
-            bar = len(self) - 1
+            # Bars arrive in order, one call each: count them rather than ask len(self).
+            bar = self.bar
             session.step(bar)
+            self.bar = bar + 1
             if bar % 2000 == 0:
                 session.tick(bar + 1)
 
