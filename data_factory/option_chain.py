@@ -216,18 +216,21 @@ def _quote_option(strike, is_call, spot, t_years, theta_atm, phi, forward, half_
     return bid, ask, price, sigma, delta, gamma_, vega, theta_, rho_
 
 
+@njit(cache=False, inline="always")
+def _bar_state(bar, bar_i64, bar_f64, sess_f64):
+    """What a bar fixes for every quote: close time (s), session row, spot, IV index, rate, q."""
+    session = bar_i64[bar, 1]
+    return (bar_i64[bar, 0], session, bar_f64[bar, 0], bar_f64[bar, 1], sess_f64[session, 0],
+            sess_f64[session, 1])
+
+
 # Not cached on disk: numba's cache is keyed on this file only, so an edit to bsm_scalar or to the
 # vol_surface helpers it compiles in would leave a stale kernel. Compiling costs ~1 s per process.
 @njit(cache=False)
 def _slice_kernel(bar, dte_min, dte_max, only_expiry_day, strike_lo_req, strike_hi_req,
                   bar_i64, bar_f64, sess_i64, sess_f64, listed_expiry_ids, expiry_i64, model, table):
-    bar_time_s = bar_i64[bar, 0]
-    session = bar_i64[bar, 1]
-    spot = bar_f64[bar, 0]
-    iv_index = bar_f64[bar, 1]
+    bar_time_s, session, spot, iv_index, rate, div_yield = _bar_state(bar, bar_i64, bar_f64, sess_f64)
     session_day = sess_i64[session, 0]
-    rate = sess_f64[session, 0]
-    div_yield = sess_f64[session, 1]
 
     if math.isnan(strike_lo_req):
         strike_lo_req = math.floor(spot * (1.0 - model[_P_STRIKE_RANGE]))
@@ -301,15 +304,10 @@ def _contract_path_kernel(bar_start, bar_stop, expiry_day, settle_s, strikes, is
     n_legs = strikes.size
     out = np.full((7, n_bars, n_legs), np.nan)
     for b in range(n_bars):
-        bar = bar_start + b
-        bar_time_s = bar_i64[bar, 0]
+        bar_time_s, session, spot, iv_index, rate, div_yield = _bar_state(bar_start + b, bar_i64, bar_f64,
+                                                                          sess_f64)
         if bar_time_s >= settle_s:
             continue
-        session = bar_i64[bar, 1]
-        spot = bar_f64[bar, 0]
-        iv_index = bar_f64[bar, 1]
-        rate = sess_f64[session, 0]
-        div_yield = sess_f64[session, 1]
         dte = expiry_day - sess_i64[session, 0]
         v0 = initial_variance_scalar(iv_index, model[_P_THETA_BAR], model[_P_KAPPA])
         t_years, theta_atm, phi, forward, half_scale = _expiry_state(
@@ -335,12 +333,7 @@ def _positions_at_bar_kernel(bar, expiry_rows, strikes, bar_i64, bar_f64, sess_i
     mid; NaN for a structure whose expiry has settled. Legs: put, put, call, call."""
     k = strikes.shape[0]
     out = np.full((3, k, 4), np.nan)
-    bar_time_s = bar_i64[bar, 0]
-    session = bar_i64[bar, 1]
-    spot = bar_f64[bar, 0]
-    iv_index = bar_f64[bar, 1]
-    rate = sess_f64[session, 0]
-    div_yield = sess_f64[session, 1]
+    bar_time_s, session, spot, iv_index, rate, div_yield = _bar_state(bar, bar_i64, bar_f64, sess_f64)
     v0 = initial_variance_scalar(iv_index, model[_P_THETA_BAR], model[_P_KAPPA])
     for p in range(k):
         settle_s = expiry_i64[expiry_rows[p], 1]
