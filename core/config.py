@@ -619,8 +619,9 @@ class Config(BaseModel):
         )
         _require(
             self.backtest.underlying in self.data_pipeline.max_lag_sec,
-            f"backtest.underlying = {self.backtest.underlying!r} has no entry in "
-            f"data_pipeline.max_lag_sec (known: {', '.join(sorted(self.data_pipeline.max_lag_sec))})",
+            f"backtest.underlying = {self.backtest.underlying!r} is not a known symbol (known: "
+            f"{', '.join(sorted(self.data_pipeline.max_lag_sec))}; a new symbol needs an entry in "
+            f"data_pipeline.max_lag_sec)",
         )
         return self
 

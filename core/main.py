@@ -48,10 +48,17 @@ BACKTEST_FLAGS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a wrong flag or value prints one line (not the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(USAGE_ERROR, f"error: {message} (see python core/main.py --help)\n")
+
+
 def _build_parser(config_defaults) -> argparse.ArgumentParser:
     from core.config import CLI_FLAG_TO_FIELD
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python core/main.py",
         description="CondorBrain (Quantor-MTFuzz): backtest, optimize and paper-trade SPY iron condors. "
                     "Defaults come from core/config.py (or --config FILE); a flag given overrides them.",

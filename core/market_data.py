@@ -9,9 +9,14 @@ from __future__ import annotations
 from analytics.vol_surface import SpreadParams, SurfaceParams
 from core.config import Config
 from data_factory.embedded import describe_embedded_data
+from data_factory.errors import DataError
 from data_factory.garch_proxy import GarchProxyConfig
 from data_factory.intraday import describe_intraday
 from data_factory.option_chain import SyntheticChainProvider
+
+
+# The VIX measures S&P 500 volatility, so only the S&P 500 proxy gets VIX-anchored chains.
+EMBEDDED_CHAIN_SYMBOLS = ("SPY",)
 
 
 def surface_params(config: Config) -> SurfaceParams:
@@ -36,6 +41,10 @@ def embedded_chain_provider(config: Config, freq: str = "5min", start=None,
     """Chain provider over the embedded data with the configured seed and surface, for the
     configured backtest period unless ``start``/``end`` narrow it (e.g. one day to inspect)."""
     backtest = config.backtest
+    if backtest.underlying not in EMBEDDED_CHAIN_SYMBOLS:
+        raise DataError(f"backtest.underlying = {backtest.underlying!r}: the embedded data synthesises option "
+                        f"chains for {', '.join(EMBEDDED_CHAIN_SYMBOLS)} only (anchored on the VIX, an S&P 500 "
+                        f"volatility index)")
     return SyntheticChainProvider.from_embedded(
         start=backtest.start if start is None else start, end=backtest.end if end is None else end,
         seed=backtest.seed, freq=freq,

@@ -300,3 +300,19 @@ def test_run_full_backtest_script_is_the_cli(tmp_path):
     assert result.returncode == 2
     assert "backtest.cash = 0.0 is out of range" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_underlying_without_embedded_chains_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--underlying", "QQQ", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "option chains for SPY only" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_malformed_flag_value_is_one_line_not_the_usage_block(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--bt-cash", "abc"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--bt-cash" in err and "usage:" not in err
