@@ -86,6 +86,7 @@ class BacktestSession:
         self.pending: list[TradeDecision] = []
         self.current_equity = float(config.backtest.cash)
         self._expiry_rows: dict = {}
+        self._quote_structures = provider.quote_structures
         self._structures_key: tuple = ()
         self._structures: tuple = ()
         self._timestamps = None
@@ -105,7 +106,7 @@ class BacktestSession:
                 np.array([self._expiry_row(p.condor) for p in positions], dtype=np.int64),
                 np.array([[p.condor.long_put_strike, p.condor.short_put_strike, p.condor.short_call_strike,
                            p.condor.long_call_strike] for p in positions]))
-        return self.provider.quote_structures(bar, *self._structures)
+        return self._quote_structures(bar, *self._structures)
 
     def _expiry_row(self, condor: IronCondor) -> int:
         row = self._expiry_rows.get(condor.expiration)

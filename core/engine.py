@@ -48,6 +48,8 @@ class TradingEngine:
         self._entry_days: dict[int, int] = {}
         self._columns_key: tuple = ()
         self._columns: tuple = ()
+        self._bar_spot = np.zeros(1)                   # one-bar inputs, reused every bar
+        self._bar_day = np.zeros(1, dtype=np.int64)
         exits = config.exits
         # The exit-rule settings packed for the compiled evaluator (few arguments dispatch faster).
         self._rule_floats = np.array([fill_model.fraction, exits.profit_take_pct, exits.loss_close_multiple,
@@ -79,11 +81,8 @@ class TradingEngine:
         """The exit rules, excursions, early-assignment checks and marks of open condors on rows
         of quotes: one row per position at one bar (per-bar drivers) or one row per bar of one
         position (the fast driver's holding-period paths). Same compiled arithmetic either way."""
-        if len(positions) == 1:
-            # One position: its constants broadcast over however many rows (bars) there are.
-            columns_f, columns_i = _position_columns([positions[0]], [self.entry_day(positions[0])])
-        else:
-            columns_f, columns_i = self._position_columns(positions)
+        # One position's constants broadcast over however many rows (bars) there are.
+        columns_f, columns_i = self._position_columns(positions)
         out_f, out_i = evaluate_condor_rows(bid, ask, mid, spot, session_day, columns_f, columns_i,
                                             self._rule_floats, self._rule_ints)
         return ConditionRows(out_f[0], out_f[1], out_f[2], out_f[3], out_i[0], out_i[1], out_f[4], out_i[2])
@@ -216,8 +215,9 @@ class TradingEngine:
         rows = None
         if positions:
             bid, ask, mid = snapshot.quote_many(positions)
-            rows = self.evaluate(positions, bid, ask, mid, np.array([snapshot.spot]),
-                                 np.array([snapshot.session_day], dtype=np.int64))
+            self._bar_spot[0] = snapshot.spot
+            self._bar_day[0] = snapshot.session_day
+            rows = self.evaluate(positions, bid, ask, mid, self._bar_spot, self._bar_day)
             decisions = self.exit_decisions(snapshot, positions, rows)
         self.last_rows = rows
         active_count = len(positions) - len(self._closing)
