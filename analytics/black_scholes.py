@@ -167,14 +167,19 @@ _FIELD_OF_REASON = {1: "spot", 2: "strike", 3: "t_years", 4: "sigma"}
 PRICING_FIELDS = ("spot", "strike", "t_years", "rate", "div_yield", "sigma")
 
 
+def describe_code(code: int, reasons, texts: dict, what: str) -> str:
+    """``'NAME: explanation'`` for a reason code of the enum ``reasons``; ValueError naming
+    ``what`` for an unknown code."""
+    try:
+        reason = reasons(int(code))
+    except ValueError:
+        raise ValueError(f"unknown {what} reason code {code!r}; known: {[int(r) for r in reasons]}") from None
+    return f"{reason.name}: {texts[reason]}"
+
+
 def describe_reason(code: int) -> str:
     """``'NAME: explanation'`` for a pricing reason code; ValueError for an unknown code."""
-    try:
-        reason = PricingReason(int(code))
-    except ValueError:
-        raise ValueError(f"unknown pricing reason code {code!r}; known: "
-                         f"{[int(r) for r in PricingReason]}") from None
-    return f"{reason.name}: {_PRICING_REASON_TEXT[reason]}"
+    return describe_code(code, PricingReason, _PRICING_REASON_TEXT, "pricing")
 
 
 @njit(cache=True, inline="always")

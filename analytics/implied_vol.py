@@ -75,14 +75,15 @@ import numpy as np
 from numba import njit, prange, types
 
 from analytics.black_scholes import (
-    PricingReason,
     INPUT_ARRAY,
     INPUT_BOOL_ARRAY,
     OUTPUT_ARRAY,
     REASON_ARRAY,
+    PricingReason,
     as_float_array,
     as_is_call,
     broadcast_flat,
+    describe_code,
     first_bad_element_message,
     input_reason_scalar,
     norm_cdf,
@@ -155,12 +156,7 @@ IV_FIELDS = ("price", "spot", "strike", "t_years", "rate", "div_yield")
 
 def describe_iv_reason(code: int) -> str:
     """``'NAME: explanation'`` for an implied-vol reason code; ValueError for an unknown code."""
-    try:
-        reason = IVReason(int(code))
-    except ValueError:
-        raise ValueError(f"unknown implied-vol reason code {code!r}; known: "
-                         f"{[int(r) for r in IVReason]}") from None
-    return f"{reason.name}: {_IV_REASON_TEXT[reason]}"
+    return describe_code(code, IVReason, _IV_REASON_TEXT, "implied-vol")
 
 
 @dataclass(frozen=True, eq=False)
