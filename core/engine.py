@@ -1,9 +1,9 @@
 """TradingEngine: per bar, a MarketSnapshot in, decisions out (open, close with reason, hold).
 
 The engine holds the strategy's rules and reads the portfolio; it never fills orders, reads files
-or talks to Backtrader or a broker. Drivers call ``on_bar`` (the per-bar drivers) or the two
-halves it is made of, ``exit_decision`` and ``entry_decision`` (the fast driver, which evaluates
-exits on whole holding periods with the same arithmetic).
+or talks to Backtrader or a broker. Per-bar drivers call ``on_bar``; the fast driver also calls
+``evaluate`` on whole holding periods (the same compiled arithmetic ``on_bar`` uses on one bar)
+to find the bars where ``on_bar`` would act.
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from strategies.options_strategy import (
     REASON_OF_CODE, CondorChoice, Rejection, choose_iron_condor, credit_is_sufficient, exit_code_scalar,
 )
 
-DAY_NS = 86_400 * 1_000_000_000
-
 
 def clock_minutes(hhmm: str) -> int:
     hours, minutes = hhmm.split(":")
@@ -44,7 +42,7 @@ class TradingEngine:
         self._window = (clock_minutes(config.strategy.entry_window_start),
                         clock_minutes(config.strategy.entry_window_end))
         self._entries_by_session: dict[dt.date, int] = {}
-        self._closing: set[int] = set()
+        self._closing: set[int] = set()          # positions with a close decided, not yet filled
         self._entry_days: dict[int, int] = {}
         self._columns_key: tuple = ()
         self._columns: tuple = ()
@@ -55,7 +53,7 @@ class TradingEngine:
         self._rule_floats = np.array([fill_model.fraction, exits.profit_take_pct, exits.loss_close_multiple,
                                       exits.early_assignment_extrinsic])
         self._rule_ints = np.array([exits.dte_exit, exits.max_hold_days, exits.early_assignment_days],
-                                   dtype=np.int64)          # positions with a close decided, not yet filled
+                                   dtype=np.int64)
         self.rejections: dict[str, int] = {}     # why entries were not made, for the report
 
     # ----------------------------------------------------------------------------- bookkeeping
@@ -70,10 +68,6 @@ class TradingEngine:
 
     def is_closing(self, position_id: int) -> bool:
         return position_id in self._closing
-
-    def active_positions(self) -> list[Position]:
-        """Open positions without a pending close, in id order."""
-        return [p for p in self.portfolio.open_positions.values() if p.position_id not in self._closing]
 
     # ----------------------------------------------------------------------------- exits
     def evaluate(self, positions: list[Position], bid: np.ndarray, ask: np.ndarray, mid: np.ndarray,
@@ -207,10 +201,9 @@ class TradingEngine:
     # ----------------------------------------------------------------------------- per bar
     def on_bar(self, snapshot: MarketSnapshot) -> list[TradeDecision]:
         """Exits for every open position, then at most one entry, all decided on the account as it
-        stands before this bar's fills. The rows evaluated here stay on ``last_rows`` (with the
-        positions they belong to on ``last_positions``) for the driver's fills and marks."""
+        stands before this bar's fills. The rows evaluated here (one per open position, in id
+        order) stay on ``last_rows`` for the driver's account record."""
         positions = list(self.portfolio.open_positions.values())
-        self.last_positions = positions
         decisions = []
         rows = None
         if positions:
