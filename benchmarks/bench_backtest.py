@@ -19,9 +19,12 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.backtest_engine import run_backtrader, run_fast  # noqa: E402
+from functools import partial  # noqa: E402
+
+from core.backtest_engine import run_backtrader as _run_backtrader  # noqa: E402
+from core.backtest_engine import run_fast as _run_fast  # noqa: E402
 from core.config import Config  # noqa: E402
-from core.market_data import embedded_chain_provider  # noqa: E402
+from core.market_data import embedded_bar_features, embedded_chain_provider  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -35,10 +38,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each driver")
     args = parser.parse_args()
 
-    config = Config().override({"backtest.start": args.start, "backtest.end": args.end})
+    # The mechanical condor (no Stage-2 gates), as measured for the backtest issue;
+    # benchmarks/bench_intelligence.py measures the gated strategy and the feature table.
+    config = Config().override({"backtest.start": args.start, "backtest.end": args.end,
+                                "filters.use_entry_gates": False})
     started = time.perf_counter()
     provider = embedded_chain_provider(config)
+    features = embedded_bar_features(config, provider)
     load_seconds = time.perf_counter() - started
+    run_fast = partial(_run_fast, features=features)
+    run_backtrader = partial(_run_backtrader, features=features)
     bars = len(provider.bar_times)
     print(f"data load: {load_seconds:.2f} s, {bars:,} five-minute bars {args.start} … {args.end}; "
           f"peak RSS {peak_rss_mib():.0f} MiB")

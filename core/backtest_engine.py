@@ -26,15 +26,25 @@ import pandas as pd
 
 from core.config import Config
 from core.dto import (
-    Action, ExitReason, IronCondor, LegQuotes, MarketSnapshot, Position,
+    Action,
+    ExitReason,
+    IronCondor,
+    LegQuotes,
+    MarketSnapshot,
+    Position,
     TradeDecision,
 )
-from core.engine import ConditionRows, TradingEngine, clock_minutes
+from core.engine import CONTEXT_FEATURES, ConditionRows, TradingEngine, clock_minutes
 from core.execution import (
-    FillModel, fee_schedule, make_fill, settlement_fill,
+    FillModel,
+    fee_schedule,
+    make_fill,
+    settlement_fill,
 )
 from core.portfolio import Portfolio
 from data_factory.option_chain import SyntheticChainProvider
+from intelligence.features import MEMBERSHIP_COLUMNS, FeatureRow
+from strategies.entry_gates import GATE_REASONS, bar_gate_codes
 
 DAY_NS = 86_400 * 1_000_000_000
 _NO_VALUES = np.empty(0)
@@ -57,7 +67,8 @@ class BacktestResult:
 class BacktestSession:
     """One backtest's state and the per-bar step shared by both drivers."""
 
-    def __init__(self, config: Config, provider: SyntheticChainProvider, progress=None, every_bar: bool = True):
+    def __init__(self, config: Config, provider: SyntheticChainProvider, progress=None, every_bar: bool = True,
+                 features=None):
         self.config = config
         self.provider = provider
         self.fill_model = FillModel.from_config(config.backtest)
@@ -92,6 +103,16 @@ class BacktestSession:
         # Boxing a Timestamp out of the index (~10 µs) costs more than the rest of a quiet bar: a
         # driver that steps every bar unboxes them all at once (~0.1 s for five years).
         self._timestamps = list(self.bar_times) if every_bar else self.bar_times
+        # The feature table (indicators, memberships, regime) and this config's entry-gate code per
+        # bar; built here unless the caller shares one across runs (the ablation does).
+        if features is None:
+            from core.market_data import embedded_bar_features
+            features = embedded_bar_features(config, provider)
+        if len(features) < self.n_bars:
+            raise ValueError(f"the feature table has {len(features)} bars, the run {self.n_bars}")
+        self.features = features
+        self.feature_columns = dict(features.columns)
+        self.feature_columns["gate_code"] = bar_gate_codes(features.columns, config).astype(float)
 
     # ------------------------------------------------------------------------------- market view
     def quote(self, bar: int, condor: IronCondor) -> LegQuotes:
@@ -125,7 +146,8 @@ class BacktestSession:
             symbol=self.symbol,
             spot=float(self.spot[bar]), iv_index=float(self.iv_index[bar]),
             chain=partial(self.chain, bar), quote=partial(self.quote, bar),
-            quote_many=partial(self.quote_many, bar), settlement_of=self.provider.settlement_time)
+            quote_many=partial(self.quote_many, bar), settlement_of=self.provider.settlement_time,
+            features=FeatureRow(self.feature_columns, bar))
 
     # ------------------------------------------------------------------------------- fills
     def _fill(self, decision: TradeDecision, snapshot: MarketSnapshot) -> None:
@@ -135,7 +157,7 @@ class BacktestSession:
             leg_quotes = self.quote(snapshot.bar_index, condor)
             fill = make_fill(snapshot.timestamp, 0, Action.OPEN, leg_quotes.bid, leg_quotes.ask,
                              condor.quantity, decision.reason, self.fill_model, self.fees)
-            self.portfolio.open_position(condor, fill)
+            self.portfolio.open_position(condor, fill, decision.context)
             self.engine.note_opened(snapshot.timestamp.date())
             return
         position = self.portfolio.position(decision.position_id)
@@ -232,7 +254,7 @@ class BacktestSession:
 
 def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=None,
                    empty_strategy: bool = False, analyzers: bool = True,
-                   analyzers_on_empty: bool = False) -> BacktestResult:
+                   analyzers_on_empty: bool = False, features=None) -> BacktestResult:
     """Replay the bars through Backtrader with the engine hosted in a ``bt.Strategy``.
 
     ``empty_strategy`` runs the same Cerebro and feed with a strategy that does nothing (the
@@ -240,7 +262,7 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
     False leaves Backtrader's analyzers off (benchmark decomposition)."""
     import backtrader as bt
 
-    session = BacktestSession(config, provider, progress)
+    session = BacktestSession(config, provider, progress, features=features)
     feed = _array_feed(bt, session, provider)
 
     class SessionBroker(bt.brokers.BackBroker):
@@ -400,15 +422,21 @@ class _PositionPath:
         return min(self.settle_bar, self.session.n_bars)
 
 
-def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) -> BacktestResult:
+def run_fast(config: Config, provider: SyntheticChainProvider, progress=None, features=None) -> BacktestResult:
     """Same trades as the per-bar run, stepping only the bars where something can happen."""
     started = time.perf_counter()
-    session = BacktestSession(config, provider, progress, every_bar=False)
+    session = BacktestSession(config, provider, progress, every_bar=False, features=features)
     engine = session.engine
     n = session.n_bars
     window = (clock_minutes(config.strategy.entry_window_start), clock_minutes(config.strategy.entry_window_end))
-    window_bars = np.flatnonzero((session.minute_of_day >= window[0]) & (session.minute_of_day <= window[1]))
+    all_window_bars = np.flatnonzero((session.minute_of_day >= window[0]) & (session.minute_of_day <= window[1]))
+    # Window bars whose entry gates fail can only add a rejection: they are not stepped, their
+    # rejections are counted in bulk (``_count_gated``), exactly as the per-bar run counts them.
+    gate_codes = session.feature_columns["gate_code"][: n].astype(np.int64)
+    passing = gate_codes[all_window_bars] == 0
+    window_bars = all_window_bars[passing]
     window_days = session.session_day[window_bars]
+    gated_bars = all_window_bars[~passing]
     paths: dict[int, _PositionPath] = {}
     scanned_to: dict[int, int] = {}      # per position: bars before this one are already booked
 
@@ -449,7 +477,9 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None) ->
             if position.position_id not in paths:
                 paths[position.position_id] = _PositionPath(session, position, bar)
             scanned_to[position.position_id] = bar + 1
-        bar = _next_event_bar(session, bar, window_bars, window_days, next_exit_bar)
+        following = _next_event_bar(session, bar, window_bars, window_days, next_exit_bar)
+        _count_gated(session, bar, following, gated_bars, gate_codes)
+        bar = following
         session.tick(min(bar, n))
     session.finish()
     session.tick(n)
@@ -485,6 +515,31 @@ def _next_event_bar(session: BacktestSession, bar: int, window_bars: np.ndarray,
     return min(candidates)
 
 
+def _count_gated(session: BacktestSession, bar: int, following: int, gated_bars: np.ndarray,
+                 gate_codes: np.ndarray) -> None:
+    """Book the entry-gate rejections of the gated window bars strictly between ``bar`` and
+    ``following``, where the per-bar engine would have tried an entry: fewer active positions
+    than ``max_positions`` and the session's entries below the daily limit (no fill happens on
+    skipped bars, so both stay as they are after ``bar``)."""
+    if session.pending:
+        return
+    engine = session.engine
+    strategy = session.config.strategy
+    active = sum(1 for p in session.portfolio.open_positions.values() if not engine.is_closing(p.position_id))
+    if active >= strategy.max_positions:
+        return
+    skipped = gated_bars[np.searchsorted(gated_bars, bar + 1): np.searchsorted(gated_bars, following)]
+    if skipped.size == 0:
+        return
+    limit = strategy.max_entries_per_day
+    if limit and engine.entries_on(session.bar_times[bar].date()) >= limit:
+        # Later sessions have no entries yet; only this session's bars are out.
+        skipped = skipped[session.session_day[skipped] != session.session_day[bar]]
+    for code, count in zip(*np.unique(gate_codes[skipped], return_counts=True)):
+        reason = GATE_REASONS[int(code)]
+        engine.rejections[reason] = engine.rejections.get(reason, 0) + int(count)
+
+
 def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop: int) -> None:
     """Account records of bars [start, stop) that were not stepped: cash unchanged since the last
     stepped bar, positions marked from their paths, summed in id order like ``_store``."""
@@ -510,6 +565,12 @@ def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop
 # Results as tables
 # ----------------------------------------------------------------------------------------------
 
+# Why each trade was taken and sized, as of its entry decision (trades.csv, after the fills).
+ENTRY_CONTEXT_COLUMNS = ("regime", "confidence", "fuzzy_ft", *MEMBERSHIP_COLUMNS.values(), "mu_neural",
+                         *CONTEXT_FEATURES, "skew", "iv_atm", "vrp", "breach_probability", "wing_adjustments")
+_TEXT_CONTEXT = {"regime", "wing_adjustments"}
+
+
 def trades_frame(positions: list[Position]) -> pd.DataFrame:
     """One row per closed condor, in close order (the trades.csv layout)."""
     rows = []
@@ -533,11 +594,13 @@ def trades_frame(positions: list[Position]) -> pd.DataFrame:
             "assigned_legs": "+".join(position.assigned_legs),
             "early_assignment_risk": position.early_assignment_risk,
             "notes": "; ".join(position.notes),
+            **{column: position.entry_context.get(column, "" if column in _TEXT_CONTEXT else np.nan)
+               for column in ENTRY_CONTEXT_COLUMNS},
         })
     columns = ["position_id", "entry_time", "exit_time", "expiration", "long_put", "short_put", "short_call",
                "long_call", "contracts", "credit", "exit_debit", "fees", "pnl", "exit_reason",
                "max_adverse_excursion", "days_held", "max_loss", "assigned_legs", "early_assignment_risk",
-               "notes"]
+               "notes", *ENTRY_CONTEXT_COLUMNS]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -1,7 +1,7 @@
 """Every tunable parameter of CondorBrain, with the seed's defaults, types, ranges and rules.
 
 This module owns the run configuration: one frozen pydantic model (`Config`) made of sections
-(`backtest`, `strategy`, `exits`, `filters`, `momentum`, `trend`, `fuzzy`, `mtf`, `sizing`,
+(`backtest`, `strategy`, `exits`, `filters`, `momentum`, `trend`, `fuzzy`, `mtf`, `regime`, `sizing`,
 `hedge`, `risk`, `data_pipeline`, `mamba`, `synthetic`). It loads and writes YAML, applies
 overrides from the CLI and the optimizer (dotted names or unique bare names), and turns every
 validation failure into one `ConfigError` naming the setting, the value given and the rule.
@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "CLI_FLAG_TO_FIELD",
@@ -55,6 +62,7 @@ __all__ = [
     "MambaConfig",
     "MomentumConfig",
     "MtfConfig",
+    "RegimeConfig",
     "RiskConfig",
     "SizingConfig",
     "StrategyConfig",
@@ -267,9 +275,31 @@ class FiltersConfig(_Section):
     # §4 gaps: |open - prev_close| / prev_close <= 0.19 % is "small"; direction needs > 0.01 %.
     gap_small_threshold: float = Field(0.0019, gt=0.0, le=0.1)
     gap_direction_tolerance: float = Field(0.0001, ge=0.0, le=0.01)
-    # §2 SPY/QQQ ratio z-score.
-    divergence_lookback: int = Field(50, ge=2, le=10_000, description="bars")
+    # §2 SPY/QQQ ratio z-score. The embedded QQQ (NASDAQ proxy) is daily only, so the ratio is
+    # taken on completed sessions' closes: the lookback counts sessions.
+    divergence_lookback: int = Field(50, ge=2, le=10_000, description="sessions")
     divergence_z: float = Field(2.0, gt=0.0, le=10.0)
+    # Stage-2 strategy depth. `use_entry_gates` False turns every gate below, the Phase-4/5
+    # filters, the VRP/probability/liquidity checks and the regime/skew/divergence wing
+    # adjustments off: the mechanical condor (MTF and fuzzy switches still apply).
+    use_entry_gates: bool = True
+    use_vix_gate: bool = True
+    use_vrp_gate: bool = True
+    use_volatility_cap: bool = True
+    # Gap rule: on a session that opened with a large gap (> gap_small_threshold), no entry in
+    # its first `gap_rule_minutes` (momentum continuation risk, seed §4).
+    use_gap_rule: bool = True
+    gap_rule_minutes: int = Field(60, ge=0, le=390)
+    # Probabilistic filter: reject when a short leg's touch probability (about 2|delta|, the
+    # reflection principle) exceeds this.
+    use_probability_filter: bool = True
+    max_breach_probability: float = Field(0.40, gt=0.0, le=1.0)
+    # Liquidity gate: every leg quoted with a bid, and the condor's total bid/ask spread at most
+    # this share of its mid credit (spread paid in and out eats the premium).
+    liquidity_max_spread_to_credit: float = Field(0.50, gt=0.0, le=10.0)
+    # Divergence bias: widen the threatened side's wing by this many dollars when |z| > divergence_z.
+    use_divergence_bias: bool = True
+    divergence_wing_increment: float = Field(5.0, ge=0.0, le=100.0, description="dollars")
 
     @model_validator(mode="after")
     def _vix_ordered(self) -> FiltersConfig:
@@ -295,6 +325,9 @@ class MomentumConfig(_Section):
     stoch_neutral_max: float = Field(70.0, ge=0.0, le=100.0)
     adx_threshold_low: float = Field(25.0, ge=0.0, le=100.0, description="no entry above this ADX")
     use_adx_filter: bool = True
+    # The neutral zones above are entry filters too (no entry while RSI / %K is outside them).
+    use_rsi_filter: bool = True
+    use_stoch_filter: bool = True
 
     @model_validator(mode="after")
     def _zones_ordered(self) -> MomentumConfig:
@@ -319,6 +352,12 @@ class TrendConfig(_Section):
     psar_acceleration: float = Field(0.02, gt=0.0, le=1.0)
     psar_max_acceleration: float = Field(0.20, gt=0.0, le=1.0)
     use_psar_filter: bool = True
+    # PSAR position P = clip((close - SAR) / (scale x ATR), -1, 1): 0 at a crossover, +-1 when price
+    # is `scale` ATRs or more beyond the SAR (strong trend). The PSAR filter rejects |P| >= 1.
+    psar_position_scale: float = Field(3.0, gt=0.0, le=100.0, description="ATRs")
+    # Band width above the squeeze threshold = an expanding, trending market: no entry.
+    use_bbands_filter: bool = True
+    use_sma_filter: bool = True
     volume_sma_period: int = Field(20, ge=1, le=500)
 
     @model_validator(mode="after")
@@ -378,6 +417,8 @@ class FuzzyConfig(_Section):
     volume_ratio_membership_full: float = Field(0.8, gt=0.0, le=10.0)
     # §6.10: mu = 1 - |D_SMA| / 0.02, 0 beyond.
     sma_distance_membership_zero: float = Field(0.02, gt=0.0, le=1.0)
+    # With use_fuzzy, entries with confidence C below this are rejected (0 = C only sizes trades).
+    min_confidence: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _weights_and_breakpoints(self) -> FuzzyConfig:
@@ -421,8 +462,15 @@ class MtfConfig(_Section):
     )
     consensus_min: float = Field(0.40, ge=0.0, le=1.0)
     consensus_max: float = Field(0.60, ge=0.0, le=1.0)
+    # The bar size (minutes) of the data the timeframes are built from: the embedded data
+    # synthesises 1-minute bars; every timeframe must be a whole multiple of it.
+    base_bar_minutes: int = Field(1, ge=1, le=60)
+    # Each timeframe's trend vote: 0.5 + 0.5 tanh((close - EMA_n) / ATR_n) on its completed bars.
+    trend_period: int = Field(20, ge=2, le=500, description="bars of each timeframe")
+    # Weights of the timeframes' votes in C (normalised); empty = equal weights.
+    timeframe_weights: tuple[Annotated[float, Field(ge=0.0, le=1000.0)], ...] = ()
 
-    @field_validator("timeframes", mode="before")
+    @field_validator("timeframes", "timeframe_weights", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         # The CLI passes "1,5,15" as one string.
@@ -444,6 +492,62 @@ class MtfConfig(_Section):
         _require(
             self.consensus_min <= self.consensus_max,
             f"{self._show_field('consensus_min')} must be <= {self._show_field('consensus_max')}",
+        )
+        odd = [minutes for minutes in self.timeframes if minutes % self.base_bar_minutes]
+        _require(
+            not odd,
+            f"{self._dotted('timeframes')} = {_show(self.timeframes)}: {_show(tuple(odd))} is not a "
+            f"multiple of the base bar {self._show_field('base_bar_minutes')} minutes",
+        )
+        if self.timeframe_weights:
+            _require(
+                len(self.timeframe_weights) == len(self.timeframes),
+                f"{self._dotted('timeframe_weights')} = {_show(self.timeframe_weights)} has "
+                f"{len(self.timeframe_weights)} weights for {len(self.timeframes)} timeframes "
+                f"{_show(self.timeframes)}",
+            )
+            _require(
+                math.fsum(self.timeframe_weights) > 0,
+                f"{self._dotted('timeframe_weights')} = {_show(self.timeframe_weights)} sums to 0: "
+                "at least one weight must be > 0",
+            )
+        return self
+
+    def weights(self) -> tuple[float, ...]:
+        """The timeframes' vote weights, normalised to sum 1 (equal when none are given)."""
+        raw = self.timeframe_weights or (1.0,) * len(self.timeframes)
+        total = math.fsum(raw)
+        return tuple(weight / total for weight in raw)
+
+
+class RegimeConfig(_Section):
+    """Market-regime classifier and the regime-adaptive wings (seed Stage 2).
+
+    Precedence: CRASH_MODE (VIX >= crash_vix); BULL_TREND / BEAR_TREND (ADX >= trend_adx with
+    close, fast SMA and slow SMA stacked up / down); HIGH_VOL_RANGE (VIX >= high_vol_vix);
+    else LOW_VOL_RANGE. Computed on the trading bars (ADX and SMAs of 5-minute closes)."""
+
+    section_name: ClassVar[str] = "regime"
+
+    trend_adx: float = Field(25.0, ge=0.0, le=100.0)
+    crash_vix: float = Field(35.0, gt=0.0, le=150.0)
+    high_vol_vix: float = Field(20.0, ge=0.0, le=150.0)
+    sma_fast_period: int = Field(20, ge=2, le=5000, description="bars")
+    sma_slow_period: int = Field(50, ge=3, le=5000, description="bars")
+    # Wing widths (both the min and the max of the search) are scaled by these in the regime.
+    use_regime_wings: bool = True
+    wing_scale_crash: float = Field(2.0, gt=0.0, le=10.0)
+    wing_scale_low_vol: float = Field(0.6, gt=0.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RegimeConfig:
+        _require(
+            self.high_vol_vix < self.crash_vix,
+            f"{self._show_field('high_vol_vix')} must be less than {self._show_field('crash_vix')}",
+        )
+        _require(
+            self.sma_fast_period < self.sma_slow_period,
+            f"{self._show_field('sma_fast_period')} must be less than {self._show_field('sma_slow_period')}",
         )
         return self
 
@@ -592,6 +696,7 @@ class Config(BaseModel):
     trend: TrendConfig = Field(default_factory=TrendConfig)
     fuzzy: FuzzyConfig = Field(default_factory=FuzzyConfig)
     mtf: MtfConfig = Field(default_factory=MtfConfig)
+    regime: RegimeConfig = Field(default_factory=RegimeConfig)
     sizing: SizingConfig = Field(default_factory=SizingConfig)
     hedge: HedgeConfig = Field(default_factory=HedgeConfig)
     risk: RiskConfig = Field(default_factory=RiskConfig)
@@ -1040,6 +1145,7 @@ CLI_FLAG_TO_FIELD: dict[str, str] = {
     "--enable-hedge": "hedge.enable_hedge",
     "--hedge-threshold": "hedge.hedge_threshold",
     "--no-liquidity-gate": "filters.use_liquidity_gate",
+    "--no-gates": "filters.use_entry_gates",
     "--use-fuzzy": "fuzzy.use_fuzzy",
     "--no-fuzzy": "fuzzy.use_fuzzy",
     "--mamba-d-model": "mamba.d_model",
@@ -1047,7 +1153,7 @@ CLI_FLAG_TO_FIELD: dict[str, str] = {
 }
 
 CLI_NEGATING_FLAGS: frozenset[str] = frozenset(
-    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy"}
+    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy", "--no-gates"}
 )
 
 # Seed flags that choose what the program does rather than a parameter (DESIGN: three modes).

@@ -8,9 +8,9 @@ Derived numbers are properties, never stored twice.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -152,6 +152,7 @@ class TradeDecision:
     condor: IronCondor | None = None
     position_id: int | None = None
     expected_price: float | None = None   # per share: credit for OPEN, debit for CLOSE
+    context: Mapping | None = None        # OPEN: the features and checks behind the entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,7 @@ class Position:
     assigned_legs: tuple[str, ...] = ()     # e.g. ('short_put',) when a short leg settled ITM
     early_assignment_risk: bool = False     # a short leg was deep ITM near expiry
     notes: list[str] = field(default_factory=list)
+    entry_context: dict = field(default_factory=dict)   # regime, confidence, memberships at entry
 
     @property
     def entry_credit(self) -> float:
@@ -224,8 +226,8 @@ class MarketSnapshot:
 
     ``chain(dte_min, dte_max)`` returns the option-chain slice at this bar; ``quote(condor)``
     returns this bar's quotes of a structure's legs; ``quote_many(positions)`` the bid/ask/mid of
-    several open condors at once. ``features`` holds the bar's feature row
-    (indicators, memberships, regime, forecast) once those capabilities exist.
+    several open condors at once. ``features`` holds the bar's feature row (indicators, MTF
+    consensus, memberships, confidence, regime, entry-gate code; ``intelligence.features``).
     """
 
     timestamp: pd.Timestamp
@@ -238,4 +240,4 @@ class MarketSnapshot:
     quote: Callable[[IronCondor], LegQuotes]
     quote_many: Callable          # quote_many(positions) -> (bid, ask, mid), each (k, 4), in that order
     settlement_of: Callable[[dt.date], pd.Timestamp]   # listed expiry -> its settlement time
-    features: dict = field(default_factory=dict)
+    features: Mapping = field(default_factory=dict)

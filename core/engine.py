@@ -17,14 +17,39 @@ from numba import njit
 
 from core.config import Config
 from core.dto import (
-    CONTRACT_MULTIPLIER, EPOCH_ORDINAL, Action, ExitReason, IronCondor, MarketSnapshot, Position,
+    CONTRACT_MULTIPLIER,
+    EPOCH_ORDINAL,
+    Action,
+    ExitReason,
+    IronCondor,
+    MarketSnapshot,
+    Position,
     TradeDecision,
 )
 from core.execution import FillModel, close_debit_row, open_credit
 from core.portfolio import Portfolio
-from strategies.options_strategy import (
-    REASON_OF_CODE, CondorChoice, Rejection, choose_iron_condor, credit_is_sufficient, exit_code_scalar,
+from intelligence.features import MEMBERSHIP_COLUMNS
+from intelligence.regime_filter import regime_names
+from strategies.condor_adjustments import (
+    breach_probability,
+    liquidity_problem,
+    nearest_expiry_skew,
+    plan_wings,
 )
+from strategies.entry_gates import GATE_REASONS
+from strategies.options_strategy import (
+    REASON_OF_CODE,
+    CondorChoice,
+    Rejection,
+    choose_iron_condor,
+    credit_is_sufficient,
+    exit_code_scalar,
+)
+
+# Feature columns copied into a trade's entry context (and trades.csv) besides the memberships.
+CONTEXT_FEATURES = ("mtf_consensus", "iv_index", "iv_rank", "realized_vol", "rsi", "adx", "stoch_k",
+                    "bb_position", "bb_width", "psar_position", "sma_distance", "volume_ratio",
+                    "divergence_z", "gap_pct")
 
 
 def clock_minutes(hhmm: str) -> int:
@@ -162,31 +187,99 @@ class TradingEngine:
     def entry_decision(self, snapshot: MarketSnapshot, equity: float, open_count: int,
                        committed_risk: float) -> TradeDecision | None:
         """Open decision at this bar, or None. ``equity`` is the account at mid, ``committed_risk``
-        the max loss (dollars) of the positions that stay open."""
+        the max loss (dollars) of the positions that stay open.
+
+        Order: the bar's entry gates (one pre-computed code, ``strategies.entry_gates``), the
+        condor with Stage-2 wings, the chain-level checks (VRP, breach probability, liquidity),
+        the credit test, then the size (fixed, or fuzzy/dynamic)."""
         if self.entry_allowed(snapshot, open_count) is not None:
             return None
-        strategy = self.config.strategy
-        choice = choose_iron_condor(snapshot.chain(strategy.dte_min, strategy.dte_max), self.config)
+        features = snapshot.features
+        if features:
+            gate = int(features["gate_code"])
+            if gate:
+                return self._reject(GATE_REASONS[gate])
+        config = self.config
+        strategy, filters = config.strategy, config.filters
+        chain = snapshot.chain(strategy.dte_min, strategy.dte_max)
+        stage2 = filters.use_entry_gates and bool(features)
+        context: dict = {}
+        wings = None
+        reading = None
+        if stage2:
+            _, reading = nearest_expiry_skew(chain)
+            regime_name = str(regime_names(np.array([features["regime"]]))[0])
+            skew = reading.skew if reading is not None else math.nan
+            wings = plan_wings(config, regime_name, skew, int(features["divergence_bias"]))
+            context.update(skew=skew, iv_atm=reading.iv_atm if reading is not None else math.nan,
+                           wing_adjustments="; ".join(wings.adjustments))
+        choice = choose_iron_condor(chain, config, wings)
         if isinstance(choice, Rejection):
             return self._reject(choice.reason)
+        if stage2:
+            if filters.use_vrp_gate:
+                vrp = context["iv_atm"] - features["realized_vol"]
+                context["vrp"] = vrp
+                if not vrp > filters.vrp_threshold:
+                    return self._reject("vrp_below_threshold")
+            probability = breach_probability(choice)
+            context["breach_probability"] = probability
+            if filters.use_probability_filter and probability > filters.max_breach_probability:
+                return self._reject("breach_probability_above_max")
+            if filters.use_liquidity_gate:
+                problem = liquidity_problem(choice, filters.liquidity_max_spread_to_credit)
+                if problem is not None:
+                    return self._reject(problem)
         _, credit = open_credit(choice.bid[np.newaxis, :], choice.ask[np.newaxis, :], self.fill_model)
         credit = float(credit[0])
-        if not credit_is_sufficient(credit, choice.width, self.config):
+        if not credit_is_sufficient(credit, choice.width, config):
             return self._reject("credit_below_minimum")
-        quantity = self._size(choice, credit, equity, committed_risk)
+        confidence = float(features["confidence"]) if features else math.nan
+        quantity, reason = self._size(choice, credit, equity, committed_risk, confidence)
         if quantity < 1:
-            return self._reject("max_alloc")
+            return self._reject(reason)
+        if features:
+            context.update(self._feature_context(features))
         condor = self._condor(choice, quantity, snapshot)
-        return TradeDecision(Action.OPEN, snapshot.timestamp, "entry", condor=condor, expected_price=credit)
+        return TradeDecision(Action.OPEN, snapshot.timestamp, "entry", condor=condor, expected_price=credit,
+                             context=context)
 
-    def _size(self, choice: CondorChoice, credit: float, equity: float, committed_risk: float) -> int:
-        """Contracts: the configured quantity, cut so that the max loss of all open condors stays
-        within ``max_alloc`` of equity and within the cash available as buying power."""
+    @staticmethod
+    def _feature_context(features) -> dict:
+        """What a trader needs to see why a trade was taken and sized: regime, C, F_t, each
+        membership and the main features at the decision bar."""
+        context = {"regime": str(regime_names(np.array([features["regime"]]))[0]),
+                   "confidence": features["confidence"], "fuzzy_ft": features["fuzzy_ft"],
+                   "mu_neural": features["mu_neural"]}
+        for column in MEMBERSHIP_COLUMNS.values():
+            context[column] = features[column]
+        for name in CONTEXT_FEATURES:
+            context[name] = features[name]
+        return context
+
+    def _size(self, choice: CondorChoice, credit: float, equity: float, committed_risk: float,
+              confidence: float) -> tuple[int, str]:
+        """Contracts and, when 0, why. Fixed ``quantity``, or with ``sizing.dynamic_sizing``
+        floor(C × the condors ``position_size_pct`` of equity pays for), C the fuzzy confidence
+        when ``fuzzy.use_fuzzy`` (else 1); either way cut so that the max loss of all open condors
+        stays within ``max_alloc`` of equity and within the cash available as buying power."""
         risk_per_condor = (choice.width - credit) * CONTRACT_MULTIPLIER
         budget = min(self.config.strategy.max_alloc * equity, self.portfolio.cash) - committed_risk
+        wanted = self.config.strategy.quantity
+        if self.config.sizing.dynamic_sizing:
+            allowed = (math.floor(self.config.sizing.position_size_pct * equity / risk_per_condor)
+                       if risk_per_condor > 0.0 else self.config.strategy.quantity)
+            scale = 1.0
+            if self.config.fuzzy.use_fuzzy:
+                scale = 0.0 if math.isnan(confidence) else confidence
+            # The epsilon keeps a C that is a whole fraction up to float noise (0.5 x 4 computed
+            # as 1.9999999999) from losing a contract; far below any real change in C.
+            wanted = math.floor(scale * allowed + 1e-9)
+            if wanted < 1:
+                return 0, "fuzzy_size_zero" if self.config.fuzzy.use_fuzzy else "position_size_pct_below_one"
         if risk_per_condor <= 0.0:
-            return self.config.strategy.quantity
-        return max(0, min(self.config.strategy.quantity, math.floor(budget / risk_per_condor)))
+            return wanted, ""
+        return max(0, min(wanted, math.floor(budget / risk_per_condor))), "max_alloc"
 
     def _condor(self, choice: CondorChoice, quantity: int, snapshot: MarketSnapshot) -> IronCondor:
         expiration = pd.Timestamp(choice.expiration).date()
@@ -196,7 +289,6 @@ class TradingEngine:
 
     def _reject(self, reason: str) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
-        return None
 
     # ----------------------------------------------------------------------------- per bar
     def on_bar(self, snapshot: MarketSnapshot) -> list[TradeDecision]:

@@ -45,7 +45,25 @@ BACKTEST_FLAGS = (
     ("--max-hold-days", int, "close after this many calendar days"),
     ("--max-positions", int, "most condors open at once"),
     ("--max-alloc", float, "most of equity at risk (max loss) across open condors"),
+    ("--ivr-min", float, "no entry below this IV rank (0-100)"),
+    ("--vix-max", float, "no entry above this VIX"),
+    ("--mtf-timeframes", str, "MTF consensus timeframes in minutes, comma-separated"),
+    ("--mtf-consensus-min", float, "MTF filter: lowest consensus C allowed"),
+    ("--mtf-consensus-max", float, "MTF filter: highest consensus C allowed"),
+    ("--position-size-pct", float, "dynamic sizing: share of equity per trade"),
 )
+
+# On/off switches: (flag, value it sets, help). Opposite pairs may not be given together.
+SWITCH_FLAGS = (
+    ("--use-mtf", True, "MTF consensus filter on: enter only when C is inside the consensus band"),
+    ("--no-mtf-filter", False, "MTF consensus filter off (C is still computed for the fuzzy factor)"),
+    ("--use-fuzzy", True, "fuzzy confidence on: sizes trades with --dynamic-sizing, gates with fuzzy.min_confidence"),
+    ("--no-fuzzy", False, "fuzzy confidence off"),
+    ("--dynamic-sizing", True, "contracts = floor(C x the condors --position-size-pct of equity pays for)"),
+    ("--no-liquidity-gate", False, "skip the bid/spread liquidity check on the chosen condor"),
+    ("--no-gates", False, "the mechanical condor: no Stage-2 gates, filters or wing adjustments"),
+)
+SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,6 +90,13 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         default = config_defaults.get(CLI_FLAG_TO_FIELD[flag])
         run.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
                          help=f"{text} (default: {default})")
+    for flag, _, text in SWITCH_FLAGS:
+        default = config_defaults.get(CLI_FLAG_TO_FIELD[flag])
+        run.add_argument(flag, action="store_true", help=f"{text} (config default: {CLI_FLAG_TO_FIELD[flag]}"
+                                                        f" = {default})")
+    run.add_argument("--compare", action="store_true",
+                     help="ablation: run Mechanical, Baseline, MTF only, Fuzzy only and Full on the same data "
+                          "(fast driver) and write a side-by-side table and equity plot into the run folder")
     backtest = config_defaults.backtest
     run.add_argument("--engine", choices=["backtrader", "fast"], default=None,
                      help=f"driver: Backtrader event loop or the fast event-skipping driver, same trades "
@@ -107,6 +132,13 @@ def _overrides(args) -> dict:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides[CLI_FLAG_TO_FIELD[flag]] = value
+    for first, second in SWITCH_CONFLICTS:
+        if getattr(args, _dest(first)) and getattr(args, _dest(second)):
+            from core.config import ConfigError
+            raise ConfigError(f"{first} and {second} contradict each other: give one of them")
+    for flag, value, _ in SWITCH_FLAGS:
+        if getattr(args, _dest(flag)):
+            overrides[CLI_FLAG_TO_FIELD[flag]] = value
     if args.engine is not None:
         overrides["backtest.engine"] = args.engine
     if args.fees is not None:
@@ -134,6 +166,10 @@ def _overrides(args) -> dict:
     return overrides
 
 
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def _load_config(path: str | None, overrides: dict):
     from core.config import Config
 
@@ -148,7 +184,11 @@ def _run_data_mode(args, config) -> int:
 
     from core.market_data import describe_run_data, embedded_chain_provider
     from data_factory.errors import DataError
-    from data_factory.market_calendar import is_session, next_session_on_or_after, previous_session_on_or_before
+    from data_factory.market_calendar import (
+        is_session,
+        next_session_on_or_after,
+        previous_session_on_or_before,
+    )
 
     console = Console()
     try:
@@ -215,6 +255,7 @@ def _run_data_mode(args, config) -> int:
 
 
 def _run_backtest_mode(args, config, argv) -> int:
+    import base64
     import platform
     import time
 
@@ -222,12 +263,37 @@ def _run_backtest_mode(args, config, argv) -> int:
     import numpy
     import pandas
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from analytics.performance import performance_metrics
+    from core.ablation import (
+        SCENARIOS,
+        comparison_html,
+        comparison_table,
+        daily_equity,
+        render_comparison_png,
+        run_ablation,
+    )
     from core.backtest_engine import DRIVERS, equity_frame, trades_frame
-    from core.market_data import describe_run_data, embedded_chain_provider
-    from core.report import check_output_dir, default_run_dir, summary_table, write_run
+    from core.market_data import (
+        describe_run_data,
+        embedded_bar_features,
+        embedded_chain_provider,
+    )
+    from core.report import (
+        ablation_table,
+        check_output_dir,
+        default_run_dir,
+        summary_table,
+        to_json,
+        write_run,
+    )
 
     console = Console()
     out_dir = check_output_dir(args.out) if args.out else default_run_dir()
@@ -236,16 +302,39 @@ def _run_backtest_mode(args, config, argv) -> int:
     with console.status(f"loading {backtest.start} … {backtest.end}: embedded daily data, synthetic "
                         f"5-minute bars, chain surface…"):
         provider = embedded_chain_provider(config)
+    with console.status("features: indicators, MTF consensus, regime, fuzzy memberships…"):
+        features = embedded_bar_features(config, provider)
     total = len(provider.bar_times) if backtest.samples == 0 else min(backtest.samples, len(provider.bar_times))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} bars"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"{backtest.engine} backtest", total=total)
-        result = DRIVERS[backtest.engine](config, provider,
+        result = DRIVERS[backtest.engine](config, provider, features=features,
                                           progress=lambda done: progress.update(task, completed=done))
+        extra_files, extra_html, comparison = {}, "", None
+        if args.compare:
+            tasks = {name: progress.add_task(f"ablation: {name}", total=total) for name, _ in SCENARIOS}
+            runs = run_ablation(config, provider, features,
+                                progress=lambda name, done: progress.update(tasks[name], completed=done))
+            comparison = comparison_table(runs)
+            curves = daily_equity(runs)
+            extra_files = {"comparison.csv": comparison, "comparison_equity.csv": curves.reset_index()}
+            png64 = None
+            if backtest.plot:
+                png = render_comparison_png(curves, backtest.cash,
+                                            f"Ablation {backtest.start} … {backtest.end} (synthetic chains)")
+                extra_files["comparison.png"] = png
+                png64 = base64.b64encode(png).decode("ascii")
+            for run in runs:
+                slug = run.name.lower().replace(" ", "_")
+                extra_files[f"scenarios/{slug}/trades.csv"] = run.trades
+                extra_files[f"scenarios/{slug}/metrics.json"] = to_json(run.metrics)
+            extra_html = comparison_html(comparison, png64)
     trades = trades_frame(result.positions)
     equity = equity_frame(result, backtest.cash)
     metrics = performance_metrics(equity["equity"], trades, backtest.cash)
     metrics["entry_rejections"] = result.rejections
+    data_description = describe_run_data(config, provider)
+    data_description["features"] = features.description
     run_info = {
         "command": "python core/main.py " + " ".join(argv),
         "engine": result.engine, "bars": result.bars, "driver_seconds": round(result.seconds, 3),
@@ -257,9 +346,12 @@ def _run_backtest_mode(args, config, argv) -> int:
     }
     with console.status("writing the run folder…"):
         written = write_run(out_dir, config_dict=config.to_dict(),
-                            data_description=describe_run_data(config, provider), trades=trades,
-                            equity=equity, metrics=metrics, run_info=run_info, plot=backtest.plot)
+                            data_description=data_description, trades=trades,
+                            equity=equity, metrics=metrics, run_info=run_info, plot=backtest.plot,
+                            extra_files=extra_files, extra_html=extra_html)
     console.print(summary_table(metrics, trades))
+    if comparison is not None:
+        console.print(ablation_table(comparison))
     console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); option chains and "
                   f"intraday bars are SYNTHETIC (see data.json)")
     console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json)")

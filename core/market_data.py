@@ -6,6 +6,8 @@ the one place that maps the configuration's `synthetic` section onto them.
 """
 from __future__ import annotations
 
+import pandas as pd
+
 from analytics.vol_surface import SpreadParams, SurfaceParams
 from core.config import Config
 from data_factory.embedded import describe_embedded_data
@@ -13,7 +15,6 @@ from data_factory.errors import DataError
 from data_factory.garch_proxy import GarchProxyConfig
 from data_factory.intraday import describe_intraday
 from data_factory.option_chain import SyntheticChainProvider
-
 
 # The VIX measures S&P 500 volatility, so only the S&P 500 proxy gets VIX-anchored chains.
 EMBEDDED_CHAIN_SYMBOLS = ("SPY",)
@@ -57,10 +58,48 @@ def describe_run_data(config: Config, provider: SyntheticChainProvider, freq: st
     """What a run's data was and which parts were synthetic (the run folder's data.json)."""
     return {
         "period": {"start": str(config.backtest.start), "end": str(config.backtest.end),
-                   "sessions": int(len(provider.sessions)), "bars": int(len(provider.bar_times)),
+                   "sessions": len(provider.sessions), "bars": len(provider.bar_times),
                    "bar_frequency": freq},
         "underlying": config.backtest.underlying,
         "embedded": describe_embedded_data(),
         "intraday_bars": describe_intraday(config.backtest.seed, freq),
         "option_chains": provider.describe(),
     }
+
+
+# Sessions of intraday bars replayed before the first traded session so that indicators
+# (slow SMA 50 bars, ADX ~2x14, 15-minute EMA/ATR 20 bars = 300 minutes) are warm at the start.
+FEATURE_WARMUP_SESSIONS = 10
+# Calendar days of daily history before the start: a year of IV closes for the 252-session
+# IV rank and enough sessions for the divergence z-score.
+DAILY_HISTORY_DAYS = 400
+
+
+def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neural=None):
+    """The run's feature table (``intelligence.features``) from the embedded data: 1-minute bars
+    of the same seed from a warm-up before the start, the provider's per-bar IV index, daily IV
+    closes (GARCH proxy before 2014) and the SPY/QQQ daily closes."""
+    from data_factory import embedded
+    from data_factory.intraday import intraday_bars
+    from data_factory.market_calendar import CALENDAR_START, trading_sessions
+    from intelligence.features import compute_bar_features
+
+    backtest = config.backtest
+    first = provider.sessions[0]
+    last = provider.sessions[-1]
+    earlier = trading_sessions(max(first - pd.Timedelta(days=40), pd.Timestamp(CALENDAR_START)), first)
+    earlier = earlier[earlier < first]
+    warm_start = earlier[-FEATURE_WARMUP_SESSIONS] if len(earlier) >= FEATURE_WARMUP_SESSIONS else first
+    try:
+        daily_warm = embedded.daily_bars(backtest.underlying, warm_start, last)
+    except DataError:
+        daily_warm = embedded.daily_bars(backtest.underlying, first, last)
+    base = intraday_bars(daily_warm, freq=f"{config.mtf.base_bar_minutes}min", seed=backtest.seed)
+    history_start = max(first - pd.Timedelta(days=DAILY_HISTORY_DAYS), pd.Timestamp("2001-01-02"))
+    daily_iv = embedded.daily_iv_index(history_start, last, garch_config=garch_config(config))["iv_index"]
+    daily_spot = embedded.daily_bars(backtest.underlying, history_start, last)
+    daily_pair = embedded.daily_bars("QQQ", history_start, last)
+    daily_pair.attrs["symbol"] = "QQQ (NASDAQ Composite / 40 proxy, daily)"
+    target = provider.bar_times.tz_convert("UTC").as_unit("ns").asi8
+    return compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
+                                daily_spot, daily_pair, neural=neural)

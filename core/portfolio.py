@@ -142,9 +142,10 @@ class Portfolio:
 
     # -- state changes -------------------------------------------------------------------------
 
-    def open_position(self, condor: IronCondor, fill: Fill) -> Position:
+    def open_position(self, condor: IronCondor, fill: Fill, context: Mapping | None = None) -> Position:
         """Book an OPEN fill of ``condor`` under the next id (fill.position_id must be 0 or that
-        id) and add its cash flow (credit − fees)."""
+        id) and add its cash flow (credit − fees). ``context``: why it was opened (features,
+        memberships, regime at the decision), kept on the position for the trade log."""
         if fill.action is not Action.OPEN:
             raise ValueError(f"open_position needs an OPEN fill, got {fill.action.value!r}")
         if fill.quantity != condor.quantity:
@@ -156,7 +157,8 @@ class Portfolio:
                              f"id is {position_id} (pass 0 to have it assigned)")
         if fill.position_id != position_id:
             fill = dataclasses.replace(fill, position_id=position_id)
-        position = Position(position_id=position_id, condor=condor, entry_fill=fill)
+        position = Position(position_id=position_id, condor=condor, entry_fill=fill,
+                            entry_context=dict(context) if context else {})
         self._open[position_id] = position
         self._next_id += 1
         self.cash += fill.cash_flow

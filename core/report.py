@@ -139,7 +139,9 @@ def _first_non_folder(path: Path) -> Path | None:
 
 def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any],
               data_description: Mapping[str, Any], trades: pd.DataFrame, equity: pd.DataFrame,
-              metrics: Mapping[str, Any], run_info: Mapping[str, Any], plot: bool = True) -> Path:
+              metrics: Mapping[str, Any], run_info: Mapping[str, Any], plot: bool = True,
+              extra_files: Mapping[str, bytes | str | pd.DataFrame] | None = None,
+              extra_html: str = "") -> Path:
     """Write one run's folder; it appears at ``out_dir`` complete or not at all.
 
     ``config_dict`` is the resolved configuration (``Config.to_dict()``; a Config is accepted),
@@ -147,6 +149,8 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     ``trades`` one row per condor, ``equity`` one row per bar (a ``timestamp`` column or a
     DatetimeIndex), ``metrics`` the performance figures, ``run_info`` command line, engine, seed,
     times and versions. With ``plot=False`` no PNG is drawn and the HTML has no image.
+    ``extra_files`` (relative path -> bytes, text or a frame written as CSV) and ``extra_html``
+    (a section placed after the metrics) carry optional outputs such as the ablation comparison.
     Returns ``out_dir``. ReportError if ``out_dir`` exists and is not empty or cannot be written.
     """
     out_dir = Path(out_dir)
@@ -174,9 +178,19 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
         if plot:
             png = render_equity_png(equity_out, title_lines(config_dict, data_description))
             (staging / "equity.png").write_bytes(png)
+        for name, content in (extra_files or {}).items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, pd.DataFrame):
+                _write_csv(target, csv_ready(content))
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                _write_text(target, content)
         _write_text(staging / "report.html",
                     render_html(config_dict=config_dict, data_description=data_description,
-                                trades=trades_out, metrics=metrics, run_info=run_info, png=png))
+                                trades=trades_out, metrics=metrics, run_info=run_info, png=png,
+                                extra_html=extra_html))
         try:
             # POSIX rename replaces an empty folder in one step and refuses a non-empty one, so a
             # folder created meanwhile by someone else is never overwritten.
@@ -778,7 +792,7 @@ def _e(value: Any) -> str:
 
 def render_html(*, config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
                 trades: pd.DataFrame, metrics: Mapping[str, Any], run_info: Mapping[str, Any],
-                png: bytes | None) -> str:
+                png: bytes | None, extra_html: str = "") -> str:
     """The self-contained report: inline CSS, the PNG as a data: URI, no scripts or links."""
     title, subtitle = title_lines(config_dict, data_description)
     parts = [
@@ -807,9 +821,86 @@ def render_html(*, config_dict: Mapping[str, Any], data_description: Mapping[str
     else:
         parts.append('<tr><td colspan="2">no trades</td></tr>')
     parts.append("</table></div></div>")
-    parts.append(_trade_table(trades))
+    parts.append(extra_html)
+    parts.append(intelligence_panel(trades, metrics))
+    shown_columns = [c for c in trades.columns if c in TRADE_COLUMNS or c in ("regime", "confidence")]
+    parts.append(_trade_table(trades[shown_columns]))
     parts.append(_run_info_block(run_info))
     parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def ablation_table(comparison: pd.DataFrame):
+    """The ablation's side-by-side figures as a rich table for the terminal."""
+    from rich.table import Table
+
+    table = Table(title="Ablation (same data, fast driver)")
+    for column in ("scenario", "trades", "net P&L", "return", "Sharpe", "max DD", "win", "qty",
+                   "top rejection after gates"):
+        table.add_column(column, justify="left" if column in ("scenario", "top rejection after gates") else "right",
+                         no_wrap=column != "top rejection after gates")
+    for row in comparison.to_dict("records"):
+        table.add_row(row["scenario"], f"{row['trades']:,}", format_value(row["net_profit"], "usd"),
+                      format_value(row["total_return_pct"], "pct"), format_value(row["sharpe"], "ratio"),
+                      format_value(row["max_drawdown_pct"], "pct"),
+                      "–" if row["win_rate"] is None else f"{row['win_rate']:.0%}",
+                      "–" if row["mean_contracts"] is None else f"{row['mean_contracts']:.2f}",
+                      str(row["top_rejection"]))
+    for row in comparison.to_dict("records"):
+        if "NOTE:" in row["what"]:
+            table.caption = f"{row['scenario']}: {row['what'].split('NOTE: ', 1)[1]}"
+    return table
+
+
+def _bucket_rows(trades: pd.DataFrame, key: pd.Series) -> list[str]:
+    rows = []
+    for label, group in trades.groupby(key, observed=True, sort=True):
+        pnl = group["pnl"].astype(float)
+        rows.append(f"<tr><td>{_e(label)}</td><td class='num'>{len(group):,}</td>"
+                    f"<td class='num'>{(pnl > 0).mean():.0%}</td>"
+                    f"<td class='num'>{_e(format_value(float(pnl.sum()), 'usd'))}</td>"
+                    f"<td class='num'>{_e(format_value(float(pnl.mean()), 'usd'))}</td>"
+                    f"<td class='num'>{group['contracts'].astype(float).mean():.2f}</td></tr>")
+    return rows
+
+
+def intelligence_panel(trades: pd.DataFrame, metrics: Mapping[str, Any]) -> str:
+    """Why trades were taken and sized: results by regime and by fuzzy confidence at entry, the
+    mean membership of winners and losers, and the entry rejections by reason."""
+    parts = []
+    rejections = metrics.get("entry_rejections") or {}
+    has_context = "confidence" in trades.columns and trades["confidence"].notna().any()
+    if not has_context and not rejections:
+        return ""
+    parts.append("<h2>Intelligence: why trades were taken and sized</h2>")
+    head = ("<tr><th>{}</th><th>trades</th><th>win rate</th><th>total P&amp;L</th><th>mean P&amp;L</th>"
+            "<th>mean contracts</th></tr>")
+    parts.append('<div class="grid">')
+    if has_context:
+        parts.append('<div><h3>By regime at entry</h3><table class="data">' + head.format("regime"))
+        parts.extend(_bucket_rows(trades, trades["regime"].fillna("").astype(str)))
+        parts.append("</table></div>")
+        confidence = trades["confidence"].astype(float)
+        buckets = pd.cut(confidence, [0.0, 0.4, 0.5, 0.6, 0.7, 1.0], include_lowest=True)
+        parts.append('<div><h3>By fuzzy confidence C at entry</h3><table class="data">' + head.format("C"))
+        parts.extend(_bucket_rows(trades, buckets.astype(str)))
+        parts.append("</table></div>")
+        mu_columns = [c for c in trades.columns if c.startswith("mu_")]
+        winners = trades["pnl"].astype(float) > 0
+        parts.append('<div><h3>Mean membership at entry</h3><table class="data">'
+                     "<tr><th>factor</th><th>winners</th><th>losers</th></tr>")
+        for column in mu_columns:
+            values = trades[column].astype(float)
+            parts.append(f"<tr><td>{_e(column[3:])}</td><td class='num'>{values[winners].mean():.3f}</td>"
+                         f"<td class='num'>{values[~winners].mean():.3f}</td></tr>")
+        parts.append("</table></div>")
+    if rejections:
+        parts.append('<div><h3>Entries rejected, by reason</h3><table class="data">'
+                     "<tr><th>reason</th><th>bars</th></tr>")
+        for reason, count in sorted(rejections.items(), key=lambda item: -item[1]):
+            parts.append(f"<tr><td>{_e(reason)}</td><td class='num'>{int(count):,}</td></tr>")
+        parts.append("</table></div>")
+    parts.append("</div>")
     return "\n".join(parts)
 
 

@@ -73,18 +73,20 @@ def _pick_short(strikes: np.ndarray, abs_delta: np.ndarray, bid: np.ndarray, low
     return int(best[np.argmin(strikes[best])] if prefer_lower_strike else best[np.argmax(strikes[best])])
 
 
-def choose_iron_condor(chain, config: Config) -> CondorChoice | Rejection:
+def choose_iron_condor(chain, config: Config, wings=None, expiration=None) -> CondorChoice | Rejection:
     """Pick the condor from a chain slice already limited to ``dte_min … dte_max``.
 
     Rules (documented choices where the seed is silent): the nearest expiry in the slice; each
     short strike is the one whose |delta| is closest to the centre of
     ``target_short_delta_low … high`` (puts and calls separately); each long wing is the narrowest
-    listed width in ``wing_width_min … wing_width_max`` dollars.
+    listed width in ``wing_width_min … wing_width_max`` dollars, or in the per-side ranges of
+    ``wings`` (a ``WingPlan``: the Stage-2 regime/skew/divergence adjustments).
     """
     strategy = config.strategy
     if len(chain) == 0:
         return Rejection("no_expiry_in_dte_range")
-    expiration = chain.expiration.min()
+    if expiration is None:
+        expiration = chain.expiration.min()
     on_expiry = chain.expiration == expiration
     dte = int(chain.dte[on_expiry][0])
     picks = {}
@@ -98,7 +100,11 @@ def choose_iron_condor(chain, config: Config) -> CondorChoice | Rejection:
             return Rejection("no_call_in_delta_band" if is_call else "no_put_in_delta_band")
         short_strike = strikes[short]
         # Widths are tried narrowest first; strikes are on a $1 grid, so compare in cents.
-        wanted = short_strike + (1.0 if is_call else -1.0) * strikes_width_candidates(strategy)
+        if wings is None:
+            widths = strikes_width_candidates(strategy)
+        else:
+            widths = width_candidates(*(wings.call_range if is_call else wings.put_range))
+        wanted = short_strike + (1.0 if is_call else -1.0) * widths
         long = -1
         for strike in wanted:
             match = np.flatnonzero(np.abs(strikes - strike) < 0.005)
@@ -120,10 +126,16 @@ def choose_iron_condor(chain, config: Config) -> CondorChoice | Rejection:
 
 def strikes_width_candidates(strategy) -> np.ndarray:
     """Wing widths to try, narrowest first: whole dollars from ``wing_width_min`` to ``wing_width_max``."""
-    first = np.ceil(strategy.wing_width_min - 1e-9)
-    last = np.floor(strategy.wing_width_max + 1e-9)
+    return width_candidates(strategy.wing_width_min, strategy.wing_width_max)
+
+
+def width_candidates(low: float, high: float) -> np.ndarray:
+    """Whole-dollar widths from ``low`` to ``high``, narrowest first (``low`` alone when the range
+    holds no whole dollar; the $1 strike grid then finds no wing unless ``low`` is whole)."""
+    first = np.ceil(low - 1e-9)
+    last = np.floor(high + 1e-9)
     if last < first:
-        return np.array([strategy.wing_width_min])
+        return np.array([low])
     return np.arange(first, last + 1.0)
 
 

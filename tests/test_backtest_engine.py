@@ -31,7 +31,9 @@ from data_factory.option_chain import SyntheticChainProvider
 NY = "America/New_York"
 START, END = dt.date(2016, 1, 4), dt.date(2016, 3, 31)
 SHORT_END = dt.date(2016, 2, 29)                 # END minus one month, for the look-ahead test
-BASE = Config().override({"backtest.start": START, "backtest.end": END})
+# The mechanical condor (no Stage-2 gates): these tests pin the exit and fill mechanics;
+# tests/test_intelligence_backtest.py covers the gated strategy.
+BASE = Config().override({"backtest.start": START, "backtest.end": END, "filters.use_entry_gates": False})
 # Short-dated condors held to expiry: DTE exit off (0), no time stop, P&L rules out of reach.
 HOLD_TO_SETTLEMENT = BASE.override({
     "strategy.dte_min": 5, "strategy.dte_max": 12, "exits.dte_exit": 0, "exits.max_hold_days": 365,

@@ -396,6 +396,8 @@ CHAIN_CONFIG = Config().override({
     "backtest.start": dt.date(2016, 1, 4), "backtest.end": dt.date(2016, 1, 29),
     "strategy.wing_width_min": 3.5, "strategy.wing_width_max": 7.0,
     "strategy.target_short_delta_low": 0.10, "strategy.target_short_delta_high": 0.20,
+    # The mechanical condor: these tests pin strike choice and credit; Stage-2 has its own tests.
+    "filters.use_entry_gates": False,
 })
 CHAIN_TIME = pd.Timestamp("2016-01-12 10:30", tz=NY)
 

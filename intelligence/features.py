@@ -1,0 +1,241 @@
+"""The per-bar feature table of a run: indicators, MTF consensus, regime, fuzzy memberships and
+confidence, computed once, vectorised, before the first bar is replayed.
+
+Every column is aligned with the trading bars (5-minute bars stamped at their close) and uses data
+up to and including that bar's close only:
+- intraday indicators run on the trading bars from ``warmup_sessions`` sessions before the first
+  traded session (the synthetic bars of a day depend only on the seed and that day, so the warm-up
+  bars are the bars a longer run would have replayed);
+- higher-timeframe votes count only once their bar has closed (``intelligence.mtf_consensus``);
+- session-level inputs (gap, SPY/QQQ divergence, IV rank's history) use completed sessions, plus
+  the current bar's own IV index for the rank.
+
+The neural factor is 0.5 (neutral) unless a forecaster supplies ``neural`` per bar.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analytics import indicators
+from analytics.divergence import divergence_bias, price_ratio, rolling_zscore
+from analytics.gaps import gap_direction, gap_pct
+from analytics.realized_vol import realized_vol
+from intelligence.fuzzy_engine import (
+    NEUTRAL_NEURAL_MEMBERSHIP,
+    MembershipBreakpoints,
+    score_bars,
+)
+from intelligence.mtf_consensus import (
+    NANOS_PER_MINUTE,
+    mtf_consensus,
+    resample_session_bars,
+)
+from intelligence.regime_filter import classify_regime
+
+TRADING_BAR_MINUTES = 5
+FULL_SESSION_MINUTES = 390
+TRADING_DAYS_PER_YEAR = 252.0
+
+# Fuzzy factor -> its membership column in the table and in trades.csv.
+MEMBERSHIP_COLUMNS = {
+    "mtf": "mu_mtf", "iv": "mu_iv", "regime": "mu_regime", "rsi": "mu_rsi", "adx": "mu_adx",
+    "bbands": "mu_bbands", "stoch": "mu_stoch", "psar": "mu_psar", "volume": "mu_volume", "sma": "mu_sma",
+}
+
+
+class FeatureRow(Mapping):
+    """One bar's features as a read-only mapping (what ``MarketSnapshot.features`` holds)."""
+
+    __slots__ = ("_bar", "_columns")
+
+    def __init__(self, columns: Mapping[str, np.ndarray], bar: int):
+        self._columns = columns
+        self._bar = bar
+
+    def __getitem__(self, name: str):
+        return self._columns[name][self._bar].item()
+
+    def __iter__(self):
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+
+@dataclass
+class BarFeatures:
+    """Feature columns (numpy arrays, one value per trading bar) and what they were built from."""
+
+    columns: dict[str, np.ndarray]
+    close_ns: np.ndarray
+    description: dict
+
+    def __len__(self) -> int:
+        return len(self.close_ns)
+
+    def row(self, bar: int) -> FeatureRow:
+        return FeatureRow(self.columns, bar)
+
+    def frame(self) -> pd.DataFrame:
+        index = pd.DatetimeIndex(pd.to_datetime(self.close_ns, unit="ns", utc=True), name="timestamp")
+        return pd.DataFrame(self.columns, index=index.tz_convert("America/New_York"))
+
+    def with_neural(self, neural: np.ndarray, config) -> BarFeatures:
+        """The same table with the neural membership replaced and the confidence re-blended."""
+        columns = dict(self.columns)
+        columns["mu_neural"] = np.asarray(neural, dtype=float)
+        weight = config.fuzzy.fuzzy_weight_neural
+        columns["confidence"] = weight * columns["mu_neural"] + (1.0 - weight) * columns["fuzzy_ft"]
+        return BarFeatures(columns, self.close_ns, dict(self.description, neural="supplied"))
+
+
+def breakpoints_from_config(fuzzy) -> MembershipBreakpoints:
+    return MembershipBreakpoints(
+        ivr_full=fuzzy.ivr_membership_full, vix_calm=fuzzy.vix_membership_calm,
+        vix_panic=fuzzy.vix_membership_panic, rsi_neutral_low=fuzzy.rsi_membership_neutral_low,
+        rsi_neutral_high=fuzzy.rsi_membership_neutral_high, adx_low=fuzzy.adx_membership_low,
+        adx_high=fuzzy.adx_membership_high, bb_position_share=fuzzy.bb_position_share,
+        bb_width_zero=fuzzy.bb_width_membership_zero, stoch_neutral_low=fuzzy.stoch_membership_neutral_low,
+        stoch_neutral_high=fuzzy.stoch_membership_neutral_high,
+        volume_ratio_full=fuzzy.volume_ratio_membership_full,
+        sma_distance_zero=fuzzy.sma_distance_membership_zero)
+
+
+def intraday_iv_rank(session_of_bar: np.ndarray, bar_iv: np.ndarray, daily_iv: pd.Series,
+                     window: int = 252) -> np.ndarray:
+    """IV rank (0-100) of each bar's IV index within the last ``window`` values: the previous
+    ``window − 1`` completed sessions' closes and the bar's own value (no later close is used).
+    NaN while fewer than ``window − 1`` earlier sessions exist; 50 when the range is flat."""
+    history = daily_iv.to_numpy(float)
+    previous = pd.Series(history).rolling(window - 1, min_periods=window - 1)
+    # Row d of these holds the min/max of sessions d-window+1 … d-1 (shift: exclude session d).
+    low = previous.min().shift(1).to_numpy()
+    high = previous.max().shift(1).to_numpy()
+    row = np.searchsorted(daily_iv.index.asi8, session_of_bar)
+    lo = np.minimum(low[row], bar_iv)
+    hi = np.maximum(high[row], bar_iv)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rank = 100.0 * (bar_iv - lo) / (hi - lo)
+    return np.where(hi == lo, 50.0, rank)
+
+
+def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.ndarray, bar_iv_index: np.ndarray,
+                         daily_iv: pd.Series, daily_spot: pd.DataFrame, daily_pair: pd.DataFrame | None,
+                         neural: np.ndarray | None = None) -> BarFeatures:
+    """The feature table for trading bars closing at ``target_close_ns`` (UTC ns).
+
+    ``base_bars``: the finest bars (``mtf.base_bar_minutes``; tz-aware close-time index;
+    open/high/low/close/volume) from the warm-up start to the last trading bar. ``bar_iv_index``:
+    the IV index (VIX points) per trading bar. ``daily_iv``: the IV index's session closes indexed
+    by session (naive dates), from at least a year before the first trading bar. ``daily_spot``
+    and ``daily_pair``: daily bars of the traded symbol and of the divergence pair (QQQ), or None.
+    """
+    mtf = config.mtf
+    trading = resample_session_bars(base_bars, TRADING_BAR_MINUTES, mtf.base_bar_minutes)
+    rows = np.searchsorted(trading.close_ns, target_close_ns)
+    if (rows >= len(trading.close_ns)).any() or not np.array_equal(trading.close_ns[rows], target_close_ns):
+        missing = np.flatnonzero((rows >= len(trading.close_ns))
+                                 | (trading.close_ns[np.minimum(rows, len(trading.close_ns) - 1)] != target_close_ns))
+        stamp = pd.Timestamp(int(target_close_ns[missing[0]]), tz="UTC").tz_convert("America/New_York")
+        raise ValueError(f"features: the base bars have no {TRADING_BAR_MINUTES}-minute bar closing at {stamp} "
+                         f"({len(missing)} trading bars unmatched)")
+    high, low, close, volume = trading.high, trading.low, trading.close, trading.volume
+    momentum, trend, filters, regime = config.momentum, config.trend, config.filters, config.regime
+
+    full = {}
+    full["close"] = close
+    full["rsi"] = indicators.rsi(close, momentum.rsi_period)
+    full["adx"] = indicators.adx(high, low, close, momentum.adx_period)
+    full["atr"] = indicators.atr(high, low, close, momentum.adx_period)
+    full["bb_position"], full["bb_width"] = indicators.bollinger(close, trend.bbands_period, trend.bbands_std)
+    full["stoch_k"], full["stoch_d"] = indicators.stochastic(high, low, close, momentum.stoch_k_period,
+                                                             momentum.stoch_d_period)
+    full["psar"] = indicators.parabolic_sar(high, low, trend.psar_acceleration, trend.psar_max_acceleration)
+    full["psar_position"] = indicators.psar_position(close, full["psar"], full["atr"], trend.psar_position_scale)
+    full["sma_distance"] = indicators.sma_distance(close, trend.sma_period)
+    full["volume_ratio"] = indicators.volume_ratio(volume, trend.volume_sma_period)
+    full["sma_fast"] = indicators.sma(close, regime.sma_fast_period)
+    full["sma_slow"] = indicators.sma(close, regime.sma_slow_period)
+    bars_per_session = FULL_SESSION_MINUTES // TRADING_BAR_MINUTES
+    full["realized_vol"] = realized_vol(close, filters.realized_vol_window,
+                                        periods_per_year=TRADING_DAYS_PER_YEAR * bars_per_session)
+    # Move over the last full session of bars (the max_volatility_pct cap).
+    recent = np.full(len(close), np.nan)
+    recent[bars_per_session:] = np.abs(close[bars_per_session:] / close[:-bars_per_session] - 1.0)
+    full["recent_move"] = recent
+    columns = {name: values[rows] for name, values in full.items()}
+
+    consensus = mtf_consensus(base_bars, target_close_ns, mtf.timeframes, mtf.weights(),
+                              base_minutes=mtf.base_bar_minutes, period=mtf.trend_period)
+    columns["mtf_consensus"] = consensus.consensus
+    for minutes, votes in consensus.votes.items():
+        columns[f"mtf_vote_{minutes}m"] = votes
+
+    # Session of each trading bar (naive midnight ns) and minutes since that session's open.
+    local = pd.DatetimeIndex(pd.to_datetime(target_close_ns, unit="ns", utc=True)).tz_convert("America/New_York")
+    session_ns = local.tz_localize(None).normalize().asi8
+    first_of_session = np.r_[True, session_ns[1:] != session_ns[:-1]]
+    open_ns = np.maximum.accumulate(np.where(first_of_session, target_close_ns, 0)) \
+        - TRADING_BAR_MINUTES * NANOS_PER_MINUTE
+    columns["minutes_since_open"] = ((target_close_ns - open_ns) // NANOS_PER_MINUTE).astype(float)
+
+    columns["iv_index"] = np.asarray(bar_iv_index, dtype=float)
+    columns["iv_rank"] = intraday_iv_rank(session_ns, columns["iv_index"], daily_iv)
+
+    # Gap of the bar's session: its open against the previous session's close (both known at the open).
+    spot_sessions = daily_spot.index.asi8
+    day_row = np.searchsorted(spot_sessions, session_ns)
+    prev_close = daily_spot["close"].shift(1).to_numpy(float)
+    session_open = daily_spot["open"].to_numpy(float)
+    columns["gap_pct"] = gap_pct(session_open, prev_close)[day_row]
+    columns["gap_direction"] = gap_direction(session_open, prev_close, filters.gap_direction_tolerance)[day_row]
+
+    if daily_pair is not None:
+        pair = daily_pair["close"].reindex(daily_spot.index)
+        z = rolling_zscore(price_ratio(daily_spot["close"].to_numpy(float), pair.to_numpy(float)),
+                           filters.divergence_lookback)
+        # A session sees the z-score of completed sessions only (yesterday's close and before).
+        z_previous = np.r_[np.nan, z[:-1]]
+        columns["divergence_z"] = z_previous[day_row]
+        columns["divergence_bias"] = divergence_bias(columns["divergence_z"], filters.divergence_z).astype(float)
+    else:
+        columns["divergence_z"] = np.full(len(target_close_ns), np.nan)
+        columns["divergence_bias"] = np.zeros(len(target_close_ns))
+
+    columns["regime"] = classify_regime(columns["adx"], columns["iv_index"], columns["close"],
+                                        columns["sma_fast"], columns["sma_slow"], trend_adx=regime.trend_adx,
+                                        crash_vix=regime.crash_vix,
+                                        high_vol_vix=regime.high_vol_vix).astype(float)
+
+    fuzzy = config.fuzzy
+    neural_values = (np.full(len(target_close_ns), NEUTRAL_NEURAL_MEMBERSHIP) if neural is None
+                     else np.asarray(neural, dtype=float))
+    scores = score_bars(
+        {"mtf_consensus": columns["mtf_consensus"], "iv_rank": columns["iv_rank"], "vix": columns["iv_index"],
+         "rsi": columns["rsi"], "adx": columns["adx"], "bb_position": columns["bb_position"],
+         "bb_width": columns["bb_width"], "stoch_k": columns["stoch_k"],
+         "psar_position": columns["psar_position"], "volume_ratio": columns["volume_ratio"],
+         "sma_distance": columns["sma_distance"]},
+        fuzzy.technical_weights(), breakpoints_from_config(fuzzy), neural=neural_values,
+        neural_weight=fuzzy.fuzzy_weight_neural)
+    for factor, column in MEMBERSHIP_COLUMNS.items():
+        columns[column] = np.asarray(scores.memberships[factor], dtype=float)
+    columns["mu_neural"] = neural_values
+    columns["fuzzy_ft"] = np.asarray(scores.fuzzy_confidence, dtype=float)
+    columns["confidence"] = np.asarray(scores.confidence, dtype=float)
+
+    description = {
+        "trading_bar_minutes": TRADING_BAR_MINUTES,
+        "base_bar_minutes": mtf.base_bar_minutes,
+        "mtf_timeframes": list(mtf.timeframes),
+        "mtf_vote": "0.5 + 0.5 tanh((close - EMA_n) / ATR_n) on completed bars of each timeframe",
+        "warmup_bars": int(rows[0]) if len(rows) else 0,
+        "divergence_pair": None if daily_pair is None else daily_pair.attrs.get("symbol", "pair"),
+        "neural": "neutral 0.5 (no forecaster)" if neural is None else "supplied",
+    }
+    return BarFeatures({name: np.ascontiguousarray(values, dtype=float) for name, values in columns.items()},
+                       np.asarray(target_close_ns, dtype=np.int64), description)
