@@ -131,7 +131,7 @@ def render_comparison_png(curves: pd.DataFrame, starting_cash: float, title: str
         axis.set_ylabel("equity at mid ($)")
         axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"${value:,.0f}"))
         axis.grid(True, color="#e5e7eb")
-        axis.legend(loc="upper left", fontsize=11, frameon=False)
+        axis.legend(loc="best", fontsize=11, framealpha=0.9)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png")
         return buffer.getvalue()
@@ -158,16 +158,21 @@ COLUMN_KINDS = {"net_profit": "usd", "total_return_pct": "pct", "cagr_pct": "pct
 
 def comparison_html(table: pd.DataFrame, png_base64: str | None) -> str:
     """The report section: the side-by-side table and the equity curves."""
-    headers = ["scenario", "trades", *COLUMN_KINDS, "top_rejection", "what"]
+    headers = ["scenario", "trades", *COLUMN_KINDS, "top_rejection"]
     parts = ["<h2>Ablation: the same data, one piece at a time</h2>", '<table class="data"><tr>']
     parts.extend(f"<th>{html.escape(h.replace('_', ' '))}</th>" for h in headers)
     parts.append("</tr>")
     for row in table.to_dict("records"):
         cells = [f"<td>{html.escape(row['scenario'])}</td>", f"<td class='num'>{row['trades']:,}</td>"]
         cells.extend(f"<td class='num'>{html.escape(_number(row[c], kind))}</td>" for c, kind in COLUMN_KINDS.items())
-        cells.append(f"<td>{html.escape(str(row['top_rejection']))}</td><td>{html.escape(row['what'])}</td>")
+        cells.append(f"<td>{html.escape(str(row['top_rejection']))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</table>")
+    parts.append("</table><ul>")
+    parts.extend(f"<li><strong>{html.escape(row['scenario'])}</strong>: {html.escape(row['what'])}</li>"
+                 for row in table.to_dict("records"))
+    parts.append("</ul><p>Top rejection: the most frequent reason an entry was refused after the "
+                 "bar gates (MTF band, VRP, sizing, liquidity …); all counts are in "
+                 "scenarios/&lt;name&gt;/metrics.json.</p>")
     if png_base64:
         parts.append(f'<img alt="scenario equity curves" width="1400" height="700" '
                      f'src="data:image/png;base64,{png_base64}">')

@@ -456,7 +456,7 @@ def format_value(value: Any, kind: str) -> str:
 
 
 def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(key, label, formatted value) for the known metrics in order, then every other key."""
+    """(key, label, formatted value) for the known metrics in order, then every other scalar key."""
     rows, used = [], set()
     for key, label, kind in METRIC_DISPLAY:
         found, value = metric_value(metrics, key)
@@ -464,7 +464,8 @@ def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             used.add(found)
         rows.append((found or key, label, format_value(value, kind)))
     for key, value in metrics.items():
-        if key in used:
+        if key in used or isinstance(value, Mapping):
+            # Tables of counts (entry rejections by reason) get their own panel.
             continue
         label, kind = OTHER_METRICS.get(key, (key.replace("_", " ").capitalize(), metric_kind(key, value)))
         rows.append((key, label, format_value(value, kind)))
