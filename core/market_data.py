@@ -102,4 +102,17 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
     daily_pair.attrs["symbol"] = "QQQ (NASDAQ Composite / 40 proxy, daily)"
     target = provider.bar_times.tz_convert("UTC").as_unit("ns").asi8
     return compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
-                                daily_spot, daily_pair, neural=neural)
+                                daily_spot, daily_pair, neural=neural,
+                                session_close_ns=calendar_session_closes(base.index))
+
+
+def calendar_session_closes(bar_index: pd.DatetimeIndex):
+    """The exchange calendar's close (UTC ns, early closes included) of the session of every bar
+    in a tz-aware bar index: what ``intelligence.mtf_consensus`` needs to stamp the last bar of a
+    session, even when the data ends before the session does."""
+    from data_factory.market_calendar import session_bounds
+
+    days = pd.DatetimeIndex(bar_index.tz_convert("America/New_York").tz_localize(None).normalize())
+    sessions = days.unique()
+    closes = pd.DatetimeIndex(session_bounds(sessions)["close"]).tz_convert("UTC").as_unit("ns")
+    return pd.Series(closes.asi8, index=sessions).reindex(days).to_numpy()

@@ -115,7 +115,8 @@ def intraday_iv_rank(session_of_bar: np.ndarray, bar_iv: np.ndarray, daily_iv: p
     # Row d of these holds the min/max of sessions d-window+1 … d-1 (shift: exclude session d).
     low = previous.min().shift(1).to_numpy()
     high = previous.max().shift(1).to_numpy()
-    row = np.searchsorted(daily_iv.index.asi8, session_of_bar)
+    # Both sides in nanoseconds (pandas 3 may build a date index in microseconds).
+    row = np.searchsorted(pd.DatetimeIndex(daily_iv.index).as_unit("ns").asi8, session_of_bar)
     lo = np.minimum(low[row], bar_iv)
     hi = np.maximum(high[row], bar_iv)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -125,7 +126,8 @@ def intraday_iv_rank(session_of_bar: np.ndarray, bar_iv: np.ndarray, daily_iv: p
 
 def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.ndarray, bar_iv_index: np.ndarray,
                          daily_iv: pd.Series, daily_spot: pd.DataFrame, daily_pair: pd.DataFrame | None,
-                         neural: np.ndarray | None = None) -> BarFeatures:
+                         neural: np.ndarray | None = None,
+                         session_close_ns: np.ndarray | None = None) -> BarFeatures:
     """The feature table for trading bars closing at ``target_close_ns`` (UTC ns).
 
     ``base_bars``: the finest bars (``mtf.base_bar_minutes``; tz-aware close-time index;
@@ -133,9 +135,11 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
     the IV index (VIX points) per trading bar. ``daily_iv``: the IV index's session closes indexed
     by session (naive dates), from at least a year before the first trading bar. ``daily_spot``
     and ``daily_pair``: daily bars of the traded symbol and of the divergence pair (QQQ), or None.
+    ``session_close_ns``: the calendar close (UTC ns) of each base bar's session (see
+    ``resample_session_bars``; required for data that ends mid-session).
     """
     mtf = config.mtf
-    trading = resample_session_bars(base_bars, TRADING_BAR_MINUTES, mtf.base_bar_minutes)
+    trading = resample_session_bars(base_bars, TRADING_BAR_MINUTES, mtf.base_bar_minutes, session_close_ns)
     rows = np.searchsorted(trading.close_ns, target_close_ns)
     if (rows >= len(trading.close_ns)).any() or not np.array_equal(trading.close_ns[rows], target_close_ns):
         missing = np.flatnonzero((rows >= len(trading.close_ns))
@@ -170,7 +174,8 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
     columns = {name: values[rows] for name, values in full.items()}
 
     consensus = mtf_consensus(base_bars, target_close_ns, mtf.timeframes, mtf.weights(),
-                              base_minutes=mtf.base_bar_minutes, period=mtf.trend_period)
+                              base_minutes=mtf.base_bar_minutes, period=mtf.trend_period,
+                              session_close_ns=session_close_ns)
     columns["mtf_consensus"] = consensus.consensus
     for minutes, votes in consensus.votes.items():
         columns[f"mtf_vote_{minutes}m"] = votes
@@ -187,7 +192,7 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
     columns["iv_rank"] = intraday_iv_rank(session_ns, columns["iv_index"], daily_iv)
 
     # Gap of the bar's session: its open against the previous session's close (both known at the open).
-    spot_sessions = daily_spot.index.asi8
+    spot_sessions = pd.DatetimeIndex(daily_spot.index).as_unit("ns").asi8
     day_row = np.searchsorted(spot_sessions, session_ns)
     prev_close = daily_spot["close"].shift(1).to_numpy(float)
     session_open = daily_spot["open"].to_numpy(float)

@@ -40,11 +40,18 @@ class TimeframeBars:
     volume: np.ndarray | None = None
 
 
-def resample_session_bars(base: pd.DataFrame, minutes: int, base_minutes: int = 1) -> TimeframeBars:
+def resample_session_bars(base: pd.DataFrame, minutes: int, base_minutes: int = 1,
+                          session_close_ns: np.ndarray | None = None) -> TimeframeBars:
     """``minutes``-bars built from ``base`` bars (index: tz-aware bar CLOSE times; columns high,
-    low, close), anchored at each session's open; a session's last bar may be shorter (it closes
-    at the session close, e.g. 13:00 on early-close days). ``minutes`` must be a multiple of
-    ``base_minutes``."""
+    low, close, optional open/volume), anchored at each session's open.
+
+    A bar is stamped at the time it CLOSES: session open + (k + 1) × minutes, or the session close
+    if that comes first (the short last bar of an early-close day). ``session_close_ns``: the
+    close time (UTC ns) of the session of every base row, e.g. from the exchange calendar; None
+    takes each session's last base bar as its close, which is right only for complete sessions
+    (a backtest) — a feed that ends mid-session must pass the calendar's closes, or its forming
+    bar would be stamped with its latest base bar and count as closed too early.
+    ``minutes`` must be a multiple of ``base_minutes``."""
     if minutes % base_minutes:
         raise ValueError(f"timeframe {minutes} min is not a multiple of the base bar {base_minutes} min")
     stamps = base.index
@@ -58,15 +65,23 @@ def resample_session_bars(base: pd.DataFrame, minutes: int, base_minutes: int = 
                              base["close"].to_numpy(float), opens, volume)
     # Session open = the first base bar's close minus one base bar; bucket = offset // minutes.
     starts = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])
-    session_open = np.repeat(close_ns[starts] - base_minutes * NANOS_PER_MINUTE,
-                             np.diff(np.r_[starts, len(day)]))
-    bucket = (close_ns - session_open - 1) // (minutes * NANOS_PER_MINUTE)
+    lengths = np.diff(np.r_[starts, len(day)])
+    session_open = np.repeat(close_ns[starts] - base_minutes * NANOS_PER_MINUTE, lengths)
+    if session_close_ns is None:
+        session_close = np.repeat(close_ns[np.r_[starts[1:], len(day)] - 1], lengths)
+    else:
+        session_close = np.asarray(session_close_ns, dtype=np.int64)
+        if session_close.shape != close_ns.shape:
+            raise ValueError(f"session_close_ns has {session_close.size} values for {close_ns.size} base bars")
+    span = minutes * NANOS_PER_MINUTE
+    bucket = (close_ns - session_open - 1) // span
     key_change = np.r_[True, (day[1:] != day[:-1]) | (bucket[1:] != bucket[:-1])]
     first = np.flatnonzero(key_change)
     last = np.r_[first[1:] - 1, len(day) - 1]
+    bar_close = np.minimum(session_open[first] + (bucket[first] + 1) * span, session_close[first])
     high = np.maximum.reduceat(base["high"].to_numpy(float), first)
     low = np.minimum.reduceat(base["low"].to_numpy(float), first)
-    return TimeframeBars(minutes, close_ns[last], high, low, base["close"].to_numpy(float)[last],
+    return TimeframeBars(minutes, bar_close, high, low, base["close"].to_numpy(float)[last],
                          None if opens is None else opens[first],
                          None if volume is None else np.add.reduceat(volume, first))
 
@@ -102,8 +117,10 @@ class MtfConsensus:
 
 
 def mtf_consensus(base: pd.DataFrame, target_close_ns: np.ndarray, timeframes, weights, *,
-                  base_minutes: int = 1, period: int = 20) -> MtfConsensus:
-    """C at each target time from ``base`` bars (tz-aware close-time index; high, low, close).
+                  base_minutes: int = 1, period: int = 20,
+                  session_close_ns: np.ndarray | None = None) -> MtfConsensus:
+    """C at each target time from ``base`` bars (tz-aware close-time index; high, low, close);
+    ``session_close_ns`` as in ``resample_session_bars`` (needed when the data ends mid-session).
 
     ``timeframes`` in minutes (multiples of ``base_minutes``), ``weights`` one per timeframe
     (normalised here; a zero weight drops the timeframe). C is NaN while any weighted vote is in
@@ -118,7 +135,7 @@ def mtf_consensus(base: pd.DataFrame, target_close_ns: np.ndarray, timeframes, w
     consensus = np.zeros(len(target_close_ns))
     votes = {}
     for minutes, weight in zip(timeframes, weights):
-        bars = resample_session_bars(base, minutes, base_minutes)
+        bars = resample_session_bars(base, minutes, base_minutes, session_close_ns)
         votes[minutes] = votes_as_of(target_close_ns, bars, trend_vote(bars, period))
         if weight > 0:
             consensus += weight * votes[minutes]
