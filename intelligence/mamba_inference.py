@@ -1,0 +1,156 @@
+"""Inference with a trained DeepMamba checkpoint: μ_Mamba for every trading bar.
+
+Owns ``load_forecaster`` (checkpoint → ``Forecaster``: model + metadata, checked) and
+``Forecaster.neural_membership_per_bar``, the per-bar neural membership the fuzzy engine blends
+in (``intelligence.features.BarFeatures.with_neural``). Features are rebuilt with the training
+code (``intelligence.mamba_data.build_features``) and scaled with the checkpoint's train-split
+statistics, so inference sees exactly what training saw.
+
+Each target bar's forecast comes from the ``lookback`` bars ending at it (the last position of
+one window, as in training and evaluation), computed in batches of windows under
+torch.inference_mode. This equals stepping the recurrent ``DeepMamba.step`` through the same
+window from a zero state (a test holds them together).
+Cost: lookback tokens per target bar; the default model ran ~900 target bars/s on one CPU core
+(about 2 minutes for the ~98k bars of 2014–2018). Threads are the caller's choice
+(``torch.set_num_threads``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from intelligence import mamba_data as md
+from intelligence.mamba_engine import DeepMamba, membership_tensor
+
+NEUTRAL_MEMBERSHIP = 0.5
+# Windows per forward pass: on a CPU core 32 windows × 128 bars ran ~120k tokens/s, 4096 windows
+# ~22k tokens/s at 5 GB peak memory (the SSD blocks no longer fit in cache).
+MICRO_BATCH = 32
+REQUIRED_METADATA = ("model_config", "lookback", "feature_names", "scaler")
+
+
+class ModelFileError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the code (names the file)."""
+
+
+class Forecaster:
+    """A DeepMamba model in eval mode on the CPU, with its checkpoint metadata."""
+
+    def __init__(self, model: DeepMamba, metadata: dict, path: str | None = None):
+        self.model = model.eval()
+        self.metadata = metadata
+        self.path = path
+        self.lookback = int(metadata["lookback"])
+        self.feature_names = tuple(metadata["feature_names"])
+        self.scaler = md.Scaler.from_dict(metadata["scaler"])
+        self.warmup_rows = int(metadata.get("warmup_rows", 0))
+
+    def scaled_features(self, bars_5min: pd.DataFrame, iv_index) -> np.ndarray:
+        """(rows, features) float32, built and scaled as in training; NaN warm-up rows → 0."""
+        raw = md.build_features(bars_5min, iv_index)
+        if tuple(raw.columns) != self.feature_names:
+            raise ModelFileError(f"{self.path}: the model was trained on features {list(self.feature_names)}, "
+                                 f"this code builds {list(raw.columns)}")
+        return self.scaler.transform(raw.to_numpy())
+
+    @torch.inference_mode()
+    def forecast_rows(self, features: np.ndarray | torch.Tensor, rows: np.ndarray, chunk: int = 4096,
+                      micro_batch: int = MICRO_BATCH) -> dict:
+        """Forecasts at the given rows (each ≥ lookback − 1), each from the window of ``lookback``
+        rows ending there → {output name: (len(rows),) float64} plus 'mu' (μ_Mamba).
+
+        Rows go in chunks of ``chunk`` target bars; inside a chunk the model runs on
+        ``micro_batch`` windows at a time, gathered from a strided view of the one feature
+        tensor (no window is materialised outside its micro-batch).
+        """
+        features = torch.as_tensor(features, dtype=torch.float32).contiguous()
+        dataset = md.WindowDataset(features, None, self.lookback)
+        starts = np.asarray(rows, dtype=np.int64) - (self.lookback - 1)
+        if len(starts) and (starts.min() < 0 or starts.max() > dataset.last_start):
+            raise ValueError("forecast_rows: every row needs a full lookback window inside the features")
+        out: dict[str, list] = {}
+        for c0 in range(0, len(starts), max(1, int(chunk))):
+            chunk_starts = starts[c0:c0 + chunk]
+            parts: dict[str, list] = {}
+            for b0 in range(0, len(chunk_starts), max(1, int(micro_batch))):
+                x, _ = dataset.batch(chunk_starts[b0:b0 + micro_batch])
+                o = self.model(x, last_only=True)
+                o["mu"] = membership_tensor(o)
+                for name, value in o.items():
+                    parts.setdefault(name, []).append(value)
+            for name, values in parts.items():
+                out.setdefault(name, []).append(torch.cat(values).double().numpy())
+        if not out:
+            return {"mu": np.empty(0)}
+        return {name: np.concatenate(values) for name, values in out.items()}
+
+    def neural_membership_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
+                                  chunk: int = 4096, micro_batch: int = MICRO_BATCH) -> np.ndarray:
+        """μ_Mamba ∈ [0, 1] for each target bar (UTC ns close times, each one of ``bars_5min``'s
+        bars), from the ``lookback`` bars of ``bars_5min`` ending at it.
+
+        ``bars_5min``: canonical 5-minute bars (tz-aware close-time index, open high low close
+        volume) from early enough before the first target bar to fill the window and warm up the
+        indicators; ``iv_index``: the IV index (VIX points) per bar of ``bars_5min``
+        (``mamba_data.causal_bar_iv_index`` gives the causal one training used). Where the window
+        is not yet full (or still holds indicator warm-up rows) μ is 0.5, the neutral value.
+        """
+        index = pd.DatetimeIndex(bars_5min.index)
+        if index.tz is None:
+            raise ValueError("bars_5min: the index must be tz-aware bar close times")
+        bar_ns = index.tz_convert("UTC").as_unit("ns").asi8
+        targets = np.asarray(target_close_ns, dtype=np.int64)
+        rows = np.searchsorted(bar_ns, targets)
+        found = (rows < len(bar_ns)) & (bar_ns[np.minimum(rows, len(bar_ns) - 1)] == targets)
+        if not found.all():
+            first = pd.Timestamp(int(targets[~found][0]), tz="UTC").tz_convert(md.EXCHANGE_TZ)
+            raise ValueError(f"neural_membership_per_bar: no bar of bars_5min closes at {first} "
+                             f"({int((~found).sum())} target bars unmatched)")
+        raw = md.build_features(bars_5min, iv_index).to_numpy()
+        first_full = md.warmup_rows(raw) + self.lookback - 1     # first row with a clean full window
+        features = self.scaler.transform(raw)
+        mu = np.full(len(rows), NEUTRAL_MEMBERSHIP)
+        ready = rows >= first_full
+        if ready.any():
+            forecast = self.forecast_rows(features, rows[ready], chunk, micro_batch)
+            mu[ready] = np.nan_to_num(forecast["mu"], nan=NEUTRAL_MEMBERSHIP)
+        return mu
+
+
+def load_forecaster(path) -> Forecaster:
+    """Checkpoint written by ``intelligence.train_mamba`` → Forecaster (CPU, eval mode).
+
+    Raises ModelFileError naming the file for a missing or unreadable file, missing metadata,
+    or weights whose names/shapes do not fit the configured model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file (train one with "
+                             "`python -m intelligence.train_mamba`, see models/README.md)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # noqa: BLE001 — truncated/corrupt/foreign files
+        raise ModelFileError(f"{path}: not a readable DeepMamba checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(checkpoint, dict) or "model_state" not in checkpoint or "metadata" not in checkpoint:
+        raise ModelFileError(f"{path}: not a DeepMamba checkpoint (expected keys model_state and metadata)")
+    metadata = checkpoint["metadata"]
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ModelFileError(f"{path}: metadata lacks {missing}")
+    config = dict(metadata["model_config"])
+    n_features = len(metadata["feature_names"])
+    if config.get("n_features") != n_features or len(metadata["scaler"]["mean"]) != n_features:
+        raise ModelFileError(f"{path}: metadata disagrees on the number of features (model "
+                             f"{config.get('n_features')}, names {n_features}, scaler "
+                             f"{len(metadata['scaler']['mean'])})")
+    try:
+        model = DeepMamba(**config, prefer_kernels=False)
+        model.load_state_dict(checkpoint["model_state"], strict=True)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelFileError(f"{path}: weights do not fit the model config {config}: "
+                             f"{str(exc).splitlines()[0]} …") from None
+    return Forecaster(model, metadata, str(path))
