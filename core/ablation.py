@@ -43,9 +43,11 @@ class ScenarioRun:
     metrics: dict
 
 
-def run_ablation(config: Config, provider, features, progress=None) -> list[ScenarioRun]:
-    """Every scenario of ``SCENARIOS`` on the same provider and feature table (fast driver).
-    ``progress(scenario_name, bars_done, bars_total)`` is called as they run."""
+def run_ablation(config: Config, provider, features, progress=None, fuzzy_features=None) -> list[ScenarioRun]:
+    """Every scenario of ``SCENARIOS`` on the same provider and feature table (fast driver);
+    scenarios that use the fuzzy confidence get ``fuzzy_features`` (the table with the DeepMamba
+    neural factor) when given, as a standalone run of that scenario would.
+    ``progress(scenario_name, bars_done)`` is called as they run."""
     from analytics.performance import performance_metrics
     from core.backtest_engine import equity_frame, run_fast, trades_frame
 
@@ -53,7 +55,8 @@ def run_ablation(config: Config, provider, features, progress=None) -> list[Scen
     for name, switches in SCENARIOS:
         scenario = config.override({**switches, "backtest.engine": "fast"}, source=f"ablation scenario {name}")
         callback = None if progress is None else (lambda done, name=name: progress(name, done))
-        result = run_fast(scenario, provider, progress=callback, features=features)
+        table = fuzzy_features if (fuzzy_features is not None and scenario.fuzzy.use_fuzzy) else features
+        result = run_fast(scenario, provider, progress=callback, features=table)
         trades = trades_frame(result.positions)
         equity = equity_frame(result, scenario.backtest.cash)
         metrics = performance_metrics(equity["equity"], trades, scenario.backtest.cash)

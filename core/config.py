@@ -624,6 +624,9 @@ class MambaConfig(_Section):
     headdim: int = Field(32, ge=1, le=256)
     lookback: int = Field(128, ge=8, le=4096, description="input bars")
     weights_path: str = "models/mamba_active.pth"
+    # Feed the checkpoint's forecasts into the fuzzy engine's neural factor (when the fuzzy
+    # confidence is used); off, or without a model file, mu_Mamba is the neutral 0.5.
+    use_neural: bool = True
     # Separate from backtest.seed so retraining and replaying data vary independently.
     seed: int = Field(42, ge=0, le=2**32 - 1)
 
@@ -1150,10 +1153,12 @@ CLI_FLAG_TO_FIELD: dict[str, str] = {
     "--no-fuzzy": "fuzzy.use_fuzzy",
     "--mamba-d-model": "mamba.d_model",
     "--mamba-layers": "mamba.n_layers",
+    "--mamba-model": "mamba.weights_path",
+    "--no-neural": "mamba.use_neural",
 }
 
 CLI_NEGATING_FLAGS: frozenset[str] = frozenset(
-    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy", "--no-gates"}
+    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy", "--no-gates", "--no-neural"}
 )
 
 # Seed flags that choose what the program does rather than a parameter (DESIGN: three modes).

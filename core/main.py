@@ -51,6 +51,9 @@ BACKTEST_FLAGS = (
     ("--mtf-consensus-min", float, "MTF filter: lowest consensus C allowed"),
     ("--mtf-consensus-max", float, "MTF filter: highest consensus C allowed"),
     ("--position-size-pct", float, "dynamic sizing: share of equity per trade"),
+    ("--mamba-model", str, "DeepMamba checkpoint feeding the fuzzy neural factor"),
+    ("--mamba-d-model", int, "expected d_model of the checkpoint (checked)"),
+    ("--mamba-layers", int, "expected layer count of the checkpoint (checked)"),
 )
 
 # On/off switches: (flag, value it sets, help). Opposite pairs may not be given together.
@@ -62,6 +65,7 @@ SWITCH_FLAGS = (
     ("--dynamic-sizing", True, "contracts = floor(C x the condors --position-size-pct of equity pays for)"),
     ("--no-liquidity-gate", False, "skip the bid/spread liquidity check on the chosen condor"),
     ("--no-gates", False, "the mechanical condor: no Stage-2 gates, filters or wing adjustments"),
+    ("--no-neural", False, "keep the fuzzy neural factor neutral (0.5) instead of the DeepMamba forecast"),
 )
 SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
 
@@ -285,6 +289,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         describe_run_data,
         embedded_bar_features,
         embedded_chain_provider,
+        load_configured_forecaster,
     )
     from core.report import (
         ablation_table,
@@ -302,8 +307,28 @@ def _run_backtest_mode(args, config, argv) -> int:
     with console.status(f"loading {backtest.start} … {backtest.end}: embedded daily data, synthetic "
                         f"5-minute bars, chain surface…"):
         provider = embedded_chain_provider(config)
+    # The forecaster matters only where C is used: fuzzy sizing/gating, or the ablation's fuzzy rows.
+    forecaster = None
+    if config.fuzzy.use_fuzzy or args.compare:
+        forecaster = load_configured_forecaster(
+            config, explicit=args.mamba_model is not None,
+            check_size=tuple(field for field, flag in (("d_model", args.mamba_d_model),
+                                                       ("n_layers", args.mamba_layers)) if flag is not None))
+    # Two tables when needed: the neutral one (mu_Mamba 0.5) for runs that do not use C, and the
+    # one with the forecasts for runs that do, so a run's logged C never depends on what else ran.
     with console.status("features: indicators, MTF consensus, regime, fuzzy memberships…"):
-        features = embedded_bar_features(config, provider)
+        neutral_features = embedded_bar_features(config, provider)
+    fuzzy_features = neutral_features
+    if forecaster is not None:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed:,}/{task.total:,} bars"), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as progress:
+            task = progress.add_task(f"DeepMamba forecasts ({Path(str(forecaster.path)).name})",
+                                     total=len(provider.bar_times))
+            fuzzy_features = embedded_bar_features(
+                config, provider, forecaster=forecaster,
+                progress=lambda done, total: progress.update(task, completed=done))
+    features = fuzzy_features if config.fuzzy.use_fuzzy else neutral_features
     total = len(provider.bar_times) if backtest.samples == 0 else min(backtest.samples, len(provider.bar_times))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} bars"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
@@ -313,7 +338,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         extra_files, extra_html, comparison = {}, "", None
         if args.compare:
             tasks = {name: progress.add_task(f"ablation: {name}", total=total) for name, _ in SCENARIOS}
-            runs = run_ablation(config, provider, features,
+            runs = run_ablation(config, provider, neutral_features, fuzzy_features=fuzzy_features,
                                 progress=lambda name, done: progress.update(tasks[name], completed=done))
             comparison = comparison_table(runs)
             curves = daily_equity(runs)

@@ -75,10 +75,15 @@ FEATURE_WARMUP_SESSIONS = 10
 DAILY_HISTORY_DAYS = 400
 
 
-def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neural=None):
+def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neural=None,
+                          forecaster=None, progress=None):
     """The run's feature table (``intelligence.features``) from the embedded data: 1-minute bars
     of the same seed from a warm-up before the start, the provider's per-bar IV index, daily IV
-    closes (GARCH proxy before 2014) and the SPY/QQQ daily closes."""
+    closes (GARCH proxy before 2014) and the SPY/QQQ daily closes.
+
+    ``neural``: μ_Mamba per bar, or None; ``forecaster`` (``load_forecaster``): compute μ_Mamba
+    here from the checkpoint, over the warm-up and run bars (batch inference, one window per bar;
+    ``progress(done, total)`` reports it)."""
     from data_factory import embedded
     from data_factory.intraday import intraday_bars
     from data_factory.market_calendar import CALENDAR_START, trading_sessions
@@ -101,10 +106,79 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
     daily_pair = embedded.daily_bars("QQQ", history_start, last)
     daily_pair.attrs["symbol"] = "QQQ (NASDAQ Composite / 40 proxy, daily)"
     target = provider.bar_times.tz_convert("UTC").as_unit("ns").asi8
-    return compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
+    if neural is None and forecaster is not None:
+        neural = neural_memberships(forecaster, base, daily_iv, target, config, progress)
+    features = compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
                                 daily_spot, daily_pair, neural=neural,
                                 session_close_ns=calendar_session_closes(base.index))
+    if forecaster is not None:
+        features.description["neural"] = {
+            "model": str(forecaster.path), "lookback": forecaster.lookback,
+            "trained_on": f"{forecaster.metadata.get('data_first_bar')} … {forecaster.metadata.get('data_last_bar')}",
+            "method": "one lookback window per bar (as trained); 0.5 until the window is full",
+        }
+    return features
 
+
+def neural_memberships(forecaster, base, daily_iv, target, config: Config, progress=None):
+    """μ_Mamba per trading bar from the 5-minute bars (built from ``base``, warm-up included) and
+    the causal per-bar IV index the model was trained on."""
+    import numpy as np
+    import torch
+
+    from intelligence.mamba_data import causal_bar_iv_index
+    from intelligence.mtf_consensus import resample_session_bars
+
+    bars = resample_session_bars(base, 5, config.mtf.base_bar_minutes, calendar_session_closes(base.index))
+    index = pd.DatetimeIndex(pd.to_datetime(bars.close_ns, unit="ns", utc=True)).tz_convert("America/New_York")
+    frame = pd.DataFrame({"open": bars.open, "high": bars.high, "low": bars.low, "close": bars.close,
+                          "volume": bars.volume}, index=index)
+    iv = causal_bar_iv_index(frame, daily_iv, spot_vol_beta=config.synthetic.spot_vol_beta)
+    # One thread: a small model runs fastest single-threaded on this class of machine, and two
+    # threads collapse when anything else is busy (performance-facts, the training logs).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        chunk = 4096
+        mu = []
+        for first in range(0, len(target), chunk):
+            mu.append(forecaster.neural_membership_per_bar(frame, iv, target[first: first + chunk]))
+            if progress is not None:
+                progress(min(first + chunk, len(target)), len(target))
+    finally:
+        torch.set_num_threads(threads)
+    return np.concatenate(mu) if mu else np.empty(0)
+
+
+def load_configured_forecaster(config: Config, explicit: bool, check_size: tuple = ()):
+    """The checkpoint at ``mamba.weights_path`` (relative paths from the project root), checked
+    against ``mamba.d_model``/``n_layers`` when those were given; None when ``use_neural`` is off
+    or the default file is absent (``explicit`` False). ConfigError for an explicit path that
+    cannot be used."""
+    from pathlib import Path
+
+    from core.config import ConfigError
+    from intelligence.mamba_inference import ModelFileError, load_forecaster
+
+    if not config.mamba.use_neural:
+        return None
+    path = Path(config.mamba.weights_path)
+    if not path.is_absolute():
+        path = Path(__file__).resolve().parent.parent / path
+    if not path.is_file() and not explicit:
+        return None
+    try:
+        forecaster = load_forecaster(path)
+    except ModelFileError as error:
+        raise ConfigError(f"mamba.weights_path: {error}") from None
+    shape = forecaster.metadata["model_config"]
+    for field in check_size:
+        key = {"d_model": "d_model", "n_layers": "n_layers"}[field]
+        if int(shape[key]) != getattr(config.mamba, field):
+            raise ConfigError(f"mamba.{field} = {getattr(config.mamba, field)} but the model {path} has "
+                              f"{key} {shape[key]}: pass the matching --mamba-model, or train one of that "
+                              f"size (python -m intelligence.train_mamba --d-model … --layers …)")
+    return forecaster
 
 def calendar_session_closes(bar_index: pd.DatetimeIndex):
     """The exchange calendar's close (UTC ns, early closes included) of the session of every bar
