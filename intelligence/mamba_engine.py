@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Fastest chunk for L = 128 bars on a CPU core (measured with benchmarks/bench_mamba.py
-# --chunk-sweep): small chunks keep the (Q × Q) decay blocks in cache and the GEMMs BLAS-shaped.
+# Chunk length for CPU training on L = 128 bars (benchmarks/bench_mamba.py --chunk-sweep: 32 and
+# 64 measure alike, 16 and 128 ~5-10 % slower). 32 keeps each chunk's total decay inside the
+# factored form's bound for larger dt·|A| than 64 would (see _ssd_forward_any).
 CPU_CHUNK_SIZE = 32
 
 
@@ -821,13 +822,19 @@ def mamba2_step(mixer, u, state):
         xBC += mixer.conv1d.bias
     xBC = F.silu(xBC)
     x = xBC[:, :d_ssm].view(b, G, H // G, P, 1)
-    dt = F.softplus((zxbcdt[:, -H:] + mixer.dt_bias).to(ssm_state.dtype))
+    dt = F.softplus(zxbcdt[:, -H:] + mixer.dt_bias)
+    if dt.dtype != ssm_state.dtype:
+        dt = dt.to(ssm_state.dtype)
     dt = _clamp_dt(dt, mixer.dt_limit).view(b, G, H // G, 1, 1)
-    decay = torch.exp(dt * -torch.exp(mixer.A_log.to(ssm_state.dtype)).view(G, H // G, 1, 1))
+    A_log = mixer.A_log if mixer.A_log.dtype == dt.dtype else mixer.A_log.to(dt.dtype)
+    decay = torch.exp(dt * -torch.exp(A_log).view(G, H // G, 1, 1))
     h = torch.addcmul(ssm_state.view(b, G, H // G, P, N) * decay, x * dt,
                       xBC[:, d_ssm:d_ssm + G * N].view(b, G, 1, 1, N))
-    y = torch.matmul(h, xBC[:, d_ssm + G * N:].view(b, G, 1, N, 1)).view(b, H, P)
-    y = torch.addcmul(y, x.view(b, H, P), mixer.D.view(H, -1)).view(b, d_ssm).to(u.dtype)
+    # y = h·C as multiply-and-sum: at these sizes cheaper than a batched matmul's dispatch
+    y = (h * xBC[:, d_ssm + G * N:].view(b, G, 1, 1, N)).sum(-1).view(b, H, P)
+    y = torch.addcmul(y, x.view(b, H, P), mixer.D.view(H, -1)).view(b, d_ssm)
+    if y.dtype != u.dtype:
+        y = y.to(u.dtype)
     if getattr(mixer, "rmsnorm", True):
         y = gated_rms_norm(y, z, mixer.norm.weight, mixer.norm.eps, d_ssm // G,
                            mixer.norm_before_gate)
