@@ -11,7 +11,6 @@ import html
 import io
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from core.config import Config
@@ -142,32 +141,24 @@ def render_comparison_png(curves: pd.DataFrame, starting_cash: float, title: str
         plt.close(figure)
 
 
-def _number(value, kind: str) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "–"
-    if kind == "usd":
-        return f"{'-' if value < 0 else ''}${abs(value):,.0f}"
-    if kind == "pct":
-        return f"{value:.1f} %"
-    if kind == "share":
-        return f"{value:.0%}"
-    return f"{value:,.2f}"
-
-
+# How core.report.format_value shows each column.
 COLUMN_KINDS = {"net_profit": "usd", "total_return_pct": "pct", "cagr_pct": "pct", "max_drawdown_pct": "pct",
-                "win_rate": "share", "sharpe": "num", "sortino": "num", "profit_factor": "num",
-                "mean_contracts": "num", "mean_confidence": "num"}
+                "win_rate": "fraction", "sharpe": "ratio", "sortino": "ratio", "profit_factor": "ratio",
+                "mean_contracts": "ratio", "mean_confidence": "ratio"}
 
 
 def comparison_html(table: pd.DataFrame, png_base64: str | None) -> str:
     """The report section: the side-by-side table and the equity curves."""
+    from core.report import format_value
+
     headers = ["scenario", "trades", *COLUMN_KINDS, "top_rejection"]
     parts = ["<h2>Ablation: the same data, one piece at a time</h2>", '<table class="data"><tr>']
     parts.extend(f"<th>{html.escape(h.replace('_', ' '))}</th>" for h in headers)
     parts.append("</tr>")
     for row in table.to_dict("records"):
         cells = [f"<td>{html.escape(row['scenario'])}</td>", f"<td class='num'>{row['trades']:,}</td>"]
-        cells.extend(f"<td class='num'>{html.escape(_number(row[c], kind))}</td>" for c, kind in COLUMN_KINDS.items())
+        cells.extend(f"<td class='num'>{html.escape(format_value(row[c], kind))}</td>"
+                     for c, kind in COLUMN_KINDS.items())
         cells.append(f"<td>{html.escape(str(row['top_rejection']))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table><ul>")

@@ -228,6 +228,12 @@ def _ssd_backward_factored(saved, gy, g_final, dx_out=None, dB_out=None, dC_out=
     dx = torch.mul(dXs, s_l.unsqueeze(-1), out=dx_out)
     dx.addcmul_(gy, D.view(H, -1).to(dtype))
     ddt = (d_s * exp_minus_u.view(b, Lp, H)[:, :L]).addcmul_(da, A)
+    return _backward_tail(dx, ddt, da, dt, gy, x, A, D, dB, dC, dB_out, dC_out, d_initial, b, c, G, Q, N, Lp, L, H)
+
+
+def _backward_tail(dx, ddt, da, dt, gy, x, A, D, dB, dC, dB_out, dC_out, d_initial, b, c, G, Q, N, Lp, L, H):
+    """The gradient pieces both SSD backward forms finish the same way: dA, dD, and dB/dC
+    unchunked back to (b, L, G, N) (into the caller's buffers when given)."""
     dA = (da * dt).sum((0, 1))
     gy_x = (gy * x).sum((0, 1))                                         # (H, P)
     dD = gy_x.sum(-1) if D.numel() == H else gy_x.reshape(-1)
@@ -386,15 +392,7 @@ def _ssd_backward_masked(saved, gy, g_final, dx_out=None, dB_out=None, dC_out=No
     Dv = D.view(H, -1).to(X.dtype)
     dx = torch.addcmul(dX * dt.unsqueeze(-1), gy, Dv, out=dx_out)
     ddt = (dX * x).sum(-1).addcmul_(da, A)
-    dA = (da * dt).sum((0, 1))
-    gy_x = (gy * x).sum((0, 1))                                         # (H, P)
-    dD = gy_x.sum(-1) if D.numel() == H else gy_x.reshape(-1)
-    grads = []
-    for grad, out in ((dB, dB_out), (dC, dC_out)):
-        grad = grad.view(b, c, G, Q, N).transpose(2, 3).reshape(b, Lp, G, N)[:, :L]
-        grads.append(grad if out is None else out.copy_(grad))
-    return (dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), grads[0], grads[1],
-            dD.to(D.dtype), d_initial)
+    return _backward_tail(dx, ddt, da, dt, gy, x, A, D, dB, dC, dB_out, dC_out, d_initial, b, c, G, Q, N, Lp, L, H)
 
 
 def _rowdot(a, b):
