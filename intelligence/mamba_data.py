@@ -188,7 +188,7 @@ def load_local_bars(path) -> tuple[pd.DataFrame, np.ndarray | None, dict]:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise DataError(f"{path} {_row_label(row, csv)}, column {name!r}: "
-                            f"{columns[name][row]!r} must be positive")
+                            f"{float(columns[name][row]):g} must be positive")
     bad = columns["volume"] < 0
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -198,8 +198,8 @@ def load_local_bars(path) -> tuple[pd.DataFrame, np.ndarray | None, dict]:
                                   ("low", columns[name] < columns["low"], "below")):
             if wrong.any():
                 row = int(np.flatnonzero(wrong)[0])
-                raise DataError(f"{path} {_row_label(row, csv)}, column {name!r}: {columns[name][row]!r} is "
-                                f"{word} {edge} {columns[edge][row]!r} (need low <= open, close <= high)")
+                raise DataError(f"{path} {_row_label(row, csv)}, column {name!r}: {float(columns[name][row]):g} is "
+                                f"{word} {edge} {float(columns[edge][row]):g} (need low <= open, close <= high)")
     ns = index.asi8
     step = np.diff(ns)
     if (step <= 0).any():
