@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from core.config import Config
+from strategies.entry_gates import GATE_CODE
 
 # (name, switches it sets). The remaining settings are the user's.
 SCENARIOS: tuple[tuple[str, dict], ...] = (
@@ -72,7 +73,6 @@ def comparison_table(runs: list[ScenarioRun]) -> pd.DataFrame:
         rejections = metrics.get("entry_rejections") or {}
         # The bar gates reject most bars in every gated scenario; what differs between scenarios
         # is what stopped entries after them (MTF band, sizing, VRP, ...), so that is shown first.
-        from strategies.entry_gates import GATE_CODE
         later = {reason: count for reason, count in rejections.items() if reason not in GATE_CODE
                  or reason in ("mtf_consensus_outside_band", "fuzzy_confidence_below_min")}
         pool = later or rejections

@@ -29,6 +29,7 @@ from core.dto import (
 from core.execution import FillModel, close_debit_row, open_credit
 from core.portfolio import Portfolio
 from intelligence.features import MEMBERSHIP_COLUMNS
+from intelligence.fuzzy_engine import dynamic_contracts
 from intelligence.regime_filter import regime_names
 from strategies.condor_adjustments import (
     breach_probability,
@@ -206,9 +207,9 @@ class TradingEngine:
         context: dict = {}
         wings = None
         reading = None
+        regime_name = str(regime_names(np.array([features["regime"]]))[0]) if features else ""
         if stage2:
             _, reading = nearest_expiry_skew(chain)
-            regime_name = str(regime_names(np.array([features["regime"]]))[0])
             skew = reading.skew if reading is not None else math.nan
             wings = plan_wings(config, regime_name, skew, int(features["divergence_bias"]))
             context.update(skew=skew, iv_atm=reading.iv_atm if reading is not None else math.nan,
@@ -239,16 +240,16 @@ class TradingEngine:
         if quantity < 1:
             return self._reject(reason)
         if features:
-            context.update(self._feature_context(features))
+            context.update(self._feature_context(features, regime_name))
         condor = self._condor(choice, quantity, snapshot)
         return TradeDecision(Action.OPEN, snapshot.timestamp, "entry", condor=condor, expected_price=credit,
                              context=context)
 
     @staticmethod
-    def _feature_context(features) -> dict:
+    def _feature_context(features, regime_name: str) -> dict:
         """What a trader needs to see why a trade was taken and sized: regime, C, F_t, each
         membership and the main features at the decision bar."""
-        context = {"regime": str(regime_names(np.array([features["regime"]]))[0]),
+        context = {"regime": regime_name,
                    "confidence": features["confidence"], "fuzzy_ft": features["fuzzy_ft"],
                    "mu_neural": features["mu_neural"]}
         for column in MEMBERSHIP_COLUMNS.values():
@@ -269,12 +270,8 @@ class TradingEngine:
         if self.config.sizing.dynamic_sizing:
             allowed = (math.floor(self.config.sizing.position_size_pct * equity / risk_per_condor)
                        if risk_per_condor > 0.0 else self.config.strategy.quantity)
-            scale = 1.0
-            if self.config.fuzzy.use_fuzzy:
-                scale = 0.0 if math.isnan(confidence) else confidence
-            # The epsilon keeps a C that is a whole fraction up to float noise (0.5 x 4 computed
-            # as 1.9999999999) from losing a contract; far below any real change in C.
-            wanted = math.floor(scale * allowed + 1e-9)
+            scale = confidence if self.config.fuzzy.use_fuzzy else 1.0
+            wanted = dynamic_contracts(scale, max(0, allowed))
             if wanted < 1:
                 return 0, "fuzzy_size_zero" if self.config.fuzzy.use_fuzzy else "position_size_pct_below_one"
         if risk_per_condor <= 0.0:

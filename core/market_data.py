@@ -106,11 +106,12 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
     daily_pair = embedded.daily_bars("QQQ", history_start, last)
     daily_pair.attrs["symbol"] = "QQQ (NASDAQ Composite / 40 proxy, daily)"
     target = provider.bar_times.tz_convert("UTC").as_unit("ns").asi8
+    session_close_ns = calendar_session_closes(base.index)
     if neural is None and forecaster is not None:
-        neural = neural_memberships(forecaster, base, daily_iv, target, config, progress)
+        neural = neural_memberships(forecaster, base, session_close_ns, daily_iv, target, config, progress)
     features = compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
                                 daily_spot, daily_pair, neural=neural,
-                                session_close_ns=calendar_session_closes(base.index))
+                                session_close_ns=session_close_ns)
     if forecaster is not None:
         features.description["neural"] = {
             "model": str(forecaster.path), "lookback": forecaster.lookback,
@@ -120,16 +121,17 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
     return features
 
 
-def neural_memberships(forecaster, base, daily_iv, target, config: Config, progress=None):
-    """μ_Mamba per trading bar from the 5-minute bars (built from ``base``, warm-up included) and
-    the causal per-bar IV index the model was trained on."""
-    import numpy as np
+def neural_memberships(forecaster, base, session_close_ns, daily_iv, target, config: Config, progress=None):
+    """μ_Mamba per trading bar from the 5-minute bars (built from ``base``, warm-up included;
+    ``session_close_ns`` per base bar as in ``calendar_session_closes``) and the causal per-bar IV
+    index the model was trained on."""
     import torch
 
+    from intelligence.features import TRADING_BAR_MINUTES
     from intelligence.mamba_data import causal_bar_iv_index
     from intelligence.mtf_consensus import resample_session_bars
 
-    bars = resample_session_bars(base, 5, config.mtf.base_bar_minutes, calendar_session_closes(base.index))
+    bars = resample_session_bars(base, TRADING_BAR_MINUTES, config.mtf.base_bar_minutes, session_close_ns)
     index = pd.DatetimeIndex(pd.to_datetime(bars.close_ns, unit="ns", utc=True)).tz_convert("America/New_York")
     frame = pd.DataFrame({"open": bars.open, "high": bars.high, "low": bars.low, "close": bars.close,
                           "volume": bars.volume}, index=index)
@@ -139,15 +141,9 @@ def neural_memberships(forecaster, base, daily_iv, target, config: Config, progr
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        chunk = 4096
-        mu = []
-        for first in range(0, len(target), chunk):
-            mu.append(forecaster.neural_membership_per_bar(frame, iv, target[first: first + chunk]))
-            if progress is not None:
-                progress(min(first + chunk, len(target)), len(target))
+        return forecaster.neural_membership_per_bar(frame, iv, target, progress=progress)
     finally:
         torch.set_num_threads(threads)
-    return np.concatenate(mu) if mu else np.empty(0)
 
 
 def load_configured_forecaster(config: Config, explicit: bool, check_size: tuple = ()):

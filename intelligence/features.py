@@ -27,6 +27,7 @@ from analytics.realized_vol import realized_vol
 from intelligence.fuzzy_engine import (
     NEUTRAL_NEURAL_MEMBERSHIP,
     MembershipBreakpoints,
+    blend_with_neural,
     score_bars,
 )
 from intelligence.mtf_consensus import (
@@ -88,21 +89,9 @@ class BarFeatures:
         """The same table with the neural membership replaced and the confidence re-blended."""
         columns = dict(self.columns)
         columns["mu_neural"] = np.asarray(neural, dtype=float)
-        weight = config.fuzzy.fuzzy_weight_neural
-        columns["confidence"] = weight * columns["mu_neural"] + (1.0 - weight) * columns["fuzzy_ft"]
+        columns["confidence"] = np.asarray(blend_with_neural(columns["fuzzy_ft"], columns["mu_neural"],
+                                                             config.fuzzy.fuzzy_weight_neural), dtype=float)
         return BarFeatures(columns, self.close_ns, dict(self.description, neural="supplied"))
-
-
-def breakpoints_from_config(fuzzy) -> MembershipBreakpoints:
-    return MembershipBreakpoints(
-        ivr_full=fuzzy.ivr_membership_full, vix_calm=fuzzy.vix_membership_calm,
-        vix_panic=fuzzy.vix_membership_panic, rsi_neutral_low=fuzzy.rsi_membership_neutral_low,
-        rsi_neutral_high=fuzzy.rsi_membership_neutral_high, adx_low=fuzzy.adx_membership_low,
-        adx_high=fuzzy.adx_membership_high, bb_position_share=fuzzy.bb_position_share,
-        bb_width_zero=fuzzy.bb_width_membership_zero, stoch_neutral_low=fuzzy.stoch_membership_neutral_low,
-        stoch_neutral_high=fuzzy.stoch_membership_neutral_high,
-        volume_ratio_full=fuzzy.volume_ratio_membership_full,
-        sma_distance_zero=fuzzy.sma_distance_membership_zero)
 
 
 def intraday_iv_rank(session_of_bar: np.ndarray, bar_iv: np.ndarray, daily_iv: pd.Series,
@@ -225,7 +214,7 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
          "bb_width": columns["bb_width"], "stoch_k": columns["stoch_k"],
          "psar_position": columns["psar_position"], "volume_ratio": columns["volume_ratio"],
          "sma_distance": columns["sma_distance"]},
-        fuzzy.technical_weights(), breakpoints_from_config(fuzzy), neural=neural_values,
+        fuzzy.technical_weights(), MembershipBreakpoints.from_fuzzy_config(fuzzy), neural=neural_values,
         neural_weight=fuzzy.fuzzy_weight_neural)
     for factor, column in MEMBERSHIP_COLUMNS.items():
         columns[column] = np.asarray(scores.memberships[factor], dtype=float)

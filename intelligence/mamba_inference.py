@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 
 from intelligence import mamba_data as md
+from intelligence.fuzzy_engine import NEUTRAL_NEURAL_MEMBERSHIP
 from intelligence.mamba_engine import DeepMamba, membership_tensor
 
-NEUTRAL_MEMBERSHIP = 0.5
+NEUTRAL_MEMBERSHIP = NEUTRAL_NEURAL_MEMBERSHIP   # the fuzzy engine's "no opinion"
 # Windows per forward pass: on a CPU core 32 windows × 128 bars ran ~120k tokens/s, 4096 windows
 # ~22k tokens/s at 5 GB peak memory (the SSD blocks no longer fit in cache).
 MICRO_BATCH = 32
@@ -58,7 +59,7 @@ class Forecaster:
 
     @torch.inference_mode()
     def forecast_rows(self, features: np.ndarray | torch.Tensor, rows: np.ndarray, chunk: int = 4096,
-                      micro_batch: int = MICRO_BATCH) -> dict:
+                      micro_batch: int = MICRO_BATCH, progress=None) -> dict:
         """Forecasts at the given rows (each ≥ lookback − 1), each from the window of ``lookback``
         rows ending there → {output name: (len(rows),) float64} plus 'mu' (μ_Mamba).
 
@@ -83,12 +84,15 @@ class Forecaster:
                     parts.setdefault(name, []).append(value)
             for name, values in parts.items():
                 out.setdefault(name, []).append(torch.cat(values).double().numpy())
+            if progress is not None:
+                progress(c0 + len(chunk_starts))
         if not out:
             return {"mu": np.empty(0)}
         return {name: np.concatenate(values) for name, values in out.items()}
 
     def neural_membership_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
-                                  chunk: int = 4096, micro_batch: int = MICRO_BATCH) -> np.ndarray:
+                                  chunk: int = 4096, micro_batch: int = MICRO_BATCH,
+                                  progress=None) -> np.ndarray:
         """μ_Mamba ∈ [0, 1] for each target bar (UTC ns close times, each one of ``bars_5min``'s
         bars), from the ``lookback`` bars of ``bars_5min`` ending at it.
 
@@ -97,6 +101,7 @@ class Forecaster:
         indicators; ``iv_index``: the IV index (VIX points) per bar of ``bars_5min``
         (``mamba_data.causal_bar_iv_index`` gives the causal one training used). Where the window
         is not yet full (or still holds indicator warm-up rows) μ is 0.5, the neutral value.
+        ``progress(done, total)``, if given, is called after each chunk of target bars.
         """
         index = pd.DatetimeIndex(bars_5min.index)
         if index.tz is None:
@@ -114,9 +119,13 @@ class Forecaster:
         features = self.scaler.transform(raw)
         mu = np.full(len(rows), NEUTRAL_MEMBERSHIP)
         ready = rows >= first_full
+        skipped = int((~ready).sum())
+        report = None if progress is None else (lambda done: progress(skipped + done, len(rows)))
         if ready.any():
-            forecast = self.forecast_rows(features, rows[ready], chunk, micro_batch)
+            forecast = self.forecast_rows(features, rows[ready], chunk, micro_batch, progress=report)
             mu[ready] = np.nan_to_num(forecast["mu"], nan=NEUTRAL_MEMBERSHIP)
+        elif progress is not None:
+            progress(len(rows), len(rows))
         return mu
 
 

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from analytics.divergence import BEARISH_SPY, BULLISH_SPY
 from analytics.skew import SkewReading, chain_skew
-
-BEARISH_BIAS = -1      # analytics.divergence: SPY rich vs QQQ -> downside threatened
-BULLISH_BIAS = 1
 
 
 @dataclass(frozen=True)
@@ -58,10 +56,10 @@ def plan_wings(config, regime_name: str, skew: float, divergence_bias: int) -> W
         notes.append(f"steep put skew {skew:.3f} put wing +{strategy.skew_put_wing_increment:g}")
     if filters.use_divergence_bias and divergence_bias:
         step = filters.divergence_wing_increment
-        if divergence_bias == BEARISH_BIAS:
+        if divergence_bias == BEARISH_SPY:
             put_low, put_high = put_low + step, put_high + step
             notes.append(f"divergence bearish put wing +{step:g}")
-        elif divergence_bias == BULLISH_BIAS:
+        elif divergence_bias == BULLISH_SPY:
             call_low, call_high = call_low + step, call_high + step
             notes.append(f"divergence bullish call wing +{step:g}")
     return WingPlan((put_low, put_high), (call_low, call_high), tuple(notes))
