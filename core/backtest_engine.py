@@ -110,9 +110,8 @@ class BacktestSession:
             features = embedded_bar_features(config, provider)
         if len(features) < self.n_bars:
             raise ValueError(f"the feature table has {len(features)} bars, the run {self.n_bars}")
-        self.features = features
         self.feature_columns = dict(features.columns)
-        self.feature_columns["gate_code"] = bar_gate_codes(features.columns, config).astype(float)
+        self.feature_columns["gate_code"] = bar_gate_codes(features.columns, config)
 
     # ------------------------------------------------------------------------------- market view
     def quote(self, bar: int, condor: IronCondor) -> LegQuotes:
@@ -432,7 +431,7 @@ def run_fast(config: Config, provider: SyntheticChainProvider, progress=None, fe
     all_window_bars = np.flatnonzero((session.minute_of_day >= window[0]) & (session.minute_of_day <= window[1]))
     # Window bars whose entry gates fail can only add a rejection: they are not stepped, their
     # rejections are counted in bulk (``_count_gated``), exactly as the per-bar run counts them.
-    gate_codes = session.feature_columns["gate_code"][: n].astype(np.int64)
+    gate_codes = session.feature_columns["gate_code"][: n]
     passing = gate_codes[all_window_bars] == 0
     window_bars = all_window_bars[passing]
     window_days = session.session_day[window_bars]
