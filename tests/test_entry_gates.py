@@ -201,66 +201,119 @@ def test_gate_summary_counts_the_first_failing_gate_per_bar():
 # wing plans
 # ------------------------------------------------------------------------------------------------
 
-BASE = Config()          # wings 5 … 10, crash x2, low-vol x0.6, skew +5 above 0.15, divergence +5
+BASE = Config()          # wings 5 … 10, crash x2, low-vol x0.6, skew +5, divergence +5
+SEED = BASE.override({"filters.skew_rule": "seed"})          # skew +5 above the absolute 0.15
+REGIMES = ("CRASH_MODE", "LOW_VOL_RANGE", "BULL_TREND", "BEAR_TREND", "HIGH_VOL_RANGE", "UNKNOWN")
 
 
-def test_plan_wings_scales_by_regime():
-    assert plan_wings(BASE, "CRASH_MODE", math.nan, 0) == WingPlan((10.0, 20.0), (10.0, 20.0),
-                                                                    ("CRASH_MODE wings x2",))
+def test_plan_wings_scales_by_regime_within_the_bounds():
+    # 5 … 10 x2 = 10 … 20, clamped to the user's maximum.
+    assert plan_wings(BASE, "CRASH_MODE", math.nan, 0) == WingPlan((10.0, 10.0), (10.0, 10.0),
+                                                                    ("CRASH_MODE wings x2 -> 10-10",))
+    # 5 … 10 x0.6 = 3 … 6, clamped to the user's minimum.
     low_vol = plan_wings(BASE, "LOW_VOL_RANGE", math.nan, 0)
-    assert low_vol.put_range == low_vol.call_range == (3.0, 6.0)
+    assert low_vol == WingPlan((5.0, 6.0), (5.0, 6.0), ("LOW_VOL_RANGE wings x0.6 -> 5-6",))
     for regime in ("BULL_TREND", "BEAR_TREND", "HIGH_VOL_RANGE", "UNKNOWN"):
         assert plan_wings(BASE, regime, math.nan, 0) == WingPlan((5.0, 10.0), (5.0, 10.0))
     off = BASE.override({"regime.use_regime_wings": False})
     assert plan_wings(off, "CRASH_MODE", math.nan, 0) == WingPlan((5.0, 10.0), (5.0, 10.0))
+    # Inside wide bounds the scaling applies in full.
+    wide = BASE.override({"strategy.wing_width_min": 2.0, "strategy.wing_width_max": 30.0})
+    assert plan_wings(wide, "CRASH_MODE", math.nan, 0).put_range == (4.0, 30.0)
+    assert plan_wings(wide, "LOW_VOL_RANGE", math.nan, 0).call_range == (2.0, 18.0)   # 1.2 … 18
 
 
-def test_regime_scaling_keeps_at_least_a_one_dollar_wing():
-    narrow = BASE.override({"strategy.wing_width_min": 1.0, "strategy.wing_width_max": 1.5})
-    plan = plan_wings(narrow, "LOW_VOL_RANGE", math.nan, 0)      # 0.6 and 0.9 → 1 and 1
-    assert plan.put_range == plan.call_range == (1.0, 1.0)
-    tiny = BASE.override({"strategy.wing_width_min": 1.0, "strategy.wing_width_max": 4.0,
-                          "regime.wing_scale_low_vol": 0.1})
-    assert plan_wings(tiny, "LOW_VOL_RANGE", math.nan, 0).put_range == (1.0, 1.0)
+def test_a_scaling_that_clamping_undoes_leaves_no_note():
+    fixed = BASE.override({"strategy.wing_width_min": 5.0, "strategy.wing_width_max": 5.0})
+    for regime in REGIMES:
+        assert plan_wings(fixed, regime, 0.9, -1, 0.5) == WingPlan((5.0, 5.0), (5.0, 5.0), ())
+    unit = BASE.override({"regime.wing_scale_low_vol": 1.0})
+    assert plan_wings(unit, "LOW_VOL_RANGE", math.nan, 0) == WingPlan((5.0, 10.0), (5.0, 10.0))
 
 
-def test_a_steep_put_skew_widens_the_put_wing_only():
-    steep = plan_wings(BASE, "HIGH_VOL_RANGE", 0.2, 0)
-    assert steep.put_range == (10.0, 15.0) and steep.call_range == (5.0, 10.0)
-    assert len(steep.adjustments) == 1 and "skew" in steep.adjustments[0]
-    # At the threshold (strictly greater is steep), NaN, and with the penalty off: unchanged.
-    for skew, config in ((0.15, BASE), (math.nan, BASE), (0.5, BASE.override({"strategy.use_skew_penalty": False}))):
-        assert plan_wings(config, "HIGH_VOL_RANGE", skew, 0) == WingPlan((5.0, 10.0), (5.0, 10.0))
-    bigger = BASE.override({"strategy.skew_put_wing_increment": 2.0, "filters.skew_threshold": 0.1})
-    assert plan_wings(bigger, "HIGH_VOL_RANGE", 0.12, 0).put_range == (7.0, 12.0)
+def test_a_steep_put_skew_widens_the_put_wing_only_within_the_bounds():
+    # Percentile rule: above the reference passed in; 5 … 10 + 5 = 10 … 15 → 10 … 10.
+    steep = plan_wings(BASE, "HIGH_VOL_RANGE", 0.75, 0, 0.74)
+    assert steep.put_range == (10.0, 10.0) and steep.call_range == (5.0, 10.0)
+    assert steep.adjustments == ("steep put skew 0.750 > 0.740 put wing +5 -> 10-10",)
+    # At the reference (strictly greater is steep), a NaN skew or reference, a 4-argument call
+    # (no reference), and with the penalty off: unchanged.
+    for skew, reference, config in ((0.74, 0.74, BASE), (math.nan, 0.74, BASE), (0.75, math.nan, BASE),
+                                    (0.5, 0.1, BASE.override({"strategy.use_skew_penalty": False}))):
+        assert plan_wings(config, "HIGH_VOL_RANGE", skew, 0, reference) == WingPlan((5.0, 10.0), (5.0, 10.0))
+    assert plan_wings(BASE, "HIGH_VOL_RANGE", 0.9, 0) == WingPlan((5.0, 10.0), (5.0, 10.0))
+    smaller = BASE.override({"strategy.skew_put_wing_increment": 2.0})
+    assert plan_wings(smaller, "HIGH_VOL_RANGE", 0.12, 0, 0.1).put_range == (7.0, 10.0)
 
 
-def test_divergence_widens_the_threatened_side():
+def test_the_seed_rule_uses_the_absolute_threshold_and_ignores_the_reference():
+    for reference in (math.nan, 0.9, 0.0):
+        steep = plan_wings(SEED, "HIGH_VOL_RANGE", 0.2, 0, reference)
+        assert steep.put_range == (10.0, 10.0) and steep.call_range == (5.0, 10.0)
+        assert steep.adjustments == ("steep put skew 0.200 > 0.150 put wing +5 -> 10-10",)
+        assert plan_wings(SEED, "HIGH_VOL_RANGE", 0.15, 0, reference) == WingPlan((5.0, 10.0), (5.0, 10.0))
+    # The positional 4-argument call keeps working.
+    assert plan_wings(SEED, "HIGH_VOL_RANGE", 0.2, 0).put_range == (10.0, 10.0)
+    bigger = SEED.override({"strategy.skew_put_wing_increment": 2.0, "filters.skew_threshold": 0.1})
+    assert plan_wings(bigger, "HIGH_VOL_RANGE", 0.12, 0).put_range == (7.0, 10.0)
+
+
+def test_divergence_widens_the_threatened_side_within_the_bounds():
     bearish = plan_wings(BASE, "HIGH_VOL_RANGE", 0.0, -1)         # SPY rich vs QQQ: downside
-    assert bearish.put_range == (10.0, 15.0) and bearish.call_range == (5.0, 10.0)
-    assert "bearish" in bearish.adjustments[0]
+    assert bearish == WingPlan((10.0, 10.0), (5.0, 10.0), ("divergence bearish put wing +5 -> 10-10",))
     bullish = plan_wings(BASE, "HIGH_VOL_RANGE", 0.0, 1)
-    assert bullish.put_range == (5.0, 10.0) and bullish.call_range == (10.0, 15.0)
-    assert "bullish" in bullish.adjustments[0]
+    assert bullish == WingPlan((5.0, 10.0), (10.0, 10.0), ("divergence bullish call wing +5 -> 10-10",))
     off = BASE.override({"filters.use_divergence_bias": False})
     assert plan_wings(off, "HIGH_VOL_RANGE", 0.0, -1) == WingPlan((5.0, 10.0), (5.0, 10.0))
     step = BASE.override({"filters.divergence_wing_increment": 3.0})
-    assert plan_wings(step, "HIGH_VOL_RANGE", 0.0, 1).call_range == (8.0, 13.0)
+    assert plan_wings(step, "HIGH_VOL_RANGE", 0.0, 1).call_range == (8.0, 10.0)
 
 
-def test_adjustments_stack_regime_first():
-    plan = plan_wings(BASE, "CRASH_MODE", 0.3, -1)
-    # (5, 10) x 2 = (10, 20), + 5 skew, + 5 divergence on the put side.
-    assert plan.put_range == (20.0, 30.0) and plan.call_range == (10.0, 20.0)
-    assert len(plan.adjustments) == 3
-    plan = plan_wings(BASE, "LOW_VOL_RANGE", 0.3, 1)
-    assert plan.put_range == (8.0, 11.0) and plan.call_range == (8.0, 11.0)
+def test_adjustments_stack_regime_first_and_clamp_at_each_step():
+    # CRASH: 10 … 10 on both sides; the skew and divergence +5 change nothing, so no notes.
+    assert plan_wings(BASE, "CRASH_MODE", 0.8, -1, 0.7) == WingPlan((10.0, 10.0), (10.0, 10.0),
+                                                                     ("CRASH_MODE wings x2 -> 10-10",))
+    # LOW_VOL: 5 … 6; skew +5 → 10 … 11 → 10 … 10 (put); divergence bullish +5 → 10 … 10 (call).
+    plan = plan_wings(BASE, "LOW_VOL_RANGE", 0.8, 1, 0.7)
+    assert plan == WingPlan((10.0, 10.0), (10.0, 10.0),
+                            ("LOW_VOL_RANGE wings x0.6 -> 5-6", "steep put skew 0.800 > 0.700 put wing +5 -> 10-10",
+                             "divergence bullish call wing +5 -> 10-10"))
+    # Skew then a bearish divergence on the same side: the second is a no-op at the maximum.
+    plan = plan_wings(BASE, "HIGH_VOL_RANGE", 0.8, -1, 0.7)
+    assert plan.put_range == (10.0, 10.0) and len(plan.adjustments) == 1
+    wide = BASE.override({"strategy.wing_width_min": 2.0, "strategy.wing_width_max": 30.0})
+    plan = plan_wings(wide, "CRASH_MODE", 0.8, -1, 0.7)          # (4, 30) + 5 + 5 = (14, 30)
+    assert plan.put_range == (14.0, 30.0) and plan.call_range == (4.0, 30.0) and len(plan.adjustments) == 3
+
+
+BOUNDS = [(5.0, 10.0), (1.0, 1.5), (2.0, 30.0), (5.0, 5.0), (0.5, 100.0), (40.0, 60.0)]
+SCALES = [(2.0, 0.6), (0.1, 10.0), (1.0, 1.0)]
+
+
+@pytest.mark.parametrize("bounds", BOUNDS, ids=[f"{lo:g}-{hi:g}" for lo, hi in BOUNDS])
+@pytest.mark.parametrize("scales", SCALES, ids=[f"x{c:g}-x{v:g}" for c, v in SCALES])
+def test_every_plan_stays_within_the_users_bounds(bounds, scales):
+    low, high = bounds
+    for rule, gates in itertools.product(("percentile", "seed"), (True, False)):
+        config = BASE.override({"strategy.wing_width_min": low, "strategy.wing_width_max": high,
+                                "regime.wing_scale_crash": scales[0], "regime.wing_scale_low_vol": scales[1],
+                                "filters.skew_rule": rule, "filters.use_entry_gates": gates})
+        for regime, skew, reference, bias in itertools.product(
+                REGIMES, (math.nan, 0.0, 0.2, 0.72, 0.9), (math.nan, 0.1, 0.72), (-1, 0, 1)):
+            plan = plan_wings(config, regime, skew, bias, reference)
+            for side in (plan.put_range, plan.call_range):
+                assert low <= side[0] <= side[1] <= high, (config.filters.skew_rule, regime, skew, bias, plan)
+            # A note for each adjustment that changed a range, none otherwise.
+            changed = plan.put_range != bounds or plan.call_range != bounds
+            assert bool(plan.adjustments) == changed, plan
+            if not gates:
+                assert plan == WingPlan(bounds, bounds, ())
 
 
 def test_the_mechanical_condor_gets_the_base_ranges():
     mechanical = BASE.override({"filters.use_entry_gates": False})
     for regime, skew, bias in (("CRASH_MODE", 0.5, -1), ("LOW_VOL_RANGE", 0.3, 1)):
-        assert plan_wings(mechanical, regime, skew, bias) == WingPlan((5.0, 10.0), (5.0, 10.0), ())
+        assert plan_wings(mechanical, regime, skew, bias, 0.1) == WingPlan((5.0, 10.0), (5.0, 10.0), ())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,9 +379,9 @@ def test_choose_iron_condor_picks_per_side_widths_in_the_plans_ranges(chain):
     assert (plain.put_width, plain.call_width) == (5.0, 5.0)        # narrowest of 5 … 10 on a $1 grid
     for plan, widths in ((WingPlan((8.0, 12.0), (3.0, 4.0)), (8.0, 3.0)),
                          (WingPlan((2.5, 4.0), (6.5, 9.0)), (3.0, 7.0)),
-                         (plan_wings(CHAIN_CONFIG, "HIGH_VOL_RANGE", 0.2, 0), (10.0, 5.0)),
-                         (plan_wings(CHAIN_CONFIG, "CRASH_MODE", math.nan, 1), (10.0, 15.0)),
-                         (plan_wings(CHAIN_CONFIG, "LOW_VOL_RANGE", math.nan, 0), (3.0, 3.0))):
+                         (plan_wings(CHAIN_CONFIG, "HIGH_VOL_RANGE", 0.75, 0, 0.7), (10.0, 5.0)),
+                         (plan_wings(CHAIN_CONFIG, "CRASH_MODE", math.nan, 1), (10.0, 10.0)),
+                         (plan_wings(CHAIN_CONFIG, "LOW_VOL_RANGE", math.nan, 0), (5.0, 5.0))):
         choice = choose_iron_condor(chain, CHAIN_CONFIG, plan)
         assert isinstance(choice, CondorChoice), plan
         assert (choice.put_width, choice.call_width) == widths, plan
