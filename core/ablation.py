@@ -1,9 +1,10 @@
 """The ablation (`--compare`): the seed's Baseline / MTF only / Fuzzy only / Full scenarios, plus
 the mechanical condor without Stage-2 gates, on the same data and features in one command.
 
-Every scenario is the user's configuration with only its switches changed, replayed by the fast
-driver (identical trades to the Backtrader driver, held by the driver-parity tests) over one
-shared feature table, so the rows differ only by the piece each scenario adds.
+Every scenario is the user's configuration with only its switches changed, replayed by
+``run_backtest`` with the fast driver (identical trades to the Backtrader driver, held by the
+driver-parity tests) on the same market and cached feature tables, so the rows differ only by the
+piece each scenario adds.
 """
 from __future__ import annotations
 
@@ -43,25 +44,20 @@ class ScenarioRun:
     metrics: dict
 
 
-def run_ablation(config: Config, provider, features, progress=None, fuzzy_features=None) -> list[ScenarioRun]:
-    """Every scenario of ``SCENARIOS`` on the same provider and feature table (fast driver);
-    scenarios that use the fuzzy confidence get ``fuzzy_features`` (the table with the DeepMamba
-    neural factor) when given, as a standalone run of that scenario would.
-    ``progress(scenario_name, bars_done)`` is called as they run."""
-    from analytics.performance import performance_metrics
-    from core.backtest_engine import equity_frame, run_fast, trades_frame
+def run_ablation(config: Config, market, progress=None) -> list[ScenarioRun]:
+    """Every scenario of ``SCENARIOS`` on the same market with ``core.backtest_engine.
+    run_backtest`` (fast driver). Feature tables come from the per-process cache, so scenarios
+    share one table; the ones that use the fuzzy confidence get the table with the DeepMamba
+    neural factor, as a standalone run of that scenario would. ``progress(scenario_name,
+    bars_done)`` is called as they run."""
+    from core.backtest_engine import run_backtest
 
     runs = []
     for name, switches in SCENARIOS:
         scenario = config.override({**switches, "backtest.engine": "fast"}, source=f"ablation scenario {name}")
         callback = None if progress is None else (lambda done, name=name: progress(name, done))
-        table = fuzzy_features if (fuzzy_features is not None and scenario.fuzzy.use_fuzzy) else features
-        result = run_fast(scenario, provider, progress=callback, features=table)
-        trades = trades_frame(result.positions)
-        equity = equity_frame(result, scenario.backtest.cash)
-        metrics = performance_metrics(equity["equity"], trades, scenario.backtest.cash)
-        metrics["entry_rejections"] = result.rejections
-        runs.append(ScenarioRun(name, scenario, trades, equity, metrics))
+        result = run_backtest(scenario, market, progress=callback)
+        runs.append(ScenarioRun(name, scenario, result.trades, result.equity, result.metrics))
     return runs
 
 
@@ -77,11 +73,7 @@ def comparison_table(runs: list[ScenarioRun]) -> pd.DataFrame:
                  or reason in ("mtf_consensus_outside_band", "fuzzy_confidence_below_min")}
         pool = later or rejections
         top_reason = max(pool.items(), key=lambda item: item[1])[0] if pool else ""
-        note = ""
-        if not metrics.get("trade_count") and rejections.get("fuzzy_size_zero"):
-            note = (f"dynamic sizing gave 0 contracts {rejections['fuzzy_size_zero']:,} times: at "
-                    f"position_size_pct {run.config.sizing.position_size_pct:g} the account pays for too few "
-                    "condors for C < 1 to round to one; raise --position-size-pct")
+        note = metrics.get("sizing_note") or ""
         rows.append({
             "scenario": run.name,
             "trades": int(metrics.get("trade_count") or 0),

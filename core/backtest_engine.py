@@ -1,22 +1,30 @@
-"""The backtest drivers: they own the clock and feed the TradingEngine one bar at a time.
+"""The backtest drivers and the one run function.
+
+``run_backtest(config, market, features=None) -> RunResult`` is what the CLI, the ablation, the
+benchmarks and the optimizer call: any source implementing the bar contract (``core.market.
+MarketData``) in, trades, equity, metrics, rejections and risk events out. Data and feature
+tables are loaded once per process (``core.market_data``), so it can be called thousands of
+times.
 
 ``BacktestSession`` is the per-bar reference: at each bar it fills what was waiting for this bar
-(next-bar fills), asks the engine for decisions, fills them against the synthetic chain's quotes
-(``core.execution``), books them (``core.portfolio``) and records the account.
+(next-bar fills), asks the engine for decisions, fills them against the market's quotes
+(``core.execution``; hedges at the bar's price plus the share cost), books them
+(``core.portfolio``) and records the account (``core.portfolio.account_marks``).
 
 Two drivers run it:
 - ``run_backtrader``: a Cerebro over the 5-minute spot bars (a feed built from preloaded arrays,
   since ``PandasData`` reads each bar with ``.iloc``), a ``bt.Strategy`` that steps the session on
   every bar, and Backtrader's Sharpe/DrawDown/Returns analyzers reading the session's equity
   through a broker shim.
-- ``run_fast``: steps the same session only on bars where something can happen (an entry can be
-  tried, an exit rule or the expiry fires, a fill is due, the last bar), found by evaluating each
-  open condor's whole holding period at once with the same arithmetic; the equity of the bars in
-  between is filled in from the same position paths. Trades are identical to the per-bar run.
+- ``run_fast``: steps the same session only on the bars the engine names
+  (``TradingEngine.next_event_bar``), fills in the bars between from the open condors'
+  holding-period paths (``core.engine.PositionPaths``). Trades and equity are identical to the
+  per-bar run.
 """
 from __future__ import annotations
 
 import gc
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,36 +32,41 @@ from functools import partial
 import numpy as np
 import pandas as pd
 
-from core.config import Config
 from core.dto import (
     Action,
     ExitReason,
+    HedgeFill,
     IronCondor,
     LegQuotes,
     MarketSnapshot,
     Position,
+    RiskEvent,
     TradeDecision,
 )
-from core.engine import CONTEXT_FEATURES, ConditionRows, TradingEngine, clock_minutes
+from core.engine import CONTEXT_FEATURES, BarClock, PositionPaths, TradingEngine
 from core.execution import (
     FillModel,
     fee_schedule,
     make_fill,
+    round_fee_up,
     settlement_fill,
 )
-from core.portfolio import Portfolio
-from data_factory.option_chain import SyntheticChainProvider
+from core.market import MarketData, require_market_data
+from core.portfolio import Portfolio, account_marks
 from intelligence.features import MEMBERSHIP_COLUMNS, FeatureRow
-from strategies.entry_gates import GATE_REASONS, bar_gate_codes
+from risk.risk_manager import RiskManager
 
 DAY_NS = 86_400 * 1_000_000_000
-_NO_VALUES = np.empty(0)
+_NO_VALUES = ()
+# Account columns recorded per bar (equity.csv, before the drawdown columns).
+ACCOUNT_COLUMNS = ("cash", "equity", "equity_liquidation", "open_positions", "hedge_shares", "net_delta",
+                   "net_gamma", "net_vega", "net_theta")
 
 
 @dataclass
 class BacktestResult:
-    """What a run produced: closed positions in close order, the per-bar account, the engine's
-    rejection counts and run facts."""
+    """What a driver produced: closed positions in close order, the per-bar account, the engine's
+    rejection counts, the risk events, the hedge fills and run facts."""
 
     positions: list[Position]
     equity: pd.DataFrame
@@ -62,60 +75,58 @@ class BacktestResult:
     bars: int
     seconds: float
     analyzers: dict = field(default_factory=dict)
+    risk_events: list[RiskEvent] = field(default_factory=list)
+    hedge_fills: list[HedgeFill] = field(default_factory=list)
 
 
 class BacktestSession:
     """One backtest's state and the per-bar step shared by both drivers."""
 
-    def __init__(self, config: Config, provider: SyntheticChainProvider, progress=None, every_bar: bool = True,
-                 features=None):
+    def __init__(self, config, market: MarketData, progress=None, every_bar: bool = True, features=None):
+        market = require_market_data(market)
         self.config = config
-        self.provider = provider
+        self.market = market
         self.fill_model = FillModel.from_config(config.backtest)
         self.fees = fee_schedule(config.backtest.fees)
         self.portfolio = Portfolio(config.backtest.cash)
-        self.engine = TradingEngine(config, self.portfolio, self.fill_model)
         self.next_bar_fills = config.backtest.fill_on_next_bar
         self.symbol = config.backtest.underlying
         self.progress = progress
 
-        times = provider.bar_times
+        times = market.bar_times
         total = len(times)
         samples = config.backtest.samples
         self.n_bars = total if samples == 0 else min(samples, total)
         self.bar_times = times[: self.n_bars]
-        self.spot = provider.spot_bars().to_numpy()[: self.n_bars]
-        self.iv_index = provider.iv_index_bars().to_numpy()[: self.n_bars]
-        local = self.bar_times.tz_convert("America/New_York")
-        self.session_day = (local.tz_localize(None).normalize().asi8 // DAY_NS).astype(np.int64)
-        self.minute_of_day = (local.hour * 60 + local.minute).to_numpy().astype(np.int64)
+        self.spot = market.spot_bars().to_numpy()[: self.n_bars]
+        self.iv_index = market.iv_index_bars().to_numpy()[: self.n_bars]
+        self.clock = BarClock.from_times(self.bar_times)
+        self.session_day = self.clock.session_day
+        self.minute_of_day = self.clock.minute_of_day
 
-        self.cash = np.empty(self.n_bars)
-        self.equity_mid = np.empty(self.n_bars)
-        self.equity_closing = np.empty(self.n_bars)
-        self.open_count = np.zeros(self.n_bars, dtype=np.int64)
+        if features is None:
+            from core.market_data import bar_features
+            features = bar_features(config, market)
+        self.features = features
+        self.risk = RiskManager(config)
+        self.engine = TradingEngine(config, self.portfolio, self.fill_model, self.clock, features, self.risk)
+        self.feature_columns = self.engine.feature_columns
+        self.share_cost = float(config.hedge.share_cost)
+
+        self.account = {name: np.empty(self.n_bars) for name in ACCOUNT_COLUMNS}
+        self.account["open_positions"] = np.zeros(self.n_bars, dtype=np.int64)
+        self.account["hedge_shares"] = np.zeros(self.n_bars, dtype=np.int64)
         self.pending: list[TradeDecision] = []
         self.current_equity = float(config.backtest.cash)
-        self._expiry_rows: dict = {}
-        self._quote_structures = provider.quote_structures
         self._structures_key: tuple = ()
         self._structures: tuple = ()
         # Boxing a Timestamp out of the index (~10 µs) costs more than the rest of a quiet bar: a
         # driver that steps every bar unboxes them all at once (~0.1 s for five years).
         self._timestamps = list(self.bar_times) if every_bar else self.bar_times
-        # The feature table (indicators, memberships, regime) and this config's entry-gate code per
-        # bar; built here unless the caller shares one across runs (the ablation does).
-        if features is None:
-            from core.market_data import embedded_bar_features
-            features = embedded_bar_features(config, provider)
-        if len(features) < self.n_bars:
-            raise ValueError(f"the feature table has {len(features)} bars, the run {self.n_bars}")
-        self.feature_columns = dict(features.columns)
-        self.feature_columns["gate_code"] = bar_gate_codes(features.columns, config)
 
     # ------------------------------------------------------------------------------- market view
     def quote(self, bar: int, condor: IronCondor) -> LegQuotes:
-        path = self.provider.quote_contracts(bar, bar + 1, condor.expiration, condor.strikes, condor.is_call)
+        path = self.market.quote_contracts(bar, bar + 1, condor.expiration, condor.strikes, condor.is_call)
         return LegQuotes(path.bid[0], path.ask[0], path.mid[0], path.delta[0], path.gamma[0],
                          path.vega[0], path.theta[0])
 
@@ -125,19 +136,13 @@ class BacktestSession:
             # Rebuilt only when the open set changes, not on every bar.
             self._structures_key = key
             self._structures = (
-                np.array([self._expiry_row(p.condor) for p in positions], dtype=np.int64),
+                np.array([p.condor.expiration for p in positions], dtype="datetime64[D]"),
                 np.array([[p.condor.long_put_strike, p.condor.short_put_strike, p.condor.short_call_strike,
                            p.condor.long_call_strike] for p in positions]))
-        return self._quote_structures(bar, *self._structures)
-
-    def _expiry_row(self, condor: IronCondor) -> int:
-        row = self._expiry_rows.get(condor.expiration)
-        if row is None:
-            row = self._expiry_rows[condor.expiration] = self.provider.expiry_row(condor.expiration)
-        return row
+        return self.market.quote_structures(bar, *self._structures)
 
     def chain(self, bar: int, dte_min: int, dte_max: int):
-        return self.provider.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
+        return self.market.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
 
     def snapshot(self, bar: int) -> MarketSnapshot:
         return MarketSnapshot(
@@ -145,19 +150,21 @@ class BacktestSession:
             symbol=self.symbol,
             spot=float(self.spot[bar]), iv_index=float(self.iv_index[bar]),
             chain=partial(self.chain, bar), quote=partial(self.quote, bar),
-            quote_many=partial(self.quote_many, bar), settlement_of=self.provider.settlement_time,
-            features=FeatureRow(self.feature_columns, bar))
+            quote_many=partial(self.quote_many, bar), settlement_of=self.market.settlement_time,
+            features=FeatureRow(self.feature_columns, bar) if self.feature_columns else {})
 
     # ------------------------------------------------------------------------------- fills
     def _fill(self, decision: TradeDecision, snapshot: MarketSnapshot) -> None:
         """Execute one decision at this bar's quotes and book it."""
+        if decision.action is Action.HEDGE:
+            self._fill_hedge(decision, snapshot)
+            return
         if decision.action is Action.OPEN:
             condor = decision.condor
             leg_quotes = self.quote(snapshot.bar_index, condor)
             fill = make_fill(snapshot.timestamp, 0, Action.OPEN, leg_quotes.bid, leg_quotes.ask,
                              condor.quantity, decision.reason, self.fill_model, self.fees)
             self.portfolio.open_position(condor, fill, decision.context)
-            self.engine.note_opened(snapshot.timestamp.date())
             return
         position = self.portfolio.position(decision.position_id)
         condor = position.condor
@@ -170,7 +177,20 @@ class BacktestSession:
             fill = make_fill(snapshot.timestamp, position.position_id, Action.CLOSE, leg_quotes.bid,
                              leg_quotes.ask, condor.quantity, decision.reason, self.fill_model, self.fees)
             self.portfolio.close_position(position.position_id, fill)
-        self.engine.note_closed(position.position_id)
+
+    def _fill_hedge(self, decision: TradeDecision, snapshot: MarketSnapshot) -> None:
+        """Shares at the bar's price plus ``hedge.share_cost`` per share (rounded up to the cent).
+        A next-bar unwind trades whatever is held by then."""
+        shares = decision.shares
+        if decision.reason in ("hedge_unwind", ExitReason.END_OF_DATA.value):
+            shares = -self.portfolio.hedge_shares
+        if not shares:
+            return
+        context = decision.context or {}
+        before = float(context.get("delta_before", math.nan))
+        cost = float(round_fee_up(abs(shares) * self.share_cost))
+        self.portfolio.trade_shares(HedgeFill(snapshot.timestamp, int(shares), snapshot.spot, cost, decision.reason,
+                                              before, before + shares))
 
     def step(self, bar: int) -> None:
         """One bar: due fills, the engine's decisions, their fills, the account record."""
@@ -190,40 +210,70 @@ class BacktestSession:
             else:
                 self._fill(decision, snapshot)
                 filled = True
-        if filled or self.engine.last_rows is None:
+        rows = self.engine.last_rows
+        if filled or rows is None:
             self.record(bar, snapshot)
         else:
             # No fill at this bar: the open positions are the ones the engine just marked.
-            self._store(bar, self.portfolio.cash, self.engine.last_rows.mid_value, self.engine.last_rows.closing_value)
+            self._store(bar, account_marks(self.portfolio.cash, self.portfolio.hedge_shares, snapshot.spot,
+                                           self.share_cost, rows.mid_value.tolist(), rows.closing_value.tolist(),
+                                           rows.delta.tolist(), rows.gamma.tolist(), rows.vega.tolist(),
+                                           rows.theta.tolist()), len(rows.mid_value))
 
     def record(self, bar: int, snapshot: MarketSnapshot) -> None:
-        """The account after this bar's fills: cash, equity at mid and at the closing side."""
-        positions = list(self.portfolio.open_positions.values())
+        """The account after this bar's fills: cash, equity at mid and at the closing side, Greeks."""
+        portfolio = self.portfolio
+        positions = list(portfolio.open_positions.values())
         if not positions:
-            self._store(bar, self.portfolio.cash, _NO_VALUES, _NO_VALUES)
+            self._store(bar, account_marks(portfolio.cash, portfolio.hedge_shares, snapshot.spot, self.share_cost,
+                                           _NO_VALUES, _NO_VALUES, _NO_VALUES, _NO_VALUES, _NO_VALUES, _NO_VALUES), 0)
             return
-        bid, ask, mid = self.quote_many(bar, positions)
-        rows = self.engine.evaluate(positions, bid, ask, mid, np.array([snapshot.spot]),
+        quotes = self.quote_many(bar, positions)
+        rows = self.engine.evaluate(positions, quotes, np.array([snapshot.spot]),
                                     np.array([snapshot.session_day], dtype=np.int64))
-        self._store(bar, self.portfolio.cash, rows.mid_value, rows.closing_value)
+        self._store(bar, account_marks(portfolio.cash, portfolio.hedge_shares, snapshot.spot, self.share_cost,
+                                       rows.mid_value.tolist(), rows.closing_value.tolist(), rows.delta.tolist(),
+                                       rows.gamma.tolist(), rows.vega.tolist(), rows.theta.tolist()),
+                    len(positions))
 
-    def _store(self, bar: int, cash: float, mid_values, closing_values) -> None:
-        # Summed position by position in id order, as the fast driver sums its paths.
-        mid_total = cash
-        closing_total = cash
-        for value in mid_values.tolist():
-            mid_total += value
-        for value in closing_values.tolist():
-            closing_total += value
-        self.cash[bar] = cash
-        self.equity_mid[bar] = mid_total
-        self.equity_closing[bar] = closing_total
-        self.open_count[bar] = len(mid_values)
-        self.current_equity = mid_total
+    def _store(self, bar: int, marks, open_count: int) -> None:
+        account = self.account
+        account["cash"][bar] = marks.cash
+        account["equity"][bar] = marks.equity
+        account["equity_liquidation"][bar] = marks.equity_liquidation
+        account["open_positions"][bar] = open_count
+        account["hedge_shares"][bar] = self.portfolio.hedge_shares
+        account["net_delta"][bar] = marks.delta
+        account["net_gamma"][bar] = marks.gamma
+        account["net_vega"][bar] = marks.vega
+        account["net_theta"][bar] = marks.theta
+        self.current_equity = marks.equity
+        self.risk.observe(int(self.session_day[bar]), marks.equity)
+
+    def record_skipped(self, paths: PositionPaths, start: int, stop: int) -> None:
+        """Account records of bars [start, stop) that were not stepped: no fill happened, so the
+        open positions' paths give the marks (``core.portfolio.account_mark_paths``)."""
+        if stop <= start:
+            return
+        marks = paths.account_marks(start, stop)
+        account = self.account
+        rows = slice(start, stop)
+        account["cash"][rows] = marks.cash
+        account["equity"][rows] = marks.equity
+        account["equity_liquidation"][rows] = marks.equity_liquidation
+        account["open_positions"][rows] = len(self.portfolio.open_positions)
+        account["hedge_shares"][rows] = self.portfolio.hedge_shares
+        account["net_delta"][rows] = marks.delta
+        account["net_gamma"][rows] = marks.gamma
+        account["net_vega"][rows] = marks.vega
+        account["net_theta"][rows] = marks.theta
+        self.current_equity = float(marks.equity[-1])
+        self.risk.observe_range(self.session_day[rows], marks.equity)
 
     def finish(self) -> None:
-        """End of data: close every open position at the last bar (settle if it is its expiry);
-        decisions still waiting for a next bar are dropped (there is none)."""
+        """End of data: close every open position at the last bar (settle if it is its expiry)
+        and sell or buy back the hedge shares; decisions still waiting for a next bar are dropped
+        (there is none)."""
         bar = self.n_bars - 1
         snapshot = self.snapshot(bar)
         self.pending = []
@@ -232,15 +282,17 @@ class BacktestSession:
                       else ExitReason.END_OF_DATA)
             self._fill(TradeDecision(Action.CLOSE, snapshot.timestamp, reason.value,
                                      position_id=position.position_id), snapshot)
+        if self.portfolio.hedge_shares:
+            delta = float(self.account["net_delta"][bar])
+            self._fill(TradeDecision(Action.HEDGE, snapshot.timestamp, ExitReason.END_OF_DATA.value,
+                                     shares=-self.portfolio.hedge_shares, context={"delta_before": delta}), snapshot)
         self.record(bar, snapshot)
 
     def result(self, engine_name: str, seconds: float, analyzers: dict | None = None) -> BacktestResult:
-        equity = pd.DataFrame({
-            "cash": self.cash, "equity": self.equity_mid, "equity_liquidation": self.equity_closing,
-            "open_positions": self.open_count,
-        }, index=pd.DatetimeIndex(self.bar_times, name="timestamp"))
+        equity = pd.DataFrame(self.account, index=pd.DatetimeIndex(self.bar_times, name="timestamp"))
         return BacktestResult(list(self.portfolio.closed), equity, dict(self.engine.rejections), engine_name,
-                              self.n_bars, seconds, analyzers or {})
+                              self.n_bars, seconds, analyzers or {}, list(self.engine.risk_events),
+                              list(self.portfolio.hedge_fills))
 
     def tick(self, bars_done: int) -> None:
         if self.progress is not None:
@@ -251,7 +303,7 @@ class BacktestSession:
 # Backtrader driver
 # ----------------------------------------------------------------------------------------------
 
-def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=None,
+def run_backtrader(config, market: MarketData, progress=None,
                    empty_strategy: bool = False, analyzers: bool = True,
                    analyzers_on_empty: bool = False, features=None) -> BacktestResult:
     """Replay the bars through Backtrader with the engine hosted in a ``bt.Strategy``.
@@ -261,8 +313,8 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
     False leaves Backtrader's analyzers off (benchmark decomposition)."""
     import backtrader as bt
 
-    session = BacktestSession(config, provider, progress, features=features)
-    feed = _array_feed(bt, session, provider)
+    session = BacktestSession(config, market, progress, features=features)
+    feed = _array_feed(bt, session, market)
 
     class SessionBroker(bt.brokers.BackBroker):
         # Backtrader's analyzers read the account through the broker; the account is the session's.
@@ -328,10 +380,10 @@ def run_backtrader(config: Config, provider: SyntheticChainProvider, progress=No
     return session.result("backtrader", time.perf_counter() - started, figures)
 
 
-def _array_feed(bt, session: BacktestSession, provider: SyntheticChainProvider):
+def _array_feed(bt, session: BacktestSession, market: MarketData):
     """A Backtrader feed over preloaded NumPy arrays (exchange-time datetimes, as Backtrader wants
     naive datetimes)."""
-    bars = provider.ohlcv_bars()
+    bars = market.ohlcv_bars()
     local_ns = session.bar_times.tz_convert("America/New_York").tz_localize(None).asi8
     # Backtrader's date2num: days since 0001-01-01 (proleptic ordinal 1) as a float.
     date_numbers = local_ns / DAY_NS + 719163.0
@@ -368,196 +420,30 @@ def _array_feed(bt, session: BacktestSession, provider: SyntheticChainProvider):
 # Fast driver
 # ----------------------------------------------------------------------------------------------
 
-# Bars of a holding period evaluated at once; most condors exit within two weeks, so the path is
-# extended chunk by chunk (doubling) instead of being evaluated all the way to expiry up front.
-PATH_CHUNK_BARS = 512
-
-
-class _PositionPath:
-    """One open condor evaluated on the bars from its fill bar towards the bar before settlement
-    (or the end of the data): the rows the per-bar engine would compute bar by bar, computed
-    lazily in chunks."""
-
-    def __init__(self, session: BacktestSession, position: Position, first_bar: int):
-        condor = position.condor
-        self.session = session
-        self.position = position
-        self.first_bar = first_bar
-        self.settle_bar = int(np.searchsorted(session.bar_times.asi8, condor.settlement.as_unit("ns").value,
-                                              side="left"))
-        self.stop_bar = min(self.settle_bar, session.n_bars)    # exclusive end of quotable bars
-        self.computed_to = first_bar
-        self.chunk = PATH_CHUNK_BARS
-        self.rows: ConditionRows | None = None
-
-    def ensure(self, upto: int) -> None:
-        """Evaluate the bars before ``upto`` (capped at the last quotable bar)."""
-        upto = min(upto, self.stop_bar)
-        while self.computed_to < upto:
-            self.extend(max(upto, self.computed_to + self.chunk))
-
-    def extend(self, to: int) -> None:
-        start, stop = self.computed_to, min(to, self.stop_bar)
-        session, condor = self.session, self.position.condor
-        quotes = session.provider.quote_contracts(start, stop, condor.expiration, condor.strikes, condor.is_call)
-        rows = session.engine.evaluate([self.position], quotes.bid, quotes.ask, quotes.mid,
-                                       session.spot[start:stop], session.session_day[start:stop])
-        if self.rows is not None:
-            rows = ConditionRows(*(np.concatenate([old, new]) for old, new in zip(self.rows, rows)))
-        self.rows = rows
-        self.computed_to = stop
-        self.chunk *= 2
-
-    def first_exit(self, after: int) -> int:
-        """First bar ≥ ``after`` where the engine would decide to close, else the settlement bar
-        (or the end of the data)."""
-        start = max(after, self.first_bar)
-        while start < self.stop_bar:
-            self.ensure(start + 1)
-            hits = np.flatnonzero(self.rows.code[start - self.first_bar:])
-            if hits.size:
-                return start + int(hits[0])
-            start = self.computed_to
-        return min(self.settle_bar, self.session.n_bars)
-
-
-def run_fast(config: Config, provider: SyntheticChainProvider, progress=None, features=None) -> BacktestResult:
-    """Same trades as the per-bar run, stepping only the bars where something can happen."""
+def run_fast(config, market: MarketData, progress=None, features=None) -> BacktestResult:
+    """Same trades and equity as the per-bar run, stepping only the bars the engine names
+    (``TradingEngine.next_event_bar``); the bars between are recorded and booked from the open
+    condors' holding-period paths."""
     started = time.perf_counter()
-    session = BacktestSession(config, provider, progress, every_bar=False, features=features)
+    session = BacktestSession(config, market, progress, every_bar=False, features=features)
     engine = session.engine
+    paths = PositionPaths(engine, session.market, session.spot, session.bar_times.asi8)
     n = session.n_bars
-    window = (clock_minutes(config.strategy.entry_window_start), clock_minutes(config.strategy.entry_window_end))
-    all_window_bars = np.flatnonzero((session.minute_of_day >= window[0]) & (session.minute_of_day <= window[1]))
-    # Window bars whose entry gates fail can only add a rejection: they are not stepped, their
-    # rejections are counted in bulk (``_count_gated``), exactly as the per-bar run counts them.
-    gate_codes = session.feature_columns["gate_code"][: n]
-    passing = gate_codes[all_window_bars] == 0
-    window_bars = all_window_bars[passing]
-    window_days = session.session_day[window_bars]
-    gated_bars = all_window_bars[~passing]
-    paths: dict[int, _PositionPath] = {}
-    scanned_to: dict[int, int] = {}      # per position: bars before this one are already booked
-
-    def next_exit_bar(position_id: int, after: int) -> int:
-        return paths[position_id].first_exit(after)
-
-    def book_skipped(position: Position, upto: int) -> None:
-        """Excursion and early-assignment checks the per-bar engine made on the skipped bars
-        [scanned_to, upto) of an open position, from its path."""
-        path = paths[position.position_id]
-        start = scanned_to[position.position_id]
-        stop = min(upto, path.stop_bar)
-        if stop <= start:
-            return
-        path.ensure(stop)
-        offset = start - path.first_bar
-        rows = path.rows
-        worst = float(rows.loss[offset: stop - path.first_bar].max())
-        if worst > position.max_adverse_excursion:
-            session.portfolio.update_excursion(position.position_id, worst)
-        if not position.early_assignment_risk:
-            flagged = np.flatnonzero(rows.early_assignment[offset: stop - path.first_bar])
-            if flagged.size:
-                row = offset + int(flagged[0])
-                engine.apply_row(position, rows, row, float(session.spot[path.first_bar + row]))
-        scanned_to[position.position_id] = stop
-
     bar = 0
     last_recorded = -1
     while bar < n:
-        _fill_skipped_equity(session, paths, last_recorded + 1, bar)
-        for position in session.portfolio.open_positions.values():
-            if not engine.is_closing(position.position_id):
-                book_skipped(position, bar)
+        session.record_skipped(paths, last_recorded + 1, bar)
+        paths.book_skipped(bar)
         session.step(bar)
         last_recorded = bar
-        for position in session.portfolio.open_positions.values():
-            if position.position_id not in paths:
-                paths[position.position_id] = _PositionPath(session, position, bar)
-            scanned_to[position.position_id] = bar + 1
-        following = _next_event_bar(session, bar, window_bars, window_days, next_exit_bar)
-        _count_gated(session, bar, following, gated_bars, gate_codes)
+        paths.track(bar)
+        following = engine.next_event_bar(bar, paths, bool(session.pending))
+        engine.skip(bar, following)
         bar = following
         session.tick(min(bar, n))
     session.finish()
     session.tick(n)
     return session.result("fast", time.perf_counter() - started)
-
-
-def _next_event_bar(session: BacktestSession, bar: int, window_bars: np.ndarray, window_days: np.ndarray,
-                    next_exit_bar) -> int:
-    """The next bar after ``bar`` where the per-bar engine could do anything: a fill is due, an
-    exit rule or an expiry fires, an entry may be tried, or the data ends."""
-    n = session.n_bars
-    engine = session.engine
-    strategy = session.config.strategy
-    if session.pending:
-        return bar + 1
-    candidates = [n - 1] if bar < n - 1 else [n]
-    active = 0
-    for position in session.portfolio.open_positions.values():
-        if engine.is_closing(position.position_id):
-            continue
-        active += 1
-        candidates.append(next_exit_bar(position.position_id, bar + 1))
-    if active < strategy.max_positions:
-        index = int(np.searchsorted(window_bars, bar + 1))
-        while index < window_bars.size:
-            candidate = int(window_bars[index])
-            limit = strategy.max_entries_per_day
-            if not limit or engine.entries_on(session.bar_times[candidate].date()) < limit:
-                candidates.append(candidate)
-                break
-            # This session's entries are used up: jump to the first window bar of a later session.
-            index = int(np.searchsorted(window_days, session.session_day[candidate] + 1))
-    return min(candidates)
-
-
-def _count_gated(session: BacktestSession, bar: int, following: int, gated_bars: np.ndarray,
-                 gate_codes: np.ndarray) -> None:
-    """Book the entry-gate rejections of the gated window bars strictly between ``bar`` and
-    ``following``, where the per-bar engine would have tried an entry: fewer active positions
-    than ``max_positions`` and the session's entries below the daily limit (no fill happens on
-    skipped bars, so both stay as they are after ``bar``)."""
-    if session.pending:
-        return
-    engine = session.engine
-    strategy = session.config.strategy
-    active = sum(1 for p in session.portfolio.open_positions.values() if not engine.is_closing(p.position_id))
-    if active >= strategy.max_positions:
-        return
-    skipped = gated_bars[np.searchsorted(gated_bars, bar + 1): np.searchsorted(gated_bars, following)]
-    if skipped.size == 0:
-        return
-    limit = strategy.max_entries_per_day
-    if limit and engine.entries_on(session.bar_times[bar].date()) >= limit:
-        # Later sessions have no entries yet; only this session's bars are out.
-        skipped = skipped[session.session_day[skipped] != session.session_day[bar]]
-    for code, count in zip(*np.unique(gate_codes[skipped], return_counts=True)):
-        reason = GATE_REASONS[int(code)]
-        engine.rejections[reason] = engine.rejections.get(reason, 0) + int(count)
-
-
-def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop: int) -> None:
-    """Account records of bars [start, stop) that were not stepped: cash unchanged since the last
-    stepped bar, positions marked from their paths, summed in id order like ``_store``."""
-    if stop <= start:
-        return
-    cash = session.portfolio.cash
-    mid_total = np.full(stop - start, cash)
-    closing_total = np.full(stop - start, cash)
-    for position_id in session.portfolio.open_positions:
-        path = paths[position_id]
-        path.ensure(stop)
-        rows = slice(start - path.first_bar, stop - path.first_bar)
-        mid_total += path.rows.mid_value[rows]
-        closing_total += path.rows.closing_value[rows]
-    session.cash[start:stop] = cash
-    session.equity_mid[start:stop] = mid_total
-    session.equity_closing[start:stop] = closing_total
-    session.open_count[start:stop] = len(session.portfolio.open_positions)
-    session.current_equity = float(mid_total[-1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,8 +452,9 @@ def _fill_skipped_equity(session: BacktestSession, paths: dict, start: int, stop
 
 # Why each trade was taken and sized, as of its entry decision (trades.csv, after the fills).
 ENTRY_CONTEXT_COLUMNS = ("regime", "confidence", "fuzzy_ft", *MEMBERSHIP_COLUMNS.values(), "mu_neural",
-                         *CONTEXT_FEATURES, "skew", "iv_atm", "vrp", "breach_probability", "wing_adjustments")
-_TEXT_CONTEXT = {"regime", "wing_adjustments"}
+                         *CONTEXT_FEATURES, "skew", "iv_atm", "vrp", "breach_probability", "wing_adjustments",
+                         "sizing", "sizing_limit", "condor_delta", "condor_gamma", "condor_vega", "condor_theta")
+_TEXT_CONTEXT = {"regime", "wing_adjustments", "sizing", "sizing_limit"}
 
 
 def trades_frame(positions: list[Position]) -> pd.DataFrame:
@@ -614,4 +501,128 @@ def equity_frame(result: BacktestResult, starting_cash: float) -> pd.DataFrame:
     return frame
 
 
+RISK_EVENT_COLUMNS = ("timestamp", "event", "reason", "attempts", "last_timestamp", "detail", "equity",
+                      "reference_equity")
+HEDGE_COLUMNS = ("timestamp", "shares", "price", "cost", "cash_flow", "reason", "delta_before", "delta_after",
+                 "shares_held")
+
+
+def risk_events_frame(events: list[RiskEvent]) -> pd.DataFrame:
+    """One row per halt, flatten and risk rejection (consecutive attempts of a session with the
+    same rejection in one row, ``attempts`` of them up to ``last_timestamp``), in time order
+    (risk_events.csv)."""
+    rows = [{"timestamp": e.timestamp, "event": e.kind, "reason": e.reason, "attempts": e.count,
+             "last_timestamp": e.last_timestamp if e.last_timestamp is not None else e.timestamp,
+             "detail": e.detail, "equity": e.equity, "reference_equity": e.reference_equity} for e in events]
+    return pd.DataFrame(rows, columns=list(RISK_EVENT_COLUMNS))
+
+
+def hedges_frame(fills: list[HedgeFill]) -> pd.DataFrame:
+    """One row per hedge fill with the shares held after it (hedges.csv)."""
+    rows, held = [], 0
+    for fill in fills:
+        held += fill.shares
+        rows.append({"timestamp": fill.timestamp, "shares": fill.shares, "price": fill.price, "cost": fill.cost,
+                     "cash_flow": fill.cash_flow, "reason": fill.reason, "delta_before": fill.delta_before,
+                     "delta_after": fill.delta_after, "shares_held": held})
+    return pd.DataFrame(rows, columns=list(HEDGE_COLUMNS))
+
+
 DRIVERS = {"backtrader": run_backtrader, "fast": run_fast}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run function
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """Everything one backtest produced, as tables: ``trades`` (trades.csv), ``equity`` (per bar,
+    with drawdown and net Greeks: equity.csv), ``metrics`` (metrics.json: performance, rejections,
+    risk and hedge figures), ``rejections`` (entry refusals by reason), ``risk_events`` and
+    ``hedges`` (their CSVs), plus the closed positions and run facts."""
+
+    config: object
+    trades: pd.DataFrame
+    equity: pd.DataFrame
+    metrics: dict
+    rejections: dict
+    risk_events: pd.DataFrame
+    hedges: pd.DataFrame
+    positions: list
+    engine: str
+    bars: int
+    seconds: float
+    analyzers: dict
+    features_description: dict
+
+
+def run_backtest(config, market: MarketData, features=None, progress=None) -> RunResult:
+    """Backtest ``config`` on ``market`` (any source implementing ``core.market.MarketData``)
+    with the driver ``config.backtest.engine`` names. ``features``: the bar feature table to use;
+    None takes it from the per-process cache (``core.market_data.bar_features``), built once per
+    market and per set of settings it depends on. ``progress(bars_done)`` is called as it runs."""
+    from analytics.performance import performance_metrics
+
+    if features is None:
+        from core.market_data import bar_features
+        features = bar_features(config, market)
+    result = DRIVERS[config.backtest.engine](config, market, progress=progress, features=features)
+    cash = config.backtest.cash
+    trades = trades_frame(result.positions)
+    equity = equity_frame(result, cash)
+    metrics = performance_metrics(equity["equity"], trades, cash)
+    metrics["entry_rejections"] = dict(sorted(result.rejections.items(), key=lambda item: -item[1]))
+    events = risk_events_frame(result.risk_events)
+    hedges = hedges_frame(result.hedge_fills)
+    metrics["risk"] = risk_summary(events, trades, equity, result.rejections)
+    metrics["hedge"] = hedge_summary(hedges)
+    note = sizing_note(config, metrics, result.rejections)
+    if note:
+        metrics["sizing_note"] = note
+    return RunResult(config, trades, equity, metrics, dict(result.rejections), events, hedges, result.positions,
+                     result.engine, result.bars, result.seconds, result.analyzers,
+                     dict(getattr(features, "description", {}) or {}))
+
+
+def risk_summary(events: pd.DataFrame, trades: pd.DataFrame, equity: pd.DataFrame, rejections: dict) -> dict:
+    """Counts of halts, flattens and risk rejections, and the extremes of the net Greeks."""
+    from risk.risk_manager import SIZING_REASONS
+
+    kinds = events["event"].value_counts().to_dict() if len(events) else {}
+    summary = {
+        "kill_switch_halts": int(kinds.get("kill_switch_halt", 0)),
+        "max_drawdown_halts": int(kinds.get("max_drawdown_halt", 0)),
+        "flattens": int(kinds.get("flatten", 0)),
+        "positions_closed_by_kill_switch": int(trades["exit_reason"].isin(
+            [ExitReason.KILL_SWITCH.value, ExitReason.MAX_DRAWDOWN.value]).sum()) if len(trades) else 0,
+        "risk_rejections": {reason: int(rejections[reason]) for reason in SIZING_REASONS if rejections.get(reason)},
+    }
+    for greek in ("delta", "gamma", "vega", "theta"):
+        column = equity[f"net_{greek}"].to_numpy(dtype=float)
+        summary[f"max_abs_net_{greek}"] = float(np.abs(column).max()) if column.size else 0.0
+    return summary
+
+
+def hedge_summary(hedges: pd.DataFrame) -> dict:
+    """Hedge trades, shares traded, costs and the hedge's P&L (every share is unwound by the end
+    of the run, so its P&L is the sum of its cash flows, costs included)."""
+    if len(hedges) == 0:
+        return {"trades": 0, "shares_traded": 0, "costs": 0.0, "pnl": 0.0}
+    return {"trades": int(len(hedges)), "shares_traded": int(hedges["shares"].abs().sum()),
+            "costs": float(hedges["cost"].sum()), "pnl": float(hedges["cash_flow"].sum())}
+
+
+def sizing_note(config, metrics: dict, rejections: dict) -> str | None:
+    """One line when every candidate was sized to zero contracts, naming the rule and the
+    setting to change; None otherwise."""
+    from risk.risk_manager import SIZING_HINTS, SIZING_REASONS
+
+    if metrics.get("trade_count"):
+        return None
+    sized_out = {reason: rejections[reason] for reason in SIZING_REASONS if rejections.get(reason)}
+    if not sized_out:
+        return None
+    reason, count = max(sized_out.items(), key=lambda item: item[1])
+    return (f"no trade: every candidate was sized to 0 contracts ({sum(sized_out.values()):,} times; "
+            f"{count:,} by {reason}): {SIZING_HINTS[reason](config)}")

@@ -270,8 +270,18 @@ class FiltersConfig(_Section):
     # §1 VRP gate: trade only when IV_ATM - RV > theta_VRP; RV over 78 five-minute bars = 1 day.
     vrp_threshold: float = Field(0.02, ge=-1.0, le=1.0)
     realized_vol_window: int = Field(78, ge=2, le=100_000, description="bars")
-    # §3 steep put skew: (IV_put - IV_call) / IV_ATM above this.
-    skew_threshold: float = Field(0.15, ge=-1.0, le=5.0)
+    # §3 steep put skew: the 15-delta skew (IV_put - IV_call) / IV_ATM above a reference widens
+    # the put wing (strategy.skew_put_wing_increment). `skew_rule` picks the reference:
+    # "percentile" (default): the `skew_percentile`-th percentile of the session-close readings
+    #   of the previous `skew_lookback_sessions` sessions (causal; no rule with fewer than
+    #   `skew_min_sessions` readings). On the embedded data (2014-2018) it fires on ~18 % of
+    #   sessions; "seed": the seed's absolute `skew_threshold`, which the 15-delta metric
+    #   (0.67-0.77 on the embedded chains, ~0.5-0.8 on real SPX) exceeds on every session.
+    skew_rule: Literal["percentile", "seed"] = "percentile"
+    skew_threshold: float = Field(0.15, ge=-1.0, le=5.0, description="seed rule's absolute threshold")
+    skew_percentile: float = Field(80.0, gt=0.0, lt=100.0)
+    skew_lookback_sessions: int = Field(252, ge=1, le=10_000, description="sessions")
+    skew_min_sessions: int = Field(20, ge=1, le=10_000, description="sessions")
     # §4 gaps: |open - prev_close| / prev_close <= 0.19 % is "small"; direction needs > 0.01 %.
     gap_small_threshold: float = Field(0.0019, gt=0.0, le=0.1)
     gap_direction_tolerance: float = Field(0.0001, ge=0.0, le=0.01)
@@ -306,6 +316,10 @@ class FiltersConfig(_Section):
         _require(
             self.vix_threshold_low <= self.vix_threshold,
             f"{self._show_field('vix_threshold_low')} must be <= {self._show_field('vix_threshold')}",
+        )
+        _require(
+            self.skew_min_sessions <= self.skew_lookback_sessions,
+            f"{self._show_field('skew_min_sessions')} must be <= {self._show_field('skew_lookback_sessions')}",
         )
         return self
 
@@ -562,25 +576,59 @@ class SizingConfig(_Section):
 
 
 class HedgeConfig(_Section):
-    """Delta hedging rule (CLI table)."""
+    """Delta hedging with underlying shares (seed CLI table: --enable-hedge, --hedge-threshold).
+
+    Units: the threshold is net delta per condor open, in option-delta units, i.e. the
+    portfolio's share-equivalent delta divided by 100 x the condor contracts open. 0.10 with two
+    condors open hedges beyond |20| shares. A hedge trades shares back to delta-neutral (whole
+    shares) at the bar's price plus ``share_cost`` per share; shares are unwound when no condor
+    is left open."""
 
     section_name: ClassVar[str] = "hedge"
 
     enable_hedge: bool = False
-    hedge_threshold: float = Field(0.10, gt=0.0, le=1.0, description="net delta that triggers a hedge")
+    hedge_threshold: float = Field(0.10, gt=0.0, le=1.0,
+                                   description="net delta per condor open (share-equivalent delta / 100 / condors) "
+                                               "beyond which shares are traded back to neutral")
+    # Half the SPY spread (~$0.005) plus a commission (IBKR ~$0.005/share); Alpaca's commission
+    # is zero, so this is conservative there.
+    share_cost: float = Field(0.01, ge=0.0, le=1.0, description="dollars per share traded")
 
 
 class RiskConfig(_Section):
-    """Portfolio caps, per-trade risk budget and the daily kill switch (seed Risk Management)."""
+    """Stage 3 (seed Risk Management): the RiskManager's caps, the per-trade risk budget and the
+    kill switch.
+
+    Units of the Greek caps, all on the portfolio's net Greeks (sum over legs of ratio x greek
+    x 100 x contracts): delta in share-equivalents (200 = the exposure of 200 shares), gamma in
+    share-equivalent delta per $1 move of the underlying, vega in dollars per volatility point,
+    theta in dollars per calendar day. Hedge shares count in the delta."""
 
     section_name: ClassVar[str] = "risk"
 
-    max_account_risk_per_trade: float = Field(0.02, gt=0.0, le=0.25, description="share of equity")
-    max_portfolio_delta: float = Field(200.0, gt=0.0, le=1e6)
-    max_portfolio_gamma: float = Field(50.0, gt=0.0, le=1e6)
-    max_portfolio_vega: float = Field(500.0, gt=0.0, le=1e7)
-    # Stored as a positive fraction: the seed's DD_max = -0.02 is a 2 % drop from the peak.
-    daily_drawdown_limit: float = Field(0.02, gt=0.0, le=1.0)
+    # Off: no Greek caps, no risk budget and no kill switch (max_positions and max_alloc still
+    # apply). For comparisons, not for trading.
+    use_risk_limits: bool = True
+    max_account_risk_per_trade: float = Field(0.02, gt=0.0, le=0.25,
+                                              description="risk budget: share of equity one trade may lose at most")
+    max_portfolio_delta: float = Field(200.0, gt=0.0, le=1e6, description="|net delta|, share-equivalents")
+    max_portfolio_gamma: float = Field(50.0, gt=0.0, le=1e6, description="|net gamma|, share-equivalent delta per $1")
+    max_portfolio_vega: float = Field(500.0, gt=0.0, le=1e7, description="|net vega|, dollars per vol point")
+    max_portfolio_theta: float = Field(250.0, gt=0.0, le=1e7, description="|net theta|, dollars per day")
+    # Per trade: half the portfolio caps by default, so no single condor can use a cap up alone.
+    max_trade_delta: float = Field(100.0, gt=0.0, le=1e6, description="|delta| of one trade, share-equivalents")
+    max_trade_gamma: float = Field(25.0, gt=0.0, le=1e6, description="|gamma| of one trade")
+    max_trade_vega: float = Field(250.0, gt=0.0, le=1e7, description="|vega| of one trade, dollars per vol point")
+    max_trade_theta: float = Field(125.0, gt=0.0, le=1e7, description="|theta| of one trade, dollars per day")
+    # Stored as a positive fraction: the seed's DD_max = -0.02 is a 2 % loss. Measured on equity
+    # at mid (realized + unrealized) against the equity at the previous session's close.
+    daily_drawdown_limit: float = Field(0.02, gt=0.0, lt=1.0,
+                                        description="kill switch: session loss (share of its opening equity) "
+                                                    "that halts new entries for the rest of the session")
+    kill_switch_flatten: bool = Field(False, description="also close every position when the kill switch fires")
+    # None = off. Peak-to-current loss of equity at mid that halts entries for the rest of the run.
+    max_drawdown_limit: float | None = Field(None, gt=0.0, lt=1.0,
+                                             description="halt entries for good beyond this drawdown from the peak")
 
 
 _LagSeconds = Annotated[int, Field(gt=0, le=86_400)]
@@ -1147,6 +1195,16 @@ CLI_FLAG_TO_FIELD: dict[str, str] = {
     "--position-size-pct": "sizing.position_size_pct",
     "--enable-hedge": "hedge.enable_hedge",
     "--hedge-threshold": "hedge.hedge_threshold",
+    "--hedge-share-cost": "hedge.share_cost",
+    "--max-account-risk": "risk.max_account_risk_per_trade",
+    "--max-portfolio-delta": "risk.max_portfolio_delta",
+    "--max-portfolio-gamma": "risk.max_portfolio_gamma",
+    "--max-portfolio-vega": "risk.max_portfolio_vega",
+    "--max-portfolio-theta": "risk.max_portfolio_theta",
+    "--daily-drawdown-limit": "risk.daily_drawdown_limit",
+    "--max-drawdown-limit": "risk.max_drawdown_limit",
+    "--kill-switch-flatten": "risk.kill_switch_flatten",
+    "--no-risk-limits": "risk.use_risk_limits",
     "--no-liquidity-gate": "filters.use_liquidity_gate",
     "--no-gates": "filters.use_entry_gates",
     "--use-fuzzy": "fuzzy.use_fuzzy",
@@ -1158,7 +1216,8 @@ CLI_FLAG_TO_FIELD: dict[str, str] = {
 }
 
 CLI_NEGATING_FLAGS: frozenset[str] = frozenset(
-    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy", "--no-gates", "--no-neural"}
+    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy", "--no-gates", "--no-neural",
+     "--no-risk-limits"}
 )
 
 # Seed flags that choose what the program does rather than a parameter (DESIGN: three modes).

@@ -129,6 +129,7 @@ class Action(str, Enum):
     OPEN = "open"
     CLOSE = "close"
     HOLD = "hold"
+    HEDGE = "hedge"        # trade underlying shares (TradeDecision.shares, signed)
 
 
 class ExitReason(str, Enum):
@@ -138,13 +139,15 @@ class ExitReason(str, Enum):
     MAX_HOLD = "max_hold"
     EXPIRY = "expiry"
     END_OF_DATA = "end_of_data"
-    KILL_SWITCH = "kill_switch"
+    KILL_SWITCH = "kill_switch"          # the daily drawdown kill switch flattened the book
+    MAX_DRAWDOWN = "max_drawdown"        # the total drawdown limit flattened the book
 
 
 @dataclass(frozen=True, slots=True)
 class TradeDecision:
     """What the engine decided at one bar. OPEN carries the condor and its expected credit;
-    CLOSE carries the position id and the reason; HOLD says why nothing was done (for logs)."""
+    CLOSE carries the position id and the reason; HEDGE the signed shares to trade (+ buy) and
+    the portfolio delta that triggered it; HOLD says why nothing was done (for logs)."""
 
     action: Action
     timestamp: pd.Timestamp
@@ -153,6 +156,7 @@ class TradeDecision:
     position_id: int | None = None
     expected_price: float | None = None   # per share: credit for OPEN, debit for CLOSE
     context: Mapping | None = None        # OPEN: the features and checks behind the entry
+    shares: int = 0                       # HEDGE: shares to trade, signed
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +214,42 @@ class Position:
 
 
 @dataclass(frozen=True, slots=True)
+class HedgeFill:
+    """Underlying shares traded by the delta hedge: signed ``shares`` (+ bought) at ``price``,
+    ``cost`` dollars (``hedge.share_cost`` per share), the book's delta before and after."""
+
+    timestamp: pd.Timestamp
+    shares: int
+    price: float
+    cost: float
+    reason: str
+    delta_before: float
+    delta_after: float
+
+    @property
+    def cash_flow(self) -> float:
+        """Dollars into the account (sales positive) after the cost."""
+        return -(self.shares * self.price) - self.cost
+
+
+@dataclass(frozen=True, slots=True)
+class RiskEvent:
+    """Something the risk manager did or refused: ``kind`` is one of ``kill_switch_halt``,
+    ``max_drawdown_halt``, ``flatten``, ``risk_rejection``; ``reason`` the rule; ``detail`` a
+    one-line explanation with the numbers. The same rejection on consecutive entry attempts of
+    a session is one event with ``count`` attempts from ``timestamp`` to ``last_timestamp``."""
+
+    timestamp: pd.Timestamp
+    kind: str
+    reason: str
+    detail: str
+    equity: float = float("nan")
+    reference_equity: float = float("nan")   # session open (kill switch) or peak (max drawdown)
+    count: int = 1                           # consecutive bars of the same rejection in a session
+    last_timestamp: pd.Timestamp | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PortfolioGreeks:
     """Net Greeks of the open positions: delta per $1 (shares-equivalent ×100 applied),
     gamma per $1, vega per vol point and theta per day, all in dollars."""
@@ -225,8 +265,8 @@ class MarketSnapshot:
     """Everything the engine may know at one bar, nothing from later.
 
     ``chain(dte_min, dte_max)`` returns the option-chain slice at this bar; ``quote(condor)``
-    returns this bar's quotes of a structure's legs; ``quote_many(positions)`` the bid/ask/mid of
-    several open condors at once. ``features`` holds the bar's feature row (indicators, MTF
+    returns this bar's quotes of a structure's legs; ``quote_many(positions)`` the quotes and Greeks
+    of several open condors at once. ``features`` holds the bar's feature row (indicators, MTF
     consensus, memberships, confidence, regime, entry-gate code; ``intelligence.features``).
     """
 
@@ -238,6 +278,6 @@ class MarketSnapshot:
     iv_index: float
     chain: Callable                        # chain(dte_min, dte_max) -> ChainSlice at this bar
     quote: Callable[[IronCondor], LegQuotes]
-    quote_many: Callable          # quote_many(positions) -> (bid, ask, mid), each (k, 4), in that order
+    quote_many: Callable          # quote_many(positions) -> StructureQuotes (bid, ask, mid, Greeks), each (k, 4)
     settlement_of: Callable[[dt.date], pd.Timestamp]   # listed expiry -> its settlement time
     features: Mapping = field(default_factory=dict)

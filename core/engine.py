@@ -1,13 +1,23 @@
-"""TradingEngine: per bar, a MarketSnapshot in, decisions out (open, close with reason, hold).
+"""TradingEngine: per bar, a MarketSnapshot in, decisions out (open, close with reason, hedge).
 
 The engine holds the strategy's rules and reads the portfolio; it never fills orders, reads files
-or talks to Backtrader or a broker. Per-bar drivers call ``on_bar``; the fast driver also calls
-``evaluate`` on whole holding periods (the same compiled arithmetic ``on_bar`` uses on one bar)
-to find the bars where ``on_bar`` would act.
+or talks to Backtrader or a broker. It owns entry eligibility (the entry window, the daily entry
+limit, each bar's Stage-2 gate code), exits, the rejection counts, and asks ``risk.RiskManager``
+to approve and size every open, to block entries (max positions, kill switch) and to hedge.
+
+Drivers use three things:
+- ``on_bar(snapshot)``: the decisions at one bar (every driver, every stepped bar);
+- ``next_event_bar(bar, paths, pending)`` and ``skip(bar, following, paths)``: for a driver that
+  steps only the bars where something can happen (the fast driver), the next such bar — an
+  entry can be tried, an exit rule or an expiry fires, a fill is due, the kill switch or the
+  hedge would act — and the bookkeeping of the bars it skips (excursions, early-assignment
+  flags, bulk-counted gate rejections), all from the same rules and arithmetic ``on_bar`` uses;
+- ``PositionPaths``: each open condor's exit rules, marks and Greeks evaluated over its holding
+  period at once (the compiled ``evaluate_condor_rows``, which ``on_bar`` runs on one bar).
 """
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -15,7 +25,6 @@ import numpy as np
 import pandas as pd
 from numba import njit
 
-from core.config import Config
 from core.dto import (
     CONTRACT_MULTIPLIER,
     EPOCH_ORDINAL,
@@ -24,23 +33,25 @@ from core.dto import (
     IronCondor,
     MarketSnapshot,
     Position,
+    RiskEvent,
     TradeDecision,
 )
 from core.execution import FillModel, close_debit_row, open_credit
-from core.portfolio import Portfolio
+from core.portfolio import Portfolio, condor_marks
 from intelligence.features import MEMBERSHIP_COLUMNS
-from intelligence.fuzzy_engine import dynamic_contracts
 from intelligence.regime_filter import regime_names
+from risk.risk_manager import Book, DrawdownTrigger, Proposal, RiskManager
 from strategies.condor_adjustments import (
     breach_probability,
     liquidity_problem,
     nearest_expiry_skew,
     plan_wings,
 )
-from strategies.entry_gates import GATE_REASONS
+from strategies.entry_gates import GATE_REASONS, bar_gate_codes
 from strategies.options_strategy import (
     REASON_OF_CODE,
     CondorChoice,
+    ExitRules,
     Rejection,
     choose_iron_condor,
     credit_is_sufficient,
@@ -52,68 +63,216 @@ CONTEXT_FEATURES = ("mtf_consensus", "iv_index", "iv_rank", "realized_vol", "rsi
                     "bb_position", "bb_width", "psar_position", "sma_distance", "volume_ratio",
                     "divergence_z", "gap_pct")
 
+DAY_NS = 86_400 * 1_000_000_000
+
 
 def clock_minutes(hhmm: str) -> int:
     hours, minutes = hhmm.split(":")
     return int(hours) * 60 + int(minutes)
 
 
+class BarClock(NamedTuple):
+    """Per bar of a run: its session as days since 1970-01-01 and its close as minutes after
+    midnight, exchange time."""
+
+    session_day: np.ndarray
+    minute_of_day: np.ndarray
+
+    @classmethod
+    def from_times(cls, bar_times: pd.DatetimeIndex) -> BarClock:
+        local = bar_times.tz_convert("America/New_York")
+        session_day = (local.tz_localize(None).normalize().asi8 // DAY_NS).astype(np.int64)
+        minute = (local.hour * 60 + local.minute).to_numpy().astype(np.int64)
+        return cls(session_day, minute)
+
+    def __len__(self) -> int:
+        return len(self.session_day)
+
+
 class TradingEngine:
     """The iron-condor decision logic shared by every driver."""
 
-    def __init__(self, config: Config, portfolio: Portfolio, fill_model: FillModel):
+    def __init__(self, config, portfolio: Portfolio, fill_model: FillModel, clock: BarClock,
+                 features=None, risk: RiskManager | None = None):
         self.config = config
         self.portfolio = portfolio
         self.fill_model = fill_model
-        self._window = (clock_minutes(config.strategy.entry_window_start),
-                        clock_minutes(config.strategy.entry_window_end))
-        self._entries_by_session: dict[dt.date, int] = {}
+        self.clock = clock
+        self.risk = risk if risk is not None else RiskManager(config)
+        self.exit_rules = ExitRules.from_settings(config.exits, fill_model.fraction)
+        n = len(clock)
+        self.feature_columns = dict(features.columns) if features is not None else {}
+        if features is not None and len(features) < n:
+            raise ValueError(f"the feature table has {len(features)} bars, the run {n}")
+        # This configuration's Stage-2 gate code per bar (0 = every enabled gate passes).
+        self.gate_codes = (bar_gate_codes(features.columns, config)[:n] if features is not None
+                           else np.zeros(n, dtype=np.int8))
+        window = (clock_minutes(config.strategy.entry_window_start), clock_minutes(config.strategy.entry_window_end))
+        self._window = window
+        in_window = (clock.minute_of_day >= window[0]) & (clock.minute_of_day <= window[1])
+        self._open_window_bars = np.flatnonzero(in_window & (self.gate_codes == 0))
+        self._open_window_days = clock.session_day[self._open_window_bars]
+        self._gated_window_bars = np.flatnonzero(in_window & (self.gate_codes != 0))
+        self._entries_by_session: dict[int, int] = {}
         self._closing: set[int] = set()          # positions with a close decided, not yet filled
         self._entry_days: dict[int, int] = {}
         self._columns_key: tuple = ()
-        self._columns: tuple = ()
+        self._columns = None
         self._bar_spot = np.zeros(1)                   # one-bar inputs, reused every bar
         self._bar_day = np.zeros(1, dtype=np.int64)
-        exits = config.exits
-        # The exit-rule settings packed for the compiled evaluator (few arguments dispatch faster).
-        self._rule_floats = np.array([fill_model.fraction, exits.profit_take_pct, exits.loss_close_multiple,
-                                      exits.early_assignment_extrinsic])
-        self._rule_ints = np.array([exits.dte_exit, exits.max_hold_days, exits.early_assignment_days],
-                                   dtype=np.int64)
         self.rejections: dict[str, int] = {}     # why entries were not made, for the report
+        self.risk_events: list[RiskEvent] = []
+        self._last_rejection_session = -1
+        self.last_rows: ConditionRows | None = None
 
-    # ----------------------------------------------------------------------------- bookkeeping
-    def note_opened(self, session_date: dt.date) -> None:
-        self._entries_by_session[session_date] = self._entries_by_session.get(session_date, 0) + 1
+    # ----------------------------------------------------------------------------- per bar
+    def on_bar(self, snapshot: MarketSnapshot) -> list[TradeDecision]:
+        """The decisions at this bar, all on the account as it stands before this bar's fills:
+        the kill switch (on equity at mid), the exits of every open position, at most one entry,
+        then the hedge of what stays open. The rows evaluated here (one per open position, in id
+        order) stay on ``last_rows`` for the driver's account record."""
+        portfolio = self.portfolio
+        positions = list(portfolio.open_positions.values())
+        closing = self._closing
+        if closing:
+            closing.intersection_update(portfolio.open_positions)     # filled closes drop out
+        rows = None
+        if positions:
+            quotes = snapshot.quote_many(positions)
+            self._bar_spot[0] = snapshot.spot
+            self._bar_day[0] = snapshot.session_day
+            rows = self.evaluate(positions, quotes, self._bar_spot, self._bar_day)
+        self.last_rows = rows
+        risk = self.risk
+        equity = None
+        trigger = None
+        if risk.daily_limit is not None or risk.total_limit is not None:
+            equity = self._equity_at_mid(positions, rows, snapshot)
+            trigger = risk.check_drawdown(snapshot.session_day, equity)
+        decisions = self.exit_decisions(snapshot, positions, rows) if positions else []
+        if trigger is not None:
+            decisions.extend(self._on_drawdown(trigger, snapshot, positions))
+        staying = [i for i, position in enumerate(positions) if position.position_id not in closing]
+        entry = None
+        if self.entry_allowed(snapshot, len(staying)) is None:
+            if equity is None:
+                equity = self._equity_at_mid(positions, rows, snapshot)
+            entry = self._entry_decision(snapshot, self._book(equity, positions, rows, staying))
+            if entry is not None:
+                decisions.append(entry)
+        if risk.hedging:
+            hedge = self._hedge_decision(snapshot, positions, rows, staying, entry)
+            if hedge is not None:
+                decisions.append(hedge)
+        return decisions
 
-    def entries_on(self, session_date: dt.date) -> int:
-        return self._entries_by_session.get(session_date, 0)
+    def _equity_at_mid(self, positions, rows, snapshot: MarketSnapshot) -> float:
+        """cash + each open position's value at mid (its intrinsic value once settled) + hedge
+        shares at spot: ``core.portfolio.account_marks``' order, which the fast driver's path
+        marks repeat."""
+        equity = self.portfolio.cash
+        for i, position in enumerate(positions):
+            if snapshot.timestamp >= position.condor.settlement:
+                equity += -position.condor.intrinsic_value(snapshot.spot) * CONTRACT_MULTIPLIER * position.condor.quantity
+            else:
+                equity += float(rows.mid_value[i])
+        shares = self.portfolio.hedge_shares
+        if shares:
+            equity += shares * snapshot.spot
+        return equity
 
-    def note_closed(self, position_id: int) -> None:
-        self._closing.discard(position_id)
+    def _book(self, equity: float, positions, rows, staying: list[int]) -> Book:
+        committed = 0.0
+        contracts = 0
+        delta = gamma = vega = theta = 0.0
+        for i in staying:
+            position = positions[i]
+            committed += position.max_loss
+            contracts += position.condor.quantity
+            delta += float(rows.delta[i])
+            gamma += float(rows.gamma[i])
+            vega += float(rows.vega[i])
+            theta += float(rows.theta[i])
+        shares = self.portfolio.hedge_shares
+        if shares:
+            delta += shares
+        return Book(equity, self.portfolio.cash, committed, len(staying), contracts, delta, gamma, vega, theta,
+                    shares)
 
-    def is_closing(self, position_id: int) -> bool:
-        return position_id in self._closing
+    def _on_drawdown(self, trigger: DrawdownTrigger, snapshot: MarketSnapshot, positions) -> list[TradeDecision]:
+        """Log the halt; with flatten, close every position not already closing."""
+        kind = "kill_switch_halt" if trigger.kind == "kill_switch" else "max_drawdown_halt"
+        reference = "the previous session close" if trigger.kind == "kill_switch" else "the peak"
+        scope = "the rest of the session" if trigger.kind == "kill_switch" else "the rest of the run"
+        self.risk_events.append(RiskEvent(
+            snapshot.timestamp, kind, trigger.kind,
+            f"equity {trigger.equity:,.2f} is {trigger.drawdown:.2%} below {reference} ({trigger.reference:,.2f}), "
+            f"beyond the {trigger.limit:.2%} limit: no new entries for {scope}",
+            trigger.equity, trigger.reference))
+        if not trigger.flatten:
+            return []
+        reason = ExitReason.KILL_SWITCH.value if trigger.kind == "kill_switch" else ExitReason.MAX_DRAWDOWN.value
+        decisions = []
+        for position in positions:
+            if position.position_id in self._closing or snapshot.timestamp >= position.condor.settlement:
+                continue
+            decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, reason, position_id=position.position_id))
+            self._closing.add(position.position_id)
+        if decisions or self.portfolio.hedge_shares:
+            self.risk_events.append(RiskEvent(
+                snapshot.timestamp, "flatten", reason,
+                f"closing {len(decisions)} condor(s)"
+                + (f" and {self.portfolio.hedge_shares:+d} hedge shares" if self.portfolio.hedge_shares else ""),
+                trigger.equity, trigger.reference))
+        return decisions
+
+    def _hedge_decision(self, snapshot: MarketSnapshot, positions, rows, staying: list[int],
+                        entry: TradeDecision | None) -> TradeDecision | None:
+        """Shares to trade after this bar's decisions: the net delta of the condors that stay
+        open (and the one being opened) plus the shares held, against the threshold."""
+        delta = 0.0
+        contracts = 0
+        for i in staying:
+            delta += float(rows.delta[i])
+            contracts += positions[i].condor.quantity
+        shares_held = self.portfolio.hedge_shares
+        if shares_held:
+            delta += shares_held
+        if entry is not None:
+            delta += entry.condor.quantity * float(entry.context["condor_delta"])
+            contracts += entry.condor.quantity
+        shares = self.risk.hedge_shares(delta, contracts, shares_held)
+        if not shares:
+            return None
+        reason = "hedge" if contracts else "hedge_unwind"
+        return TradeDecision(Action.HEDGE, snapshot.timestamp, reason, shares=shares, expected_price=snapshot.spot,
+                             context={"delta_before": delta, "open_contracts": contracts})
 
     # ----------------------------------------------------------------------------- exits
-    def evaluate(self, positions: list[Position], bid: np.ndarray, ask: np.ndarray, mid: np.ndarray,
-                 spot: np.ndarray, session_day: np.ndarray) -> ConditionRows:
-        """The exit rules, excursions, early-assignment checks and marks of open condors on rows
-        of quotes: one row per position at one bar (per-bar drivers) or one row per bar of one
-        position (the fast driver's holding-period paths). Same compiled arithmetic either way."""
-        # One position's constants broadcast over however many rows (bars) there are.
-        columns_f, columns_i = self._position_columns(positions)
-        out_f, out_i = evaluate_condor_rows(bid, ask, mid, spot, session_day, columns_f, columns_i,
-                                            self._rule_floats, self._rule_ints)
-        return ConditionRows(out_f[0], out_f[1], out_f[2], out_f[3], out_i[0], out_i[1], out_f[4], out_i[2])
+    def evaluate(self, positions: list[Position], quotes, spot: np.ndarray, session_day: np.ndarray) -> ConditionRows:
+        """The exit rules, excursions, early-assignment checks, marks and Greeks of open condors
+        on rows of quotes (``quotes`` has bid, ask, mid, delta, gamma, vega, theta arrays (rows,
+        4)): one row per position at one bar (per-bar drivers) or one row per bar of one position
+        (the fast driver's holding-period paths). Same compiled arithmetic either way."""
+        columns = self._position_columns(positions)
+        out_f, out_i = evaluate_condor_rows(quotes.bid, quotes.ask, quotes.mid, quotes.delta, quotes.gamma,
+                                            quotes.vega, quotes.theta, spot, session_day, columns,
+                                            self.exit_rules)
+        return ConditionRows(*out_f[:4], out_i[0], out_i[1], out_f[4], out_i[2], *out_f[5:])
 
-    def _position_columns(self, positions: list[Position]):
+    def _position_columns(self, positions: list[Position]) -> PositionColumns:
         """Per-position constants as arrays, rebuilt only when the set of positions changes (the
         per-bar drivers ask for the same open set on most bars)."""
         key = tuple(p.position_id for p in positions)
         if self._columns_key != key:
             self._columns_key = key
-            self._columns = _position_columns(positions, [self.entry_day(p) for p in positions])
+            self._columns = PositionColumns(
+                np.array([p.entry_credit for p in positions]),
+                np.array([p.condor.short_put_strike for p in positions]),
+                np.array([p.condor.short_call_strike for p in positions]),
+                np.array([p.condor.quantity for p in positions], dtype=np.int64),
+                np.array([p.condor.expiration_day for p in positions], dtype=np.int64),
+                np.array([self.entry_day(p) for p in positions], dtype=np.int64))
         return self._columns
 
     def exit_decisions(self, snapshot: MarketSnapshot, positions: list[Position],
@@ -136,16 +295,16 @@ class TradingEngine:
                                                expected_price=condor.intrinsic_value(snapshot.spot)))
                 continue
             if losses[i] > position.max_adverse_excursion or (flags[i] and not position.early_assignment_risk):
-                self.apply_row(position, rows, i, snapshot.spot)
+                self.book_row(position, rows, i, snapshot.spot)
             code = codes[i]
             if code:
-                decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, REASON_OF_CODE[code].value,
+                decisions.append(TradeDecision(Action.CLOSE, snapshot.timestamp, REASON_OF_CODE[code],
                                                position_id=position.position_id, expected_price=debits[i]))
         for decision in decisions:
             self._closing.add(decision.position_id)
         return decisions
 
-    def apply_row(self, position: Position, rows: ConditionRows, i: int, spot: float) -> None:
+    def book_row(self, position: Position, rows: ConditionRows, i: int, spot: float) -> None:
         """Book one evaluated bar of a position: its adverse excursion and, the first time, an
         early-assignment flag."""
         loss = float(rows.loss[i])
@@ -171,35 +330,46 @@ class TradingEngine:
             day = self._entry_days[position.position_id] = stamp.date().toordinal() - EPOCH_ORDINAL
         return day
 
+    def is_closing(self, position_id: int) -> bool:
+        """A close was decided for this position and has not been filled yet."""
+        return position_id in self._closing and position_id in self.portfolio.open_positions
+
     # ----------------------------------------------------------------------------- entries
+    def entries_on(self, session_day: int) -> int:
+        """Entries decided in the session (days since 1970-01-01)."""
+        return self._entries_by_session.get(session_day, 0)
+
     def entry_allowed(self, snapshot: MarketSnapshot, open_count: int) -> str | None:
-        """None when an entry may be tried at this bar, else the reason it may not."""
+        """None when an entry may be tried at this bar, else the reason it may not: outside the
+        entry window, the session's entries used up, or a block of the risk manager (max
+        positions, a halt)."""
         stamp = snapshot.timestamp
         minute = stamp.hour * 60 + stamp.minute
         if not (self._window[0] <= minute <= self._window[1]):
             return "outside_entry_window"
         limit = self.config.strategy.max_entries_per_day
-        if limit and self.entries_on(stamp.date()) >= limit:
+        if limit and self.entries_on(snapshot.session_day) >= limit:
             return "daily_entry_limit"
-        if open_count >= self.config.strategy.max_positions:
-            return "max_positions"
-        return None
+        return self.risk.entry_block(snapshot.session_day, open_count)
 
-    def entry_decision(self, snapshot: MarketSnapshot, equity: float, open_count: int,
-                       committed_risk: float) -> TradeDecision | None:
-        """Open decision at this bar, or None. ``equity`` is the account at mid, ``committed_risk``
-        the max loss (dollars) of the positions that stay open.
-
-        Order: the bar's entry gates (one pre-computed code, ``strategies.entry_gates``), the
-        condor with Stage-2 wings, the chain-level checks (VRP, breach probability, liquidity),
-        the credit test, then the size (fixed, or fuzzy/dynamic)."""
-        if self.entry_allowed(snapshot, open_count) is not None:
+    def entry_decision(self, snapshot: MarketSnapshot, book: Book) -> TradeDecision | None:
+        """Open decision at this bar for the account ``book``, or None (the reason counted in
+        ``rejections`` once the entry window, daily limit and risk blocks allow a try)."""
+        if self.entry_allowed(snapshot, book.open_condors) is not None:
             return None
+        return self._entry_decision(snapshot, book)
+
+    def _entry_decision(self, snapshot: MarketSnapshot, book: Book) -> TradeDecision | None:
+        """``entry_decision`` once ``entry_allowed`` has passed.
+
+        Order: the bar's entry gates (this configuration's code for the bar,
+        ``strategies.entry_gates``), the condor with Stage-2 wings, the chain-level checks (VRP,
+        breach probability, liquidity), the credit test, then the risk manager's approval and
+        size."""
+        gate = int(self.gate_codes[snapshot.bar_index])
+        if gate:
+            return self._reject(GATE_REASONS[gate])
         features = snapshot.features
-        if features:
-            gate = int(features["gate_code"])
-            if gate:
-                return self._reject(GATE_REASONS[gate])
         config = self.config
         strategy, filters = config.strategy, config.filters
         chain = snapshot.chain(strategy.dte_min, strategy.dte_max)
@@ -211,7 +381,8 @@ class TradingEngine:
         if stage2:
             _, reading = nearest_expiry_skew(chain)
             skew = reading.skew if reading is not None else math.nan
-            wings = plan_wings(config, regime_name, skew, int(features["divergence_bias"]))
+            reference = features["skew_reference"] if "skew_reference" in self.feature_columns else math.nan
+            wings = plan_wings(config, regime_name, skew, int(features["divergence_bias"]), skew_reference=reference)
             context.update(skew=skew, iv_atm=reading.iv_atm if reading is not None else math.nan,
                            wing_adjustments="; ".join(wings.adjustments))
         choice = choose_iron_condor(chain, config, wings)
@@ -236,12 +407,18 @@ class TradingEngine:
         if not credit_is_sufficient(credit, choice.width, config):
             return self._reject("credit_below_minimum")
         confidence = float(features["confidence"]) if features else math.nan
-        quantity, reason = self._size(choice, credit, equity, committed_risk, confidence)
-        if quantity < 1:
-            return self._reject(reason)
+        proposal = _proposal(choice, credit, confidence if config.fuzzy.use_fuzzy else math.nan)
+        sizing = self.risk.size(proposal, book)
+        if sizing.quantity < 1:
+            self._log_rejection(snapshot, sizing.reason, f"sized to 0 contracts: {sizing.explain()} (max loss "
+                                                         f"{proposal.max_loss:,.2f} per condor)", book.equity)
+            return self._reject(sizing.reason)
         if features:
             context.update(self._feature_context(features, regime_name))
-        condor = self._condor(choice, quantity, snapshot)
+        context.update(sizing=sizing.explain(), sizing_limit=sizing.reason, condor_delta=proposal.delta,
+                       condor_gamma=proposal.gamma, condor_vega=proposal.vega, condor_theta=proposal.theta)
+        self._entries_by_session[snapshot.session_day] = self.entries_on(snapshot.session_day) + 1
+        condor = self._condor(choice, sizing.quantity, snapshot)
         return TradeDecision(Action.OPEN, snapshot.timestamp, "entry", condor=condor, expected_price=credit,
                              context=context)
 
@@ -258,72 +435,134 @@ class TradingEngine:
             context[name] = features[name]
         return context
 
-    def _size(self, choice: CondorChoice, credit: float, equity: float, committed_risk: float,
-              confidence: float) -> tuple[int, str]:
-        """Contracts and, when 0, why. Fixed ``quantity``, or with ``sizing.dynamic_sizing``
-        floor(C × the condors ``position_size_pct`` of equity pays for), C the fuzzy confidence
-        when ``fuzzy.use_fuzzy`` (else 1); either way cut so that the max loss of all open condors
-        stays within ``max_alloc`` of equity and within the cash available as buying power."""
-        risk_per_condor = (choice.width - credit) * CONTRACT_MULTIPLIER
-        budget = min(self.config.strategy.max_alloc * equity, self.portfolio.cash) - committed_risk
-        wanted = self.config.strategy.quantity
-        if self.config.sizing.dynamic_sizing:
-            allowed = (math.floor(self.config.sizing.position_size_pct * equity / risk_per_condor)
-                       if risk_per_condor > 0.0 else self.config.strategy.quantity)
-            scale = confidence if self.config.fuzzy.use_fuzzy else 1.0
-            wanted = dynamic_contracts(scale, max(0, allowed))
-            if wanted < 1:
-                return 0, "fuzzy_size_zero" if self.config.fuzzy.use_fuzzy else "position_size_pct_below_one"
-        if risk_per_condor <= 0.0:
-            return wanted, ""
-        return max(0, min(wanted, math.floor(budget / risk_per_condor))), "max_alloc"
-
     def _condor(self, choice: CondorChoice, quantity: int, snapshot: MarketSnapshot) -> IronCondor:
         expiration = pd.Timestamp(choice.expiration).date()
         strikes = choice.strikes
         return IronCondor(expiration, snapshot.settlement_of(expiration), float(strikes[0]),
                           float(strikes[1]), float(strikes[2]), float(strikes[3]), quantity)
 
-    def _reject(self, reason: str) -> None:
-        self.rejections[reason] = self.rejections.get(reason, 0) + 1
+    def _log_rejection(self, snapshot: MarketSnapshot, reason: str, detail: str, equity: float) -> None:
+        """A risk rejection into the event log; a repeat of the previous attempt's rejection in
+        the same session extends that event (count, last time) instead of adding a row."""
+        events = self.risk_events
+        if events:
+            last = events[-1]
+            if (last.kind == "risk_rejection" and last.reason == reason
+                    and self._last_rejection_session == snapshot.session_day):
+                events[-1] = dataclasses.replace(last, count=last.count + 1, last_timestamp=snapshot.timestamp,
+                                                 detail=detail, equity=equity)
+                return
+        events.append(RiskEvent(snapshot.timestamp, "risk_rejection", reason, detail, equity,
+                                last_timestamp=snapshot.timestamp))
+        self._last_rejection_session = snapshot.session_day
 
-    # ----------------------------------------------------------------------------- per bar
-    def on_bar(self, snapshot: MarketSnapshot) -> list[TradeDecision]:
-        """Exits for every open position, then at most one entry, all decided on the account as it
-        stands before this bar's fills. The rows evaluated here (one per open position, in id
-        order) stay on ``last_rows`` for the driver's account record."""
-        positions = list(self.portfolio.open_positions.values())
-        decisions = []
-        rows = None
-        if positions:
-            bid, ask, mid = snapshot.quote_many(positions)
-            self._bar_spot[0] = snapshot.spot
-            self._bar_day[0] = snapshot.session_day
-            rows = self.evaluate(positions, bid, ask, mid, self._bar_spot, self._bar_day)
-            decisions = self.exit_decisions(snapshot, positions, rows)
-        self.last_rows = rows
-        active_count = len(positions) - len(self._closing)
-        if self.entry_allowed(snapshot, active_count) is None:
-            equity = self.portfolio.cash
-            committed = 0.0
-            for i, position in enumerate(positions):
-                if snapshot.timestamp >= position.condor.settlement:
-                    equity += -position.condor.intrinsic_value(snapshot.spot) * CONTRACT_MULTIPLIER * position.condor.quantity
-                else:
-                    equity += float(rows.mid_value[i])
-                if position.position_id not in self._closing:
-                    committed += position.max_loss
-            entry = self.entry_decision(snapshot, equity, active_count, committed)
-            if entry is not None:
-                decisions.append(entry)
-        return decisions
+    def _reject(self, reason: str, count: int = 1) -> None:
+        self.rejections[reason] = self.rejections.get(reason, 0) + count
 
+    # ----------------------------------------------------------------------------- event skipping
+    def next_event_bar(self, bar: int, paths: PositionPaths, pending: bool) -> int:
+        """The next bar after ``bar`` where ``on_bar`` could do anything, for a driver that has
+        just stepped ``bar``: a fill is due (``pending``), an exit rule or an expiry fires, an
+        entry may be tried, the kill switch or the hedge would act, or the data ends."""
+        n = len(self.clock)
+        if pending:
+            return bar + 1
+        candidates = [n - 1] if bar < n - 1 else [n]
+        staying = [p for p in self.portfolio.open_positions.values() if not self.is_closing(p.position_id)]
+        for position in staying:
+            candidates.append(paths.first_exit(position.position_id, bar + 1))
+        entry = self._next_entry_bar(bar, len(staying))
+        if entry is not None:
+            candidates.append(entry)
+        horizon = min(candidates)
+        if horizon > bar + 1:
+            hit = self._first_risk_event(bar + 1, horizon, paths)
+            if hit is not None:
+                horizon = hit
+        return horizon
+
+    def _next_entry_bar(self, bar: int, staying: int) -> int | None:
+        """The next window bar after ``bar`` whose gates pass and where an entry may be tried
+        (positions below the cap, the session's entries and the risk halts allowing)."""
+        risk = self.risk
+        if risk.entry_block(-1, staying) in ("max_positions", "max_drawdown_halt"):
+            return None
+        limit = self.config.strategy.max_entries_per_day
+        bars, days = self._open_window_bars, self._open_window_days
+        index = int(np.searchsorted(bars, bar + 1))
+        while index < bars.size:
+            day = int(days[index])
+            if (limit and self.entries_on(day) >= limit) or risk.session_halted(day):
+                # This session is out: jump to the first window bar of a later session.
+                index = int(np.searchsorted(days, day + 1))
+                continue
+            return int(bars[index])
+        return None
+
+    def _first_risk_event(self, start: int, stop: int, paths: PositionPaths) -> int | None:
+        """The first bar in [start, stop) where the kill switch or the hedge would act, from the
+        open positions' paths (no fills happen in between)."""
+        risk = self.risk
+        drawdown = risk.daily_limit is not None or risk.total_limit is not None
+        if not (drawdown or (risk.hedging and (self.portfolio.open_positions or self.portfolio.hedge_shares))):
+            return None
+        marks = paths.account_marks(start, stop)
+        hits = []
+        if drawdown:
+            hit = risk.first_drawdown_breach(self.clock.session_day[start:stop], marks.equity)
+            if hit is not None:
+                hits.append(hit)
+        if risk.hedging:
+            contracts = sum(p.condor.quantity for p in self.portfolio.open_positions.values())
+            hit = risk.first_hedge_trigger(marks.delta, contracts, self.portfolio.hedge_shares)
+            if hit is not None:
+                hits.append(hit)
+        return start + min(hits) if hits else None
+
+    def skip(self, bar: int, following: int) -> None:
+        """Book what ``on_bar`` would have counted on the bars strictly between ``bar`` and
+        ``following`` that are not stepped: the rejections of gated window bars where an entry
+        would have been tried (positions below the cap, the session's entries and the risk halts
+        allowing; no fill happens on skipped bars, so all of that stays as it is after ``bar``)."""
+        staying = sum(1 for p in self.portfolio.open_positions.values() if not self.is_closing(p.position_id))
+        if self.risk.entry_block(-1, staying) in ("max_positions", "max_drawdown_halt"):
+            return
+        gated = self._gated_window_bars
+        skipped = gated[np.searchsorted(gated, bar + 1): np.searchsorted(gated, following)]
+        if skipped.size == 0:
+            return
+        days = self.clock.session_day[skipped]
+        limit = self.config.strategy.max_entries_per_day
+        out = np.zeros(skipped.size, dtype=bool)
+        for day in np.unique(days):
+            if (limit and self.entries_on(int(day)) >= limit) or self.risk.session_halted(int(day)):
+                out |= days == day
+        skipped = skipped[~out]
+        for code, count in zip(*np.unique(self.gate_codes[skipped], return_counts=True)):
+            self._reject(GATE_REASONS[int(code)], int(count))
+
+
+def _condor_greek(values: np.ndarray) -> float:
+    # Net per condor unit in the caps' units: Σ ratio·greek × 100, legs summed as condor_marks does.
+    return (((float(values[0]) - float(values[1])) - float(values[2])) + float(values[3])) * CONTRACT_MULTIPLIER
+
+
+def _proposal(choice: CondorChoice, credit: float, confidence: float) -> Proposal:
+    return Proposal(max_loss=(choice.width - credit) * CONTRACT_MULTIPLIER,
+                    delta=_condor_greek(choice.delta), gamma=_condor_greek(choice.gamma),
+                    vega=_condor_greek(choice.vega), theta=_condor_greek(choice.theta), confidence=confidence)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled evaluator
+# ----------------------------------------------------------------------------------------------
 
 class ConditionRows(NamedTuple):
     """``evaluate``'s output per row: debit to close at the fill model, adverse excursion in
     dollars, mid and closing-side values in dollars, exit code, early-assignment flag (0 none,
-    1 short put, 2 short call), the flagged short leg's mid and the row's DTE. (A NamedTuple:
-    built once per bar per driver, it must be cheap to make.)"""
+    1 short put, 2 short call), the flagged short leg's mid, the row's DTE, and the condor's net
+    delta, gamma, vega, theta (``core.portfolio.condor_marks`` units). (A NamedTuple: built once
+    per bar per driver, it must be cheap to make.)"""
 
     debit: np.ndarray
     loss: np.ndarray
@@ -333,6 +572,26 @@ class ConditionRows(NamedTuple):
     early_assignment: np.ndarray
     short_mid: np.ndarray
     dte: np.ndarray
+    delta: np.ndarray
+    gamma: np.ndarray
+    vega: np.ndarray
+    theta: np.ndarray
+
+
+class PositionColumns(NamedTuple):
+    """Per-position constants the evaluator reads, one entry per position (or one for all rows)."""
+
+    entry_credit: np.ndarray
+    short_put_strike: np.ndarray
+    short_call_strike: np.ndarray
+    quantity: np.ndarray
+    expiration_day: np.ndarray
+    entry_day: np.ndarray
+
+
+# Rows of the evaluator's float and int outputs.
+_DEBIT, _LOSS, _MID_VALUE, _CLOSING_VALUE, _SHORT_MID, _DELTA, _GAMMA, _VEGA, _THETA = range(9)
+_CODE, _EARLY_ASSIGNMENT, _DTE = range(3)
 
 
 @njit(cache=False, inline="always")
@@ -341,55 +600,180 @@ def _row(values, i):
     return values[i] if values.shape[0] > 1 else values[0]
 
 
-def _position_columns(positions: list[Position], entry_days: list[int]):
-    """(k, 3) floats: entry credit, short put and short call strikes; (k, 3) ints: contracts,
-    expiration day, entry day."""
-    floats = np.array([[p.entry_credit, p.condor.short_put_strike, p.condor.short_call_strike] for p in positions])
-    ints = np.array([[p.condor.quantity, p.condor.expiration_day, day] for p, day in zip(positions, entry_days)],
-                    dtype=np.int64)
-    return floats, ints
-
-
 @njit(cache=False)
-def evaluate_condor_rows(bid, ask, mid, spot, session_day, columns_f, columns_i, rule_floats, rule_ints):
+def evaluate_condor_rows(bid, ask, mid, delta, gamma, vega, theta, spot, session_day, columns, rules):
     """Per row (a condor at a bar; legs long put, short put, short call, long call): the debit to
     close at the fill model (as ``core.execution.close_debit``), the exit code (as
-    ``exit_code_scalar``), the adverse excursion, mid and closing-side values (as
-    ``core.portfolio``) and the early-assignment check. ``spot``, ``session_day`` and the
-    position columns are per row or one row for all. Rows without quotes (NaN: settled) give NaN
-    numbers and code 0. Not cached on disk: it compiles in functions from other modules."""
-    fraction, profit_take_pct, loss_close_multiple, early_assignment_extrinsic = (
-        rule_floats[0], rule_floats[1], rule_floats[2], rule_floats[3])
-    dte_exit, max_hold_days, early_assignment_days = rule_ints[0], rule_ints[1], rule_ints[2]
+    ``exit_code_scalar``), the adverse excursion, the marks and Greeks (``core.portfolio.
+    condor_marks``) and the early-assignment check. ``spot``, ``session_day`` and the position
+    ``columns`` are per row or one row for all; ``rules`` an ``ExitRules``. Rows without quotes
+    (NaN: settled) give NaN numbers and code 0. Not cached on disk: it compiles in functions
+    from other modules."""
     rows = bid.shape[0]
-    out_f = np.full((5, rows), np.nan)
+    out_f = np.full((9, rows), np.nan)
     out_i = np.zeros((3, rows), dtype=np.int64)
-    per_row_position = columns_f.shape[0] > 1
+    per_row_position = columns.entry_credit.shape[0] > 1
     for i in range(rows):
         p = i if per_row_position else 0
         day = _row(session_day, i)
-        dte = columns_i[p, 1] - day
-        out_i[2, i] = dte
+        dte = columns.expiration_day[p] - day
+        out_i[_DTE, i] = dte
         if math.isnan(bid[i, 0]):
             continue
-        entry_credit = columns_f[p, 0]
-        contracts = columns_i[p, 0]
-        debit = close_debit_row(bid[i], ask[i], fraction)
-        out_f[0, i] = debit
-        out_f[1, i] = (debit - entry_credit) * 100 * contracts
-        dollars_per_share = float(100 * contracts)
-        out_f[2, i] = (((mid[i, 0] - mid[i, 1]) - mid[i, 2]) + mid[i, 3]) * dollars_per_share
-        out_f[3, i] = (((bid[i, 0] - ask[i, 1]) - ask[i, 2]) + bid[i, 3]) * dollars_per_share
-        out_i[0, i] = exit_code_scalar(debit, entry_credit, dte, day - columns_i[p, 2], profit_take_pct,
-                                       loss_close_multiple, dte_exit, max_hold_days)
-        if dte <= early_assignment_days:
+        entry_credit = columns.entry_credit[p]
+        contracts = columns.quantity[p]
+        debit = close_debit_row(bid[i], ask[i], rules.fill_fraction)
+        out_f[_DEBIT, i] = debit
+        out_f[_LOSS, i] = (debit - entry_credit) * 100 * contracts
+        marks = condor_marks(bid[i], ask[i], mid[i], delta[i], gamma[i], vega[i], theta[i], float(100 * contracts))
+        out_f[_MID_VALUE, i] = marks[0]
+        out_f[_CLOSING_VALUE, i] = marks[1]
+        out_f[_DELTA, i] = marks[2]
+        out_f[_GAMMA, i] = marks[3]
+        out_f[_VEGA, i] = marks[4]
+        out_f[_THETA, i] = marks[5]
+        out_i[_CODE, i] = exit_code_scalar(debit, entry_credit, dte, day - columns.entry_day[p], rules.profit_take_pct,
+                                           rules.loss_close_multiple, rules.dte_exit, rules.max_hold_days)
+        if dte <= rules.early_assignment_days:
             price = _row(spot, i)
-            put_intrinsic = max(columns_f[p, 1] - price, 0.0)
-            call_intrinsic = max(price - columns_f[p, 2], 0.0)
-            if put_intrinsic > 0.0 and mid[i, 1] - put_intrinsic < early_assignment_extrinsic:
-                out_i[1, i] = 1
-                out_f[4, i] = mid[i, 1]
-            elif call_intrinsic > 0.0 and mid[i, 2] - call_intrinsic < early_assignment_extrinsic:
-                out_i[1, i] = 2
-                out_f[4, i] = mid[i, 2]
+            put_intrinsic = max(columns.short_put_strike[p] - price, 0.0)
+            call_intrinsic = max(price - columns.short_call_strike[p], 0.0)
+            if put_intrinsic > 0.0 and mid[i, 1] - put_intrinsic < rules.early_assignment_extrinsic:
+                out_i[_EARLY_ASSIGNMENT, i] = 1
+                out_f[_SHORT_MID, i] = mid[i, 1]
+            elif call_intrinsic > 0.0 and mid[i, 2] - call_intrinsic < rules.early_assignment_extrinsic:
+                out_i[_EARLY_ASSIGNMENT, i] = 2
+                out_f[_SHORT_MID, i] = mid[i, 2]
     return out_f, out_i
+
+
+# ----------------------------------------------------------------------------------------------
+# Holding-period paths (the fast driver)
+# ----------------------------------------------------------------------------------------------
+
+# Bars of a holding period evaluated at once; most condors exit within two weeks, so the path is
+# extended chunk by chunk (doubling) instead of being evaluated all the way to expiry up front.
+PATH_CHUNK_BARS = 512
+
+
+class PositionPath:
+    """One open condor evaluated on the bars from its fill bar towards the bar before settlement
+    (or the end of the data): the rows ``on_bar`` would compute bar by bar, computed lazily in
+    chunks."""
+
+    def __init__(self, engine: TradingEngine, market, position: Position, first_bar: int, bar_ns: np.ndarray,
+                 spot: np.ndarray):
+        condor = position.condor
+        self.engine = engine
+        self.market = market
+        self.position = position
+        self.first_bar = first_bar
+        self.spot = spot
+        n_bars = len(spot)
+        self.settle_bar = int(np.searchsorted(bar_ns, condor.settlement.as_unit("ns").value, side="left"))
+        self.stop_bar = min(self.settle_bar, n_bars)    # exclusive end of quotable bars
+        self.n_bars = n_bars
+        self.computed_to = first_bar
+        self.chunk = PATH_CHUNK_BARS
+        self.rows: ConditionRows | None = None
+
+    def ensure(self, upto: int) -> None:
+        """Evaluate the bars before ``upto`` (capped at the last quotable bar)."""
+        upto = min(upto, self.stop_bar)
+        while self.computed_to < upto:
+            self.extend(max(upto, self.computed_to + self.chunk))
+
+    def extend(self, to: int) -> None:
+        start, stop = self.computed_to, min(to, self.stop_bar)
+        condor = self.position.condor
+        quotes = self.market.quote_contracts(start, stop, condor.expiration, condor.strikes, condor.is_call)
+        rows = self.engine.evaluate([self.position], quotes, self.spot[start:stop],
+                                    self.engine.clock.session_day[start:stop])
+        if self.rows is not None:
+            rows = ConditionRows(*(np.concatenate([old, new]) for old, new in zip(self.rows, rows)))
+        self.rows = rows
+        self.computed_to = stop
+        self.chunk *= 2
+
+    def first_exit(self, after: int) -> int:
+        """First bar ≥ ``after`` where the engine would decide to close, else the settlement bar
+        (or the end of the data)."""
+        start = max(after, self.first_bar)
+        while start < self.stop_bar:
+            self.ensure(start + 1)
+            hits = np.flatnonzero(self.rows.code[start - self.first_bar:])
+            if hits.size:
+                return start + int(hits[0])
+            start = self.computed_to
+        return min(self.settle_bar, self.n_bars)
+
+    def window(self, start: int, stop: int) -> slice:
+        self.ensure(stop)
+        return slice(start - self.first_bar, stop - self.first_bar)
+
+
+class PositionPaths:
+    """The open positions' paths for a driver that skips bars, and the bookkeeping of the bars it
+    skips: account marks (``core.portfolio.account_mark_paths``) and each position's excursions
+    and early-assignment flags."""
+
+    def __init__(self, engine: TradingEngine, market, spot: np.ndarray, bar_ns: np.ndarray):
+        self.engine = engine
+        self.market = market
+        self.spot = spot
+        self.bar_ns = bar_ns
+        self.paths: dict[int, PositionPath] = {}
+        self.booked_to: dict[int, int] = {}      # per position: bars before this one are booked
+
+    def track(self, bar: int) -> None:
+        """After stepping ``bar``: start paths for positions opened at it; everything up to it is
+        booked."""
+        for position in self.engine.portfolio.open_positions.values():
+            if position.position_id not in self.paths:
+                self.paths[position.position_id] = PositionPath(self.engine, self.market, position, bar, self.bar_ns,
+                                                                self.spot)
+            self.booked_to[position.position_id] = bar + 1
+
+    def first_exit(self, position_id: int, after: int) -> int:
+        return self.paths[position_id].first_exit(after)
+
+    def account_marks(self, start: int, stop: int):
+        """The account on bars [start, stop), none of them with a fill."""
+        from core.portfolio import account_mark_paths
+
+        portfolio = self.engine.portfolio
+
+        def columns():
+            for position_id in portfolio.open_positions:
+                path = self.paths[position_id]
+                window = path.window(start, stop)
+                rows = path.rows
+                yield (rows.mid_value[window], rows.closing_value[window], rows.delta[window], rows.gamma[window],
+                       rows.vega[window], rows.theta[window])
+
+        return account_mark_paths(portfolio.cash, portfolio.hedge_shares, self.spot[start:stop],
+                                  self.engine.risk.share_cost, columns())
+
+    def book_skipped(self, upto: int) -> None:
+        """The excursion and early-assignment checks ``on_bar`` made on the skipped bars
+        [booked_to, upto) of every open position not being closed."""
+        engine = self.engine
+        for position in engine.portfolio.open_positions.values():
+            if engine.is_closing(position.position_id):
+                continue
+            path = self.paths[position.position_id]
+            start = self.booked_to[position.position_id]
+            stop = min(upto, path.stop_bar)
+            if stop <= start:
+                continue
+            window = path.window(start, stop)
+            rows = path.rows
+            worst = float(rows.loss[window].max())
+            if worst > position.max_adverse_excursion:
+                engine.portfolio.update_excursion(position.position_id, worst)
+            if not position.early_assignment_risk:
+                flagged = np.flatnonzero(rows.early_assignment[window])
+                if flagged.size:
+                    row = window.start + int(flagged[0])
+                    engine.book_row(position, rows, row, float(self.spot[path.first_bar + row]))
+            self.booked_to[position.position_id] = stop

@@ -54,6 +54,17 @@ BACKTEST_FLAGS = (
     ("--mamba-model", str, "DeepMamba checkpoint feeding the fuzzy neural factor"),
     ("--mamba-d-model", int, "expected d_model of the checkpoint (checked)"),
     ("--mamba-layers", int, "expected layer count of the checkpoint (checked)"),
+    ("--max-account-risk", float, "risk budget: most of equity one trade may lose (Q_risk = floor(budget / max loss))"),
+    ("--max-portfolio-delta", float, "cap on |net delta|, share-equivalents (hedge shares included)"),
+    ("--max-portfolio-gamma", float, "cap on |net gamma|, share-equivalent delta per $1 move"),
+    ("--max-portfolio-vega", float, "cap on |net vega|, dollars per volatility point"),
+    ("--max-portfolio-theta", float, "cap on |net theta|, dollars per day"),
+    ("--daily-drawdown-limit", float, "kill switch: session loss (share of the previous close's equity) that halts "
+                                      "new entries for the rest of the session"),
+    ("--max-drawdown-limit", float, "halt new entries for the rest of the run beyond this drawdown from the peak"),
+    ("--hedge-threshold", float, "delta hedge: net delta per condor open (share-equivalent delta / 100 / condors) "
+                                 "beyond which shares are traded back to neutral"),
+    ("--hedge-share-cost", float, "delta hedge: dollars per share traded (spread and commission)"),
 )
 
 # On/off switches: (flag, value it sets, help). Opposite pairs may not be given together.
@@ -66,6 +77,17 @@ SWITCH_FLAGS = (
     ("--no-liquidity-gate", False, "skip the bid/spread liquidity check on the chosen condor"),
     ("--no-gates", False, "the mechanical condor: no Stage-2 gates, filters or wing adjustments"),
     ("--no-neural", False, "keep the fuzzy neural factor neutral (0.5) instead of the DeepMamba forecast"),
+    ("--enable-hedge", True, "delta-hedge the condors with underlying shares beyond --hedge-threshold"),
+    ("--kill-switch-flatten", True, "when the kill switch fires, also close every open condor and hedge"),
+    ("--no-risk-limits", False, "risk manager's Greek caps, risk budget and kill switch off (max positions and "
+                                "max alloc still apply)"),
+)
+# Seed CLI-table flags that belong to capabilities not built yet: accepted by the parser so the
+# user gets one clear line instead of "unrecognized arguments", then refused.
+NOT_YET_FLAGS = (
+    ("--options-data", "a user option-chain file", "[user-data]"),
+    ("--use-optimizer", "the 6-phase optimizer", "[optimizer]"),
+    ("--alpaca", "Alpaca paper trading", "[live]"),
 )
 SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
 
@@ -98,6 +120,9 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         default = config_defaults.get(CLI_FLAG_TO_FIELD[flag])
         run.add_argument(flag, action="store_true", help=f"{text} (config default: {CLI_FLAG_TO_FIELD[flag]}"
                                                         f" = {default})")
+    for flag, what, _ in NOT_YET_FLAGS:
+        run.add_argument(flag, nargs="?", const=True, default=None, metavar="VALUE" if flag == "--options-data" else None,
+                         help=f"seed flag for {what}: not available in this version (refused with a message)")
     run.add_argument("--compare", action="store_true",
                      help="ablation: run Mechanical, Baseline, MTF only, Fuzzy only and Full on the same data "
                           "(fast driver) and write a side-by-side table and equity plot into the run folder")
@@ -131,6 +156,12 @@ def _overrides(args) -> dict:
     """Config overrides from the flags actually given."""
     from core.config import CLI_FLAG_TO_FIELD
 
+    from core.config import ConfigError
+
+    for flag, what, issue in NOT_YET_FLAGS:
+        if getattr(args, _dest(flag)) is not None:
+            raise ConfigError(f"{flag}: {what} is not available in this version yet (planned: {issue}); "
+                              f"run without it")
     overrides = {}
     for flag, _, _ in BACKTEST_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -275,7 +306,6 @@ def _run_backtest_mode(args, config, argv) -> int:
         TimeRemainingColumn,
     )
 
-    from analytics.performance import performance_metrics
     from core.ablation import (
         SCENARIOS,
         comparison_html,
@@ -284,17 +314,20 @@ def _run_backtest_mode(args, config, argv) -> int:
         render_comparison_png,
         run_ablation,
     )
-    from core.backtest_engine import DRIVERS, equity_frame, trades_frame
+    from core.backtest_engine import run_backtest
     from core.market_data import (
+        bar_features,
         describe_run_data,
-        embedded_bar_features,
-        embedded_chain_provider,
         load_configured_forecaster,
+        load_market,
+        uses_neural,
     )
     from core.report import (
         ablation_table,
         check_output_dir,
         default_run_dir,
+        render_greeks_png,
+        risk_panel,
         summary_table,
         to_json,
         write_run,
@@ -306,39 +339,39 @@ def _run_backtest_mode(args, config, argv) -> int:
     started = time.time()
     with console.status(f"loading {backtest.start} … {backtest.end}: embedded daily data, synthetic "
                         f"5-minute bars, chain surface…"):
-        provider = embedded_chain_provider(config)
+        market = load_market(config)
     # The forecaster matters only where C is used: fuzzy sizing/gating, or the ablation's fuzzy rows.
+    fuzzy_config = config.override({"fuzzy.use_fuzzy": True}) if args.compare else config
     forecaster = None
-    if config.fuzzy.use_fuzzy or args.compare:
+    if uses_neural(fuzzy_config):
         forecaster = load_configured_forecaster(
             config, explicit=args.mamba_model is not None,
             check_size=tuple(field for field, flag in (("d_model", args.mamba_d_model),
                                                        ("n_layers", args.mamba_layers)) if flag is not None))
-    # Two tables when needed: the neutral one (mu_Mamba 0.5) for runs that do not use C, and the
-    # one with the forecasts for runs that do, so a run's logged C never depends on what else ran.
-    with console.status("features: indicators, MTF consensus, regime, fuzzy memberships…"):
-        neutral_features = embedded_bar_features(config, provider)
-    fuzzy_features = neutral_features
+    # Feature tables are built (and cached) before the runs: the neutral one (mu_Mamba 0.5) for
+    # runs that do not use C, the one with the forecasts for runs that do, so a run's logged C
+    # never depends on what else ran.
+    with console.status("features: indicators, MTF consensus, regime, fuzzy memberships, skew reference…"):
+        bar_features(config.override({"fuzzy.use_fuzzy": False}), market)
     if forecaster is not None:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                       TextColumn("{task.completed:,}/{task.total:,} bars"), TimeElapsedColumn(),
                       TimeRemainingColumn(), console=console, transient=True) as progress:
             task = progress.add_task(f"DeepMamba forecasts ({Path(str(forecaster.path)).name})",
-                                     total=len(provider.bar_times))
-            fuzzy_features = embedded_bar_features(
-                config, provider, forecaster=forecaster,
-                progress=lambda done, total: progress.update(task, completed=done))
-    features = fuzzy_features if config.fuzzy.use_fuzzy else neutral_features
-    total = len(provider.bar_times) if backtest.samples == 0 else min(backtest.samples, len(provider.bar_times))
+                                     total=len(market.bar_times))
+            bar_features(fuzzy_config, market, forecaster=forecaster,
+                         progress=lambda done, total: progress.update(task, completed=done))
+    features = bar_features(config, market)
+    total = len(market.bar_times) if backtest.samples == 0 else min(backtest.samples, len(market.bar_times))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} bars"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"{backtest.engine} backtest", total=total)
-        result = DRIVERS[backtest.engine](config, provider, features=features,
-                                          progress=lambda done: progress.update(task, completed=done))
+        result = run_backtest(config, market, features=features,
+                              progress=lambda done: progress.update(task, completed=done))
         extra_files, extra_html, comparison = {}, "", None
         if args.compare:
             tasks = {name: progress.add_task(f"ablation: {name}", total=total) for name, _ in SCENARIOS}
-            runs = run_ablation(config, provider, neutral_features, fuzzy_features=fuzzy_features,
+            runs = run_ablation(config, market,
                                 progress=lambda name, done: progress.update(tasks[name], completed=done))
             comparison = comparison_table(runs)
             curves = daily_equity(runs)
@@ -354,12 +387,17 @@ def _run_backtest_mode(args, config, argv) -> int:
                 extra_files[f"scenarios/{slug}/trades.csv"] = run.trades
                 extra_files[f"scenarios/{slug}/metrics.json"] = to_json(run.metrics)
             extra_html = comparison_html(comparison, png64)
-    trades = trades_frame(result.positions)
-    equity = equity_frame(result, backtest.cash)
-    metrics = performance_metrics(equity["equity"], trades, backtest.cash)
-    metrics["entry_rejections"] = result.rejections
-    data_description = describe_run_data(config, provider)
-    data_description["features"] = features.description
+    trades, equity, metrics = result.trades, result.equity, result.metrics
+    extra_files["risk_events.csv"] = result.risk_events
+    extra_files["hedges.csv"] = result.hedges
+    greeks_png = None
+    if backtest.plot:
+        with console.status("drawing the plots…"):
+            greeks_png = render_greeks_png(equity.reset_index(), config.to_dict()["risk"])
+        extra_files["greeks.png"] = greeks_png
+    extra_html = risk_panel(metrics, result.risk_events, greeks_png) + extra_html
+    data_description = describe_run_data(config, market)
+    data_description["features"] = result.features_description
     run_info = {
         "command": "python core/main.py " + " ".join(argv),
         "engine": result.engine, "bars": result.bars, "driver_seconds": round(result.seconds, 3),
@@ -375,11 +413,14 @@ def _run_backtest_mode(args, config, argv) -> int:
                             equity=equity, metrics=metrics, run_info=run_info, plot=backtest.plot,
                             extra_files=extra_files, extra_html=extra_html)
     console.print(summary_table(metrics, trades))
+    if metrics.get("sizing_note"):
+        console.print(f"[bold yellow]{metrics['sizing_note']}[/bold yellow]")
     if comparison is not None:
         console.print(ablation_table(comparison))
     console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); option chains and "
                   f"intraday bars are SYNTHETIC (see data.json)")
-    console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json)")
+    console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json, "
+                  f"risk_events.csv, hedges.csv)")
     return 0
 
 

@@ -6,6 +6,7 @@ the one place that maps the configuration's `synthetic` section onto them.
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from analytics.vol_surface import SpreadParams, SurfaceParams
@@ -112,6 +113,13 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
     features = compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
                                 daily_spot, daily_pair, neural=neural,
                                 session_close_ns=session_close_ns)
+    # The percentile skew rule's reference per bar (NaN unless the rule is in use): session-close
+    # readings of the run's chains, with a year of embedded history before the start.
+    from core.skew_history import embedded_skew_reference
+    from intelligence.features import BarFeatures
+    reference = np.ascontiguousarray(embedded_skew_reference(config, provider), dtype=float)
+    features = BarFeatures({**features.columns, "skew_reference": reference}, features.close_ns,
+                           features.description)
     if forecaster is not None:
         features.description["neural"] = {
             "model": str(forecaster.path), "lookback": forecaster.lookback,
@@ -186,3 +194,100 @@ def calendar_session_closes(bar_index: pd.DatetimeIndex):
     sessions = days.unique()
     closes = pd.DatetimeIndex(session_bounds(sessions)["close"]).tz_convert("UTC").as_unit("ns")
     return pd.Series(closes.asi8, index=sessions).reindex(days).to_numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-process caches: the data and the feature tables load once, whatever number of runs
+# ----------------------------------------------------------------------------------------------
+
+# Settings the feature table does NOT depend on, per section it reads: the gate thresholds and
+# switches are applied to the finished table per run (``strategies.entry_gates.bar_gate_codes``),
+# the chain-level checks and wing rules at the entry. A test perturbs each of them and checks
+# that the table is unchanged, so a run that changes only these reuses the cached table.
+FEATURE_INDEPENDENT_FIELDS = {
+    "filters": {"iv_rank_min", "vix_threshold", "vix_threshold_low", "max_volatility_pct", "use_liquidity_gate",
+                "vrp_threshold", "skew_threshold", "gap_small_threshold", "use_entry_gates", "use_vix_gate",
+                "use_vrp_gate", "use_volatility_cap", "use_gap_rule", "gap_rule_minutes",
+                "use_probability_filter", "max_breach_probability", "liquidity_max_spread_to_credit",
+                "use_divergence_bias", "divergence_wing_increment"},
+    "momentum": {"rsi_neutral_min", "rsi_neutral_max", "stoch_neutral_min", "stoch_neutral_max",
+                 "adx_threshold_low", "use_adx_filter", "use_rsi_filter", "use_stoch_filter"},
+    "trend": {"bbands_squeeze_threshold", "sma_max_distance", "use_psar_filter", "use_bbands_filter",
+              "use_sma_filter"},
+    "mtf": {"use_mtf", "consensus_min", "consensus_max"},
+    "fuzzy": {"use_fuzzy", "min_confidence"},
+    "regime": {"use_regime_wings", "wing_scale_crash", "wing_scale_low_vol"},
+}
+# Sections the features read (others — exits, risk, hedge, sizing, data_pipeline — never matter).
+FEATURE_SECTIONS = ("filters", "momentum", "trend", "mtf", "fuzzy", "regime", "synthetic")
+_MARKET_FIELDS = ("start", "end", "seed", "underlying")
+_CACHE_SIZE = 4
+_markets: dict = {}
+_features: dict = {}
+
+
+def _remember(cache: dict, key, value):
+    cache[key] = value
+    while len(cache) > _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    return value
+
+
+def market_key(config: Config) -> tuple:
+    """The settings the embedded market data depends on."""
+    import json
+
+    backtest = config.backtest
+    return (tuple(str(getattr(backtest, name)) for name in _MARKET_FIELDS),
+            json.dumps(config.synthetic.model_dump(), sort_keys=True))
+
+
+def load_market(config: Config) -> SyntheticChainProvider:
+    """The embedded chain provider for ``config``, built once per process per period, seed and
+    synthetic settings."""
+    key = market_key(config)
+    market = _markets.get(key)
+    if market is None:
+        market = _remember(_markets, key, embedded_chain_provider(config))
+    return market
+
+
+def uses_neural(config: Config) -> bool:
+    """Whether a run's confidence C should carry the DeepMamba forecasts: the fuzzy confidence is
+    used and the neural factor is on (the checkpoint is loaded if present)."""
+    return bool(config.fuzzy.use_fuzzy and config.mamba.use_neural)
+
+
+def feature_key(config: Config) -> str:
+    """The settings a run's feature table depends on, as one string."""
+    import json
+
+    parts = {}
+    for section in FEATURE_SECTIONS:
+        values = getattr(config, section).model_dump()
+        for name in FEATURE_INDEPENDENT_FIELDS.get(section, ()):
+            values.pop(name, None)
+        parts[section] = values
+    parts["market"] = market_key(config)[0]
+    parts["skew_dte"] = [config.strategy.dte_min, config.strategy.dte_max, config.strategy.use_skew_penalty,
+                         config.filters.use_entry_gates]
+    parts["neural"] = config.mamba.model_dump() if uses_neural(config) else None
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def bar_features(config: Config, market, forecaster=None, progress=None):
+    """The feature table of ``config`` on ``market`` (an embedded chain provider), built once per
+    process per market and per settings it depends on (``feature_key``). With ``uses_neural``
+    the DeepMamba checkpoint at ``mamba.weights_path`` supplies μ_Mamba (``forecaster`` if given,
+    else loaded; a missing default checkpoint leaves μ = 0.5); ``progress(done, total)`` reports
+    that inference."""
+    key = (id(market), feature_key(config))
+    cached = _features.get(key)
+    if cached is not None and cached[0] is market:
+        return cached[1]
+    if uses_neural(config) and forecaster is None:
+        forecaster = load_configured_forecaster(config, explicit=False)
+    features = embedded_bar_features(config, market, forecaster=forecaster if uses_neural(config) else None,
+                                     progress=progress)
+    _remember(_features, key, (market, features))
+    return features

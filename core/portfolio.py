@@ -1,17 +1,25 @@
-"""The book: open and closed condor positions, cash, margin and buying power, and the marks
-(position values, equity, Greeks) computed from quotes the caller passes in.
+"""The book and the one mark-to-market: open and closed condor positions, hedge shares, cash,
+margin and buying power; what a position and the account are worth, and their Greeks, from quotes
+the caller passes in.
 
-The portfolio keeps state but never prices: marks are pure functions of quotes (``value_at_mid``,
-``value_at_closing_side``), usable on one row or on an (n_bars, 4) batch with bitwise identical
-rows (fixed leg order, see ``core.execution.leg_sum``).
+The portfolio keeps state but never prices. Every mark — the per-bar driver's account record,
+the fast driver's holding-period paths, the engine's kill-switch equity, the Python helpers
+below — goes through the same arithmetic defined here:
+- one condor at one bar: ``condor_marks`` (compiled; the engine's evaluator inlines it, and
+  ``mark_condor_rows`` applies it to batches), with the legs summed in the fixed order
+  ((long put − short put) − short call) + long call, so a row's numbers never depend on the batch
+  it is computed in;
+- the account: ``account_marks`` (one bar) and ``account_mark_paths`` (a range of bars), which
+  add cash, each position's value in id order and the hedge shares in the same order.
 
 Ids: the portfolio owns position ids, 1, 2, 3, ... in opening order. A fill passed to
 ``open_position`` carries either the placeholder 0 or exactly ``next_position_id``; the stored
 entry fill always carries the assigned id.
 
-Money: ``cash`` moves only by fills (``Fill.cash_flow``: premium minus fees). A short condor's
-credit sits in cash while the position is open; its value to us (negative) comes back through the
-marks, so ``equity = cash + Σ position values``.
+Money: ``cash`` moves only by fills (``Fill.cash_flow``: premium minus fees; ``HedgeFill.
+cash_flow``: shares sold minus bought minus cost). A short condor's credit sits in cash while the
+position is open; its value to us (negative) comes back through the marks, so
+``equity = cash + Σ position values + hedge shares × spot``.
 """
 from __future__ import annotations
 
@@ -19,20 +27,21 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
+from numba import njit
 
 from core.dto import (
     CONTRACT_MULTIPLIER,
     Action,
     Fill,
+    HedgeFill,
     IronCondor,
     LegQuotes,
     PortfolioGreeks,
     Position,
 )
-from core.execution import leg_sum
 
 # --------------------------------------------------------------------------------------------
 # Marks (pure)
@@ -43,11 +52,55 @@ def _dollars_per_share(quantity: int) -> float:
     return float(CONTRACT_MULTIPLIER * quantity)
 
 
+@njit(cache=True, inline="always")
+def condor_marks(bid, ask, mid, delta, gamma, vega, theta, dollars_per_share):
+    """One condor at one bar (leg rows of four, order long put, short put, short call, long
+    call): its value at mid, its value at the closing side (long legs at the bid, short legs at
+    the ask, before fees), and its net delta, gamma, vega, theta, all × ``dollars_per_share``
+    (100 × contracts): dollars for values, share-equivalents for delta and gamma, dollars per
+    vol point for vega, dollars per day for theta."""
+    mid_value = (((mid[0] - mid[1]) - mid[2]) + mid[3]) * dollars_per_share
+    closing_value = (((bid[0] - ask[1]) - ask[2]) + bid[3]) * dollars_per_share
+    net_delta = (((delta[0] - delta[1]) - delta[2]) + delta[3]) * dollars_per_share
+    net_gamma = (((gamma[0] - gamma[1]) - gamma[2]) + gamma[3]) * dollars_per_share
+    net_vega = (((vega[0] - vega[1]) - vega[2]) + vega[3]) * dollars_per_share
+    net_theta = (((theta[0] - theta[1]) - theta[2]) + theta[3]) * dollars_per_share
+    return mid_value, closing_value, net_delta, net_gamma, net_vega, net_theta
+
+
+@njit(cache=True)
+def _mark_rows_kernel(bid, ask, mid, delta, gamma, vega, theta, dollars_per_share):
+    rows = bid.shape[0]
+    out = np.empty((6, rows))
+    for i in range(rows):
+        marks = condor_marks(bid[i], ask[i], mid[i], delta[i], gamma[i], vega[i], theta[i], dollars_per_share)
+        for k in range(6):
+            out[k, i] = marks[k]
+    return out
+
+
+def mark_condor_rows(quantity: int, bid, ask, mid, delta=None, gamma=None, vega=None, theta=None) -> np.ndarray:
+    """``condor_marks`` on rows of quotes (arrays (..., 4); Greeks default to zero): an array
+    (6, ...) of mid value, closing-side value, net delta, gamma, vega, theta."""
+    bid = np.asarray(bid, dtype=np.float64)
+    shape = bid.shape[:-1]
+    flat = [np.ascontiguousarray(np.broadcast_to(np.asarray(a if a is not None else 0.0, dtype=np.float64),
+                                                 bid.shape)).reshape(-1, 4)
+            for a in (bid, ask, mid, delta, gamma, vega, theta)]
+    return _mark_rows_kernel(*flat, _dollars_per_share(quantity)).reshape((6, *shape))
+
+
+def _require_condor_ratios(ratios) -> None:
+    if not np.array_equal(np.asarray(ratios), np.array([1, -1, -1, 1])):
+        raise ValueError(f"marks are defined for iron condors (ratios [1, -1, -1, 1]), got {np.asarray(ratios).tolist()}")
+
+
 def value_at_mid(mid, ratios, quantity: int):
-    """Dollars the position is worth to us at mid: Σ ratio·mid × 100 × quantity (negative for a
+    """Dollars the condor is worth to us at mid: Σ ratio·mid × 100 × quantity (negative for a
     short condor). ``mid`` has shape (..., 4)."""
+    _require_condor_ratios(ratios)
     mid = np.asarray(mid, dtype=np.float64)
-    return leg_sum(np.asarray(ratios, dtype=np.float64) * mid) * _dollars_per_share(quantity)
+    return mark_condor_rows(quantity, mid, mid, mid)[0][()]
 
 
 def closing_side_prices(bid, ask, ratios) -> np.ndarray:
@@ -60,19 +113,17 @@ def closing_side_prices(bid, ask, ratios) -> np.ndarray:
 def value_at_closing_side(bid, ask, ratios, quantity: int):
     """Dollars we would get (negative: pay) closing at the natural, before fees: the conservative
     mark (long legs at bid, short legs at ask)."""
-    prices = closing_side_prices(bid, ask, ratios)
-    return leg_sum(np.asarray(ratios, dtype=np.float64) * prices) * _dollars_per_share(quantity)
+    _require_condor_ratios(ratios)
+    bid = np.asarray(bid, dtype=np.float64)
+    return mark_condor_rows(quantity, bid, ask, bid)[1][()]
 
 
 def position_value(position: Position, quotes: LegQuotes, side: Literal["mid", "closing"] = "mid") -> float:
     """One position's value in dollars from its legs' quotes at one bar."""
-    ratios = position.condor.ratios
-    quantity = position.condor.quantity
-    if side == "mid":
-        return float(value_at_mid(quotes.mid, ratios, quantity))
-    if side == "closing":
-        return float(value_at_closing_side(quotes.bid, quotes.ask, ratios, quantity))
-    raise ValueError(f"side must be 'mid' or 'closing', got {side!r}")
+    if side not in ("mid", "closing"):
+        raise ValueError(f"side must be 'mid' or 'closing', got {side!r}")
+    marks = mark_condor_rows(position.condor.quantity, quotes.bid, quotes.ask, quotes.mid)
+    return float(marks[0] if side == "mid" else marks[1])
 
 
 def open_pnl(position: Position, value: float) -> float:
@@ -81,12 +132,74 @@ def open_pnl(position: Position, value: float) -> float:
     return position.entry_fill.cash_flow + value
 
 
+class AccountMarks(NamedTuple):
+    """The account at one bar (or, from ``account_mark_paths``, arrays over bars): cash, equity at
+    mid, equity at the closing side, and the net Greeks (hedge shares in the delta)."""
+
+    cash: float
+    equity: float
+    equity_liquidation: float
+    delta: float
+    gamma: float
+    vega: float
+    theta: float
+
+
+def account_marks(cash: float, shares: int, spot: float, share_cost: float, mid_values, closing_values,
+                  deltas, gammas, vegas, thetas) -> AccountMarks:
+    """One bar: cash + each open position's value in id order (sequences of floats, one per
+    position) + the hedge shares (at spot; at the closing side less ``share_cost`` per share)."""
+    mid_total = cash
+    closing_total = cash
+    delta = gamma = vega = theta = 0.0
+    for value in mid_values:
+        mid_total += value
+    for value in closing_values:
+        closing_total += value
+    for value in deltas:
+        delta += value
+    for value in gammas:
+        gamma += value
+    for value in vegas:
+        vega += value
+    for value in thetas:
+        theta += value
+    if shares:
+        mid_total += shares * spot
+        closing_total += shares * spot - abs(shares) * share_cost
+        delta += shares
+    return AccountMarks(cash, mid_total, closing_total, delta, gamma, vega, theta)
+
+
+def account_mark_paths(cash: float, shares: int, spot: np.ndarray, share_cost: float, paths) -> AccountMarks:
+    """``account_marks`` over a range of bars without fills: ``paths`` yields, per open position
+    in id order, its (mid value, closing value, delta, gamma, vega, theta) arrays over the bars;
+    ``spot`` the underlying per bar. The same additions in the same order, elementwise, so each
+    bar's numbers equal what ``account_marks`` gives for it."""
+    n = len(spot)
+    mid_total = np.full(n, cash)
+    closing_total = np.full(n, cash)
+    delta, gamma, vega, theta = (np.zeros(n) for _ in range(4))
+    for mid_value, closing_value, net_delta, net_gamma, net_vega, net_theta in paths:
+        mid_total += mid_value
+        closing_total += closing_value
+        delta += net_delta
+        gamma += net_gamma
+        vega += net_vega
+        theta += net_theta
+    if shares:
+        mid_total += shares * spot
+        closing_total += shares * spot - abs(shares) * share_cost
+        delta += shares
+    return AccountMarks(np.full(n, cash), mid_total, closing_total, delta, gamma, vega, theta)
+
+
 # --------------------------------------------------------------------------------------------
 # The book
 # --------------------------------------------------------------------------------------------
 
 class Portfolio:
-    """Open positions by id, closed positions in close order, and cash."""
+    """Open positions by id, closed positions in close order, hedge shares and cash."""
 
     def __init__(self, starting_cash: float):
         if not (isinstance(starting_cash, (int, float)) and math.isfinite(starting_cash) and starting_cash > 0):
@@ -96,6 +209,8 @@ class Portfolio:
         self._open: dict[int, Position] = {}
         self.closed: list[Position] = []
         self._next_id = 1
+        self.hedge_shares = 0                     # underlying shares held by the delta hedge (signed)
+        self.hedge_fills: list[HedgeFill] = []
 
     # -- views ---------------------------------------------------------------------------------
 
@@ -193,6 +308,16 @@ class Portfolio:
         self.cash += fill.cash_flow
         return position
 
+    def trade_shares(self, fill: HedgeFill) -> None:
+        """Book a hedge fill: shares change by ``fill.shares``, cash by its cash flow."""
+        if not isinstance(fill.shares, (int, np.integer)) or fill.shares == 0:
+            raise ValueError(f"trade_shares: shares must be a non-zero whole number, got {fill.shares!r}")
+        if not (math.isfinite(fill.price) and fill.price > 0 and math.isfinite(fill.cost) and fill.cost >= 0):
+            raise ValueError(f"trade_shares: price {fill.price!r} must be > 0 and cost {fill.cost!r} >= 0")
+        self.hedge_shares += int(fill.shares)
+        self.cash += fill.cash_flow
+        self.hedge_fills.append(fill)
+
     def update_excursion(self, position_id: int, loss_dollars: float) -> float:
         """Keep the running maximum of adverse excursion (a loss as a positive number of dollars;
         gains leave it unchanged). Returns the updated maximum."""
@@ -234,15 +359,16 @@ class Portfolio:
         return {pid: position_value(p, quotes[pid], side) for pid, p in self._open.items()}
 
     def greeks(self, quotes: Mapping[int, LegQuotes]) -> PortfolioGreeks:
-        """Net Greeks of the open positions in dollars: Σ ratio·greek × 100 × contracts, with the
-        quotes' per-share Greeks in ``analytics.black_scholes`` units (delta and gamma per $1 of
-        the underlying, vega per vol point, theta per calendar day)."""
+        """Net Greeks of the open positions plus the hedge shares' delta: Σ ratio·greek × 100 ×
+        contracts (``condor_marks``), with the quotes' per-share Greeks in
+        ``analytics.black_scholes`` units (delta and gamma per $1 of the underlying, vega per vol
+        point, theta per calendar day)."""
         self._require_all_open(quotes, "quotes")
-        totals = {"delta": 0.0, "gamma": 0.0, "vega": 0.0, "theta": 0.0}
+        totals = [0.0, 0.0, 0.0, 0.0]
         for position_id, position in self._open.items():
-            ratios = position.condor.ratios.astype(np.float64)
-            scale = _dollars_per_share(position.condor.quantity)
-            leg_quotes = quotes[position_id]
-            for name in totals:
-                totals[name] += float(leg_sum(ratios * np.asarray(getattr(leg_quotes, name), dtype=np.float64))) * scale
-        return PortfolioGreeks(**totals)
+            q = quotes[position_id]
+            marks = mark_condor_rows(position.condor.quantity, q.bid, q.ask, q.mid, q.delta, q.gamma, q.vega,
+                                     q.theta)
+            for k in range(4):
+                totals[k] += float(marks[2 + k])
+        return PortfolioGreeks(totals[0] + self.hedge_shares, totals[1], totals[2], totals[3])

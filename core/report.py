@@ -42,6 +42,7 @@ TRADE_COLUMNS: tuple[str, ...] = (
 )
 EQUITY_COLUMNS: tuple[str, ...] = (
     "timestamp", "cash", "equity", "equity_liquidation", "drawdown", "drawdown_pct", "open_positions",
+    "hedge_shares", "net_delta", "net_gamma", "net_vega", "net_theta",
 )
 
 # Above this many trades the HTML shows the first and last HTML_TRADE_EDGE rows (trades.csv has all).
@@ -486,7 +487,8 @@ def exit_reason_counts(trades: pd.DataFrame) -> list[tuple[str, int]]:
 
 
 def summary_table(metrics: Mapping[str, Any], trades: pd.DataFrame):
-    """The terminal summary: the headline metrics, then a section of exit-reason counts."""
+    """The terminal summary: the headline metrics, a section of exit-reason counts, then the risk
+    manager's figures (halts, rejections, hedge) when it did anything."""
     from rich.table import Table
 
     table = Table(title="Backtest summary", title_justify="left", show_header=True)
@@ -504,6 +506,26 @@ def summary_table(metrics: Mapping[str, Any], trades: pd.DataFrame):
         table.add_row("[bold]exit reasons[/bold]", "[bold]trades (share)[/bold]")
         for reason, count in counts:
             table.add_row(f"  {reason}", f"{count:,} ({count / total:.0%})")
+    risk = metrics.get("risk") or {}
+    hedge = metrics.get("hedge") or {}
+    if risk:
+        table.add_section()
+        table.add_row("[bold]risk[/bold]", "")
+        table.add_row("  kill-switch halts (sessions)", f"{risk.get('kill_switch_halts', 0):,}")
+        if risk.get("max_drawdown_halts"):
+            table.add_row("  max-drawdown halt", "yes")
+        if risk.get("positions_closed_by_kill_switch"):
+            table.add_row("  condors flattened by a halt", f"{risk['positions_closed_by_kill_switch']:,}")
+        rejected = risk.get("risk_rejections") or {}
+        table.add_row("  entries refused by sizing/caps", f"{sum(rejected.values()):,}"
+                      + (f" (most: {max(rejected, key=rejected.get)})" if rejected else ""))
+        table.add_row("  max |net delta| (shares)", f"{risk.get('max_abs_net_delta', 0.0):,.1f}")
+    if hedge.get("trades"):
+        table.add_row("  hedge trades / shares", f"{hedge['trades']:,} / {hedge['shares_traded']:,}")
+        table.add_row("  hedge P&L (after costs)", format_value(hedge["pnl"], "usd"))
+    note = metrics.get("sizing_note")
+    if note:
+        table.caption = note
     return table
 
 
@@ -711,6 +733,114 @@ def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str]) -> bytes:
         return buffer.getvalue()
     finally:
         plt.close(figure)
+
+
+GREEK_PANELS = (("net_delta", "delta (shares)", "max_portfolio_delta"),
+                 ("net_gamma", "gamma (sh. per $1)", "max_portfolio_gamma"),
+                 ("net_vega", "vega ($ per vol pt)", "max_portfolio_vega"),
+                 ("net_theta", "theta ($ per day)", "max_portfolio_theta"))
+
+
+def render_greeks_png(equity: pd.DataFrame, risk_config: Mapping[str, Any] | None = None) -> bytes:
+    """The portfolio's net delta (and the hedge shares), gamma, vega and theta per bar, each with
+    its cap from the ``risk`` section as dashed lines; 1400 × 800 pixels. ``equity`` has a
+    ``timestamp`` column and the ``net_*`` columns of equity.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    risk_config = risk_config or {}
+    times = pd.to_datetime(equity["timestamp"])
+    if isinstance(times.dtype, pd.DatetimeTZDtype):
+        times = times.dt.tz_localize(None)
+    times = times.to_numpy(dtype="datetime64[ns]")
+    figure, axes = plt.subplots(4, 1, sharex=True, figsize=FIGURE_INCHES, dpi=FIGURE_DPI,
+                                gridspec_kw={"hspace": 0.12})
+    try:
+        figure.suptitle("Portfolio Greeks per bar (caps dashed)", fontsize=15, fontweight="bold", x=0.06,
+                        ha="left", y=0.975)
+        for axis, (column, label, cap_key) in zip(axes, GREEK_PANELS):
+            if column in equity.columns and len(equity):
+                axis.plot(*envelope(times, equity[column].to_numpy(dtype=float)), color="#1d4ed8", linewidth=1.0)
+                if column == "net_delta" and "hedge_shares" in equity.columns and equity["hedge_shares"].any():
+                    axis.plot(*envelope(times, equity["hedge_shares"].to_numpy(dtype=float)), color="#059669",
+                              linewidth=0.9, label="hedge shares")
+                    axis.legend(loc="upper right", fontsize=10, frameon=False)
+            cap = risk_config.get(cap_key)
+            if cap and risk_config.get("use_risk_limits", True):
+                for level in (cap, -cap):
+                    axis.axhline(level, color="#dc2626", linestyle="--", linewidth=0.9)
+            axis.axhline(0.0, color="#9ca3af", linewidth=0.6)
+            axis.set_ylabel(label, fontsize=10)
+            axis.grid(True, color="#e5e7eb", linewidth=0.8)
+            for side in ("top", "right"):
+                axis.spines[side].set_visible(False)
+        locator = mdates.AutoDateLocator(minticks=4, maxticks=12)
+        axes[-1].xaxis.set_major_locator(locator)
+        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+        figure.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.06)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+        return buffer.getvalue()
+    finally:
+        plt.close(figure)
+
+
+# Risk events shown in the HTML (risk_events.csv has all of them).
+HTML_RISK_EVENT_LIMIT = 200
+
+
+def risk_panel(metrics: Mapping[str, Any], risk_events: pd.DataFrame, greeks_png: bytes | None = None) -> str:
+    """Stage 3 in the report: the Greeks plot, halts and flattens, entries refused by the risk
+    manager by rule, the hedge's trades, costs and P&L, and the first risk events."""
+    risk = metrics.get("risk") or {}
+    hedge = metrics.get("hedge") or {}
+    parts = ["<h2>Risk manager: Greeks, kill switch, sizing caps, hedge</h2>"]
+    note = metrics.get("sizing_note")
+    if note:
+        parts.append(f'<p class="note">{_e(note)}</p>')
+    if greeks_png is not None:
+        encoded = base64.b64encode(greeks_png).decode("ascii")
+        parts.append(f'<img alt="portfolio Greeks" width="1400" height="800" src="data:image/png;base64,{encoded}">')
+    parts.append('<div class="grid"><div><h3>Halts and hedge</h3><table class="data">')
+    rows = [("Kill-switch halts (sessions)", f"{risk.get('kill_switch_halts', 0):,}"),
+            ("Max-drawdown halt", "yes" if risk.get("max_drawdown_halts") else "no"),
+            ("Flattens", f"{risk.get('flattens', 0):,}"),
+            ("Condors closed by a halt", f"{risk.get('positions_closed_by_kill_switch', 0):,}"),
+            ("Max |net delta| (shares)", f"{risk.get('max_abs_net_delta', 0.0):,.1f}"),
+            ("Max |net gamma|", f"{risk.get('max_abs_net_gamma', 0.0):,.2f}"),
+            ("Max |net vega| ($/vol pt)", f"{risk.get('max_abs_net_vega', 0.0):,.1f}"),
+            ("Max |net theta| ($/day)", f"{risk.get('max_abs_net_theta', 0.0):,.1f}"),
+            ("Hedge trades", f"{hedge.get('trades', 0):,}"),
+            ("Hedge shares traded", f"{hedge.get('shares_traded', 0):,}"),
+            ("Hedge costs", format_value(hedge.get("costs", 0.0), "usd")),
+            ("Hedge P&L after costs", format_value(hedge.get("pnl", 0.0), "usd"))]
+    parts.extend(f"<tr><td>{_e(label)}</td><td class='num'>{_e(text)}</td></tr>" for label, text in rows)
+    parts.append("</table></div>")
+    rejected = risk.get("risk_rejections") or {}
+    parts.append('<div><h3>Entries refused by sizing and caps</h3><table class="data">'
+                 "<tr><th>rule</th><th>attempts</th></tr>")
+    if rejected:
+        parts.extend(f"<tr><td>{_e(reason)}</td><td class='num'>{int(count):,}</td></tr>"
+                     for reason, count in sorted(rejected.items(), key=lambda item: -item[1]))
+    else:
+        parts.append('<tr><td colspan="2">none</td></tr>')
+    parts.append("</table></div></div>")
+    if len(risk_events):
+        shown = risk_events.head(HTML_RISK_EVENT_LIMIT)
+        parts.append(f"<h3>Risk events ({len(risk_events):,}; "
+                     + (f"first {HTML_RISK_EVENT_LIMIT} shown, " if len(risk_events) > HTML_RISK_EVENT_LIMIT else "")
+                     + "all in risk_events.csv)</h3>")
+        parts.append('<table class="data"><tr><th>time</th><th>event</th><th>reason</th><th>attempts</th>'
+                     "<th>detail</th></tr>")
+        for row in shown.itertuples(index=False):
+            stamp, _ = _cell(row.timestamp, "timestamp")
+            parts.append(f"<tr><td>{_e(stamp)}</td><td>{_e(row.event)}</td><td>{_e(row.reason)}</td>"
+                         f"<td class='num'>{int(row.attempts):,}</td><td>{_e(row.detail)}</td></tr>")
+        parts.append("</table>")
+    return "\n".join(parts)
 
 
 def envelope(times: np.ndarray, values: np.ndarray, buckets: int = 4_000) -> tuple[np.ndarray, np.ndarray]:

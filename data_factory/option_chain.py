@@ -48,6 +48,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -178,6 +179,20 @@ class ContractPath:
 
     def __len__(self) -> int:
         return int(self.spot.size)
+
+
+class StructureQuotes(NamedTuple):
+    """Quotes of several four-leg structures at one bar: each array (k, 4), legs in the order
+    long put, short put, short call, long call; Greeks per share in ``analytics.black_scholes``
+    units. (A NamedTuple: the per-bar driver builds one every bar.)"""
+
+    bid: np.ndarray
+    ask: np.ndarray
+    mid: np.ndarray
+    delta: np.ndarray
+    gamma: np.ndarray
+    vega: np.ndarray
+    theta: np.ndarray
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,10 +344,11 @@ def _contract_path_kernel(bar_start, bar_stop, expiry_day, settle_s, strikes, is
 @njit(cache=False)
 def _positions_at_bar_kernel(bar, expiry_rows, strikes, bar_i64, bar_f64, sess_i64, sess_f64, expiry_i64,
                              model, table):
-    """Quotes of k four-leg structures (each on its own expiry) at one bar: (3, k, 4) bid, ask,
-    mid; NaN for a structure whose expiry has settled. Legs: put, put, call, call."""
+    """Quotes of k four-leg structures (each on its own expiry) at one bar: (7, k, 4) bid, ask,
+    mid, delta, gamma, vega, theta; NaN for a structure whose expiry has settled. Legs: put, put,
+    call, call."""
     k = strikes.shape[0]
-    out = np.full((3, k, 4), np.nan)
+    out = np.full((7, k, 4), np.nan)
     bar_time_s, session, spot, iv_index, rate, div_yield = _bar_state(bar, bar_i64, bar_f64, sess_f64)
     v0 = initial_variance_scalar(iv_index, model[_P_THETA_BAR], model[_P_KAPPA])
     for p in range(k):
@@ -349,6 +365,10 @@ def _positions_at_bar_kernel(bar, expiry_rows, strikes, bar_i64, bar_f64, sess_i
             out[0, p, leg] = bid
             out[1, p, leg] = ask
             out[2, p, leg] = 0.5 * (bid + ask)
+            out[3, p, leg] = delta
+            out[4, p, leg] = gamma_
+            out[5, p, leg] = vega
+            out[6, p, leg] = theta_
     return out
 
 
@@ -667,7 +687,7 @@ class SyntheticChainProvider:
             out_f[_GAMMA], out_f[_THETA], out_f[_VEGA], out_f[_RHO], out_f[_IV_CONF], out_f[_QUOTE_AGE])
 
     def expiry_row(self, expiration) -> int:
-        """Row of a listed expiration in the provider's expiry table (for ``quote_structures``)."""
+        """Row of a listed expiration in the provider's expiry table."""
         expiry_day = self._expiry_day(expiration)
         row = int(np.searchsorted(self._expiry_i64[:, 0], expiry_day))
         if row == len(self._expiry_i64) or self._expiry_i64[row, 0] != expiry_day:
@@ -675,12 +695,21 @@ class SyntheticChainProvider:
                             f"in the provider's period")
         return row
 
-    def quote_structures(self, bar: int, expiry_rows: np.ndarray, strikes: np.ndarray):
-        """Bid, ask and mid (each (k, 4)) of k put-put-call-call structures at one bar, in one
-        kernel call: the per-bar driver's marks of every open condor. Same numbers as
-        ``quote_contracts`` and ``slice``; NaN rows for settled expiries."""
-        out = _positions_at_bar_kernel(bar, expiry_rows, strikes, *self._structure_state)
-        return out[0], out[1], out[2]
+    def quote_structures(self, bar: int, expirations: np.ndarray, strikes: np.ndarray) -> StructureQuotes:
+        """Quotes with Greeks of k put-put-call-call structures at one bar, in one kernel call:
+        ``expirations`` (k,) ``datetime64[D]``, ``strikes`` (k, 4). Every array of the result is
+        (k, 4); the numbers are the ones ``quote_contracts`` and ``slice`` give; NaN rows for
+        settled expiries. The per-bar driver marks every open condor with it."""
+        days = np.asarray(expirations, dtype="datetime64[D]").astype(np.int64)
+        rows = np.searchsorted(self._expiry_i64[:, 0], days)
+        if rows.size and ((rows >= len(self._expiry_i64)).any()
+                          or (self._expiry_i64[np.minimum(rows, len(self._expiry_i64) - 1), 0] != days).any()):
+            bad = [int(day) for day, row in zip(days, rows)
+                   if row >= len(self._expiry_i64) or self._expiry_i64[row, 0] != day][0]
+            raise DataError(f"expiration {pd.Timestamp(bad, unit='D').date()} is not a listed expiry in the "
+                            f"provider's period")
+        out = _positions_at_bar_kernel(bar, rows, np.asarray(strikes, dtype=np.float64), *self._structure_state)
+        return StructureQuotes(*out)
 
     def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes, is_call) -> ContractPath:
         """Quotes of the given contracts (one expiration) at bars ``bar_start … bar_stop − 1``.

@@ -1,1 +1,4 @@
-"""RiskManager: portfolio Greeks, caps, drawdown kill switch, risk-budget sizing."""
+"""Stage 3 risk management: the RiskManager gate (caps, sizing, kill switch, delta hedge)."""
+from risk.risk_manager import Book, Proposal, RiskManager, Sizing
+
+__all__ = ["Book", "Proposal", "RiskManager", "Sizing"]

@@ -2,19 +2,18 @@
 when an open condor must be closed.
 
 Pure rules over a chain slice and quote arrays; no pricing (the chain carries the Greeks), no
-state, no knowledge of drivers. Exit rules take arrays with a leading bar axis so the fast
-driver evaluates a whole holding period with the same arithmetic the per-bar driver uses on one
-bar.
+state, no knowledge of drivers, nothing imported from ``core``: settings arrive as any object with
+the ``Config`` sections' attributes (``config.strategy``, ``config.exits``). Exit rules take arrays
+with a leading bar axis so the fast driver evaluates a whole holding period with the same
+arithmetic the per-bar driver uses on one bar.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
-
-from core.config import Config
-from core.dto import ExitReason
 
 # Exit codes in the order they are checked when several hold at the same bar: losses first
 # (a stop must never be reported as something milder), then profit, then the time-based exits.
@@ -22,15 +21,37 @@ from core.dto import ExitReason
 NO_EXIT = 0
 # Dollars per share: far below the $0.01 tick, far above float noise on prices of a few dollars.
 PRICE_TOLERANCE = 1e-9
-EXIT_ORDER = (ExitReason.STOP_LOSS, ExitReason.PROFIT_TAKE, ExitReason.DTE_EXIT, ExitReason.MAX_HOLD)
+# The names are ``core.dto.ExitReason`` values (a str enum, so either spelling is a key).
+EXIT_ORDER = ("stop_loss", "profit_take", "dte_exit", "max_hold")
 EXIT_CODE = {reason: code for code, reason in enumerate(EXIT_ORDER, start=1)}
 REASON_OF_CODE = {code: reason for reason, code in EXIT_CODE.items()}
 
 
+class ExitRules(NamedTuple):
+    """The exit-rule settings as the compiled evaluators take them (numba accepts a NamedTuple):
+    the fill model's spread fraction (what closing would cost), ``exits`` thresholds and the
+    early-assignment check."""
+
+    fill_fraction: float
+    profit_take_pct: float
+    loss_close_multiple: float
+    early_assignment_extrinsic: float
+    dte_exit: int
+    max_hold_days: int
+    early_assignment_days: int
+
+    @classmethod
+    def from_settings(cls, exits, fill_fraction: float) -> "ExitRules":
+        """From ``Config.exits`` and the fill model's fraction."""
+        return cls(float(fill_fraction), float(exits.profit_take_pct), float(exits.loss_close_multiple),
+                   float(exits.early_assignment_extrinsic), int(exits.dte_exit), int(exits.max_hold_days),
+                   int(exits.early_assignment_days))
+
+
 @dataclass(frozen=True)
 class CondorChoice:
-    """Strikes picked from one chain slice, with the quotes the credit test used (leg order:
-    long put, short put, short call, long call)."""
+    """Strikes picked from one chain slice, with the quotes the credit test used and the legs'
+    Greeks per share (leg order: long put, short put, short call, long call)."""
 
     expiration: np.datetime64
     dte: int
@@ -39,6 +60,10 @@ class CondorChoice:
     ask: np.ndarray
     short_put_delta: float
     short_call_delta: float
+    delta: np.ndarray | None = None
+    gamma: np.ndarray | None = None
+    vega: np.ndarray | None = None
+    theta: np.ndarray | None = None
 
     @property
     def put_width(self) -> float:
@@ -73,7 +98,7 @@ def _pick_short(strikes: np.ndarray, abs_delta: np.ndarray, bid: np.ndarray, low
     return int(best[np.argmin(strikes[best])] if prefer_lower_strike else best[np.argmax(strikes[best])])
 
 
-def choose_iron_condor(chain, config: Config, wings=None, expiration=None) -> CondorChoice | Rejection:
+def choose_iron_condor(chain, config, wings=None, expiration=None) -> CondorChoice | Rejection:
     """Pick the condor from a chain slice already limited to ``dte_min … dte_max``.
 
     Rules (documented choices where the seed is silent): the nearest expiry in the slice; each
@@ -121,7 +146,8 @@ def choose_iron_condor(chain, config: Config, wings=None, expiration=None) -> Co
     return CondorChoice(
         expiration=expiration, dte=dte, strikes=chain.strike[legs].copy(), bid=chain.bid[legs].copy(),
         ask=chain.ask[legs].copy(), short_put_delta=float(chain.delta[short_put]),
-        short_call_delta=float(chain.delta[short_call]))
+        short_call_delta=float(chain.delta[short_call]), delta=chain.delta[legs].copy(),
+        gamma=chain.gamma[legs].copy(), vega=chain.vega[legs].copy(), theta=chain.theta[legs].copy())
 
 
 def strikes_width_candidates(strategy) -> np.ndarray:
@@ -139,7 +165,7 @@ def width_candidates(low: float, high: float) -> np.ndarray:
     return np.arange(first, last + 1.0)
 
 
-def credit_is_sufficient(credit: float, width: float, config: Config) -> bool:
+def credit_is_sufficient(credit: float, width: float, config) -> bool:
     """The credit (at the fill model, per share) must be at least ``min_credit_to_width`` × width
     (a credit exactly at the minimum passes, whatever the float rounding of the product)."""
     return credit > 0.0 and credit >= config.strategy.min_credit_to_width * width - PRICE_TOLERANCE
@@ -177,7 +203,7 @@ def _exit_codes_kernel(close_debit, entry_credit, dte, days_held, profit_take_pc
 
 
 def exit_codes(close_debit: np.ndarray, entry_credit: float, dte: np.ndarray, days_held: np.ndarray,
-               config: Config) -> np.ndarray:
+               config) -> np.ndarray:
     """Exit code per bar (0 = hold) for one open condor.
 
     ``close_debit``: what closing would cost per share at the fill model; ``dte``: calendar days

@@ -103,7 +103,8 @@ def test_data_json_says_what_is_synthetic(run_dir):
 
 def test_trades_csv_has_one_row_per_condor(trades, equity):
     assert list(trades.columns[: len(ISSUE_TRADE_COLUMNS) + 1]) == ["position_id", *ISSUE_TRADE_COLUMNS]
-    assert len(trades) >= 10
+    # Two months of the gated default (risk budget 2 % of $25k refuses the $10-wide condors).
+    assert len(trades) >= 5
     # Every condor opened appears once (the run ends flat, so all of them are closed).
     assert sorted(trades["position_id"]) == list(range(1, len(trades) + 1))
     assert equity["open_positions"].iloc[-1] == 0

@@ -2,8 +2,10 @@
 months of embedded data: the Backtrader and fast drivers agree bitwise (trades, equity and the
 rejection counts, including the gated bars the fast driver counts in bulk) with the full layer on
 and with the default gated strategy; trades carry their entry context and never open on a gated
-bar; dynamic sizing is floor(C x floor(position_size_pct x equity / risk)) within max_alloc; the
+bar; dynamic sizing is max(1, floor(C x floor(position_size_pct x equity / risk))) within the risk
+budget, max_alloc and the Greek caps; the
 engine checks entries in the documented order; the mechanical condor ignores the features.
+(The risk manager's sizing chain itself is tested in tests/test_risk_manager.py.)
 """
 from __future__ import annotations
 
@@ -23,16 +25,14 @@ from core.backtest_engine import (
 )
 from core.config import Config
 from core.dto import CONTRACT_MULTIPLIER, Action
-from core.engine import TradingEngine, clock_minutes
-from core.execution import FillModel
+from core.engine import clock_minutes
 from core.main import _build_parser, _overrides
 from core.market_data import embedded_bar_features, embedded_chain_provider
-from core.portfolio import Portfolio
 from intelligence.features import MEMBERSHIP_COLUMNS, BarFeatures
 from intelligence.regime_filter import regime_names
+from risk.risk_manager import Book, max_within_cap
 from strategies.condor_adjustments import plan_wings
 from strategies.entry_gates import GATE_CODE, bar_gate_codes, gate_summary
-from strategies.options_strategy import CondorChoice
 
 NY = "America/New_York"
 START, END = dt.date(2016, 1, 4), dt.date(2016, 3, 31)
@@ -44,8 +44,10 @@ FULL = GATED.override({"mtf.use_mtf": True, "fuzzy.use_fuzzy": True, "sizing.dyn
 EDGES = GATED.override({"backtest.fill_on_next_bar": True, "strategy.max_entries_per_day": 2,
                         "strategy.max_positions": 2, "mtf.use_mtf": True, "fuzzy.use_fuzzy": True,
                         "fuzzy.min_confidence": 0.74})
-# No daily limit and room for every position max_alloc allows: every window bar tries an entry.
-NO_LIMITS = GATED.override({"strategy.max_entries_per_day": 0, "strategy.max_positions": 100, "mtf.use_mtf": True})
+# No daily limit, room for every position max_alloc allows and no kill switch (its halts are not
+# entry attempts): every window bar tries an entry.
+NO_LIMITS = GATED.override({"strategy.max_entries_per_day": 0, "strategy.max_positions": 100, "mtf.use_mtf": True,
+                            "risk.use_risk_limits": False})
 MECHANICAL = GATED.override({"filters.use_entry_gates": False})
 DRIVER_CONFIGS = {"gated": GATED, "full": FULL, "edges": EDGES, "no_limits": NO_LIMITS}
 STAGE2_REASONS = {"vrp_below_threshold", "breach_probability_above_max", "illiquid_no_bid", "illiquid_wide_spread"}
@@ -166,19 +168,33 @@ def test_gated_wings_follow_the_plan_of_the_entry_bar(provider, features, runs):
 # dynamic sizing
 # ------------------------------------------------------------------------------------------------
 
-def expected_contracts(config: Config, equity: float, cash: float, committed: float, width: float, credit: float,
-                       confidence: float) -> int:
-    risk = (width - credit) * CONTRACT_MULTIPLIER
-    allowed = math.floor(config.sizing.position_size_pct * equity / risk)
-    wanted = math.floor(confidence * allowed + 1e-9)
-    return min(wanted, math.floor((min(config.strategy.max_alloc * equity, cash) - committed) / risk))
+def expected_contracts(config: Config, trade, equity: float, cash: float) -> tuple[int, int]:
+    """(contracts, the fuzzy size before any cap) of a trade decided with nothing open, by hand:
+    the budget position_size_pct pays for, scaled by C (never below one condor), then the risk
+    budget, max_alloc, the cash and the Greek caps (the trade's Greeks per condor are in
+    trades.csv)."""
+    width = max(trade.short_put - trade.long_put, trade.long_call - trade.short_call)
+    risk = (width - trade.credit) * CONTRACT_MULTIPLIER
+    budget = math.floor(config.sizing.position_size_pct * equity / risk + 1e-9)
+    fuzzy = max(1, math.floor(trade.confidence * budget + 1e-9))
+    allowed = [fuzzy, math.floor(config.risk.max_account_risk_per_trade * equity / risk + 1e-9),
+               math.floor(config.strategy.max_alloc * equity / risk + 1e-9), math.floor(cash / risk + 1e-9)]
+    for greek in ("delta", "gamma", "vega", "theta"):
+        per_condor = getattr(trade, f"condor_{greek}")
+        allowed.append(math.floor(getattr(config.risk, f"max_trade_{greek}") / abs(per_condor) + 1e-9))
+        allowed.append(max_within_cap(0.0, per_condor, getattr(config.risk, f"max_portfolio_{greek}")))
+    return min(allowed), fuzzy
 
 
 @pytest.mark.parametrize("cap", [0.15, 1.0])
 def test_dynamic_sizing_on_trades_entered_flat(provider, features, runs, cap):
     """Trades decided while nothing was open: the equity at the decision is the cash after the
     previous bar, so the size can be worked out from equity.csv and trades.csv alone."""
-    config = FULL.override({"strategy.max_alloc": cap})
+    # cap 1.0: no allocation cap, a large risk budget and loose Greek caps, so C decides.
+    loose = {"strategy.max_alloc": cap, "risk.max_account_risk_per_trade": 0.25,
+             **{f"risk.max_{scope}_{greek}": 1e5 for scope in ("trade", "portfolio")
+                for greek in ("delta", "gamma", "vega", "theta")}}
+    config = FULL.override(loose) if cap == 1.0 else FULL
     result = runs["full"][0] if cap == 0.15 else run_fast(config, provider, features=features)
     trades = trades_frame(result.positions)
     equity = result.equity
@@ -188,18 +204,15 @@ def test_dynamic_sizing_on_trades_entered_flat(provider, features, runs, cap):
         assert trade.contracts >= 1
         cash = config.backtest.cash if bar == 0 else float(equity["cash"].iloc[bar - 1])
         flat = bar == 0 or equity["open_positions"].iloc[bar - 1] == 0
-        width = max(trade.short_put - trade.long_put, trade.long_call - trade.short_call)
-        risk = (width - trade.credit) * CONTRACT_MULTIPLIER
         if not flat:
             continue
-        expected = expected_contracts(config, cash, cash, 0.0, width, trade.credit, trade.confidence)
+        expected, fuzzy = expected_contracts(config, trade, cash, cash)
         assert trade.contracts == expected, (trade, cash)
         checked += 1
-        cap_contracts = math.floor(min(cap * cash, cash) / risk)
-        bound_by_confidence += expected < cap_contracts
+        bound_by_confidence += expected == fuzzy
     assert checked >= 3
     if cap == 1.0:
-        assert bound_by_confidence == checked      # the fuzzy size, not max_alloc, decided
+        assert bound_by_confidence == checked
         assert trades["contracts"].nunique() > 1
     # Every trade: never more than position_size_pct of the account pays for at C = 1 (the account
     # before a fill is at most 1 % above the highest equity recorded after fills in this run).
@@ -207,58 +220,6 @@ def test_dynamic_sizing_on_trades_entered_flat(provider, features, runs, cap):
     for trade in trades.itertuples():
         width = max(trade.short_put - trade.long_put, trade.long_call - trade.short_call)
         assert 1 <= trade.contracts <= math.floor(0.3 * peak / ((width - trade.credit) * CONTRACT_MULTIPLIER))
-
-
-def sizing_engine(config: Config, cash: float = 100_000.0) -> TradingEngine:
-    return TradingEngine(config, Portfolio(cash), FillModel.from_config(config.backtest))
-
-
-def fake_choice(width: float = 5.0) -> CondorChoice:
-    return CondorChoice(expiration=np.datetime64("2016-02-19"), dte=30,
-                        strikes=np.array([195.0 - width, 195.0, 215.0, 215.0 + width]),
-                        bid=np.array([0.4, 1.1, 0.95, 0.3]), ask=np.array([0.5, 1.2, 1.05, 0.4]),
-                        short_put_delta=-0.12, short_call_delta=0.10)
-
-
-def test_size_units():
-    dynamic = Config().override({"sizing.dynamic_sizing": True, "sizing.position_size_pct": 0.3,
-                                 "fuzzy.use_fuzzy": True, "strategy.max_alloc": 1.0})
-    engine = sizing_engine(dynamic)
-    # Risk (5 − 1) × 100 = 400 per condor; 0.3 × 100,000 / 400 = 75 condors; C = 0.6 → 45.
-    assert engine._size(fake_choice(), 1.0, 100_000.0, 0.0, 0.6) == (45, "max_alloc")
-    # C = 0.29: 0.29 × 100 is 28.999999999999996 in floats; it is still 29 condors.
-    assert 0.29 * 100 < 29
-    one_hundred = dynamic.override({"sizing.position_size_pct": 0.4})      # 40,000 / 400 = 100
-    assert sizing_engine(one_hundred)._size(fake_choice(), 1.0, 100_000.0, 0.0, 0.29)[0] == 29
-    # max_alloc 0.15: 15,000 / 400 = 37 condors at most.
-    capped = sizing_engine(dynamic.override({"strategy.max_alloc": 0.15}))
-    assert capped._size(fake_choice(), 1.0, 100_000.0, 0.0, 0.6) == (37, "max_alloc")
-    # Committed risk of open condors comes off the budget: (15,000 − 10,000) / 400 = 12.
-    assert capped._size(fake_choice(), 1.0, 100_000.0, 10_000.0, 0.6)[0] == 12
-    # The cash is the buying power: 8,000 cash / 400 = 20 even though equity is higher.
-    assert sizing_engine(dynamic, cash=8_000.0)._size(fake_choice(), 1.0, 100_000.0, 0.0, 0.6)[0] == 20
-    # No budget left: 0 contracts, reason max_alloc.
-    assert capped._size(fake_choice(), 1.0, 100_000.0, 15_000.0, 0.6) == (0, "max_alloc")
-
-
-def test_size_units_zero_and_fixed():
-    dynamic = Config().override({"sizing.dynamic_sizing": True, "sizing.position_size_pct": 0.3,
-                                 "fuzzy.use_fuzzy": True, "strategy.max_alloc": 1.0})
-    engine = sizing_engine(dynamic)
-    # 0.3 × 2,000 / 400 = 1 condor; C = 0.9 → floor(0.9) = 0.
-    assert engine._size(fake_choice(), 1.0, 2_000.0, 0.0, 0.9) == (0, "fuzzy_size_zero")
-    assert engine._size(fake_choice(), 1.0, 100_000.0, 0.0, math.nan) == (0, "fuzzy_size_zero")
-    # Without fuzzy the scale is 1: floor(0.3 × 100,000 / 400) = 75; too small an account gives 0.
-    no_fuzzy = sizing_engine(dynamic.override({"fuzzy.use_fuzzy": False}))
-    assert no_fuzzy._size(fake_choice(), 1.0, 100_000.0, 0.0, math.nan)[0] == 75
-    assert no_fuzzy._size(fake_choice(), 1.0, 1_000.0, 0.0, 0.9) == (0, "position_size_pct_below_one")
-    # Fixed sizing: the configured quantity, cut by max_alloc: 0.15 × 10,000 / 400 = 3.
-    fixed = Config().override({"strategy.quantity": 5})
-    assert sizing_engine(fixed)._size(fake_choice(), 1.0, 100_000.0, 0.0, 0.1)[0] == 5
-    assert sizing_engine(fixed, cash=10_000.0)._size(fake_choice(), 1.0, 10_000.0, 0.0, 0.1)[0] == 3
-    # Wider wing: the condor's width is the wider side (10 − 1) × 100 = 900; 30,000 / 900 = 33; × 0.5 = 16.
-    wide = fake_choice(10.0)
-    assert engine._size(wide, 1.0, 100_000.0, 0.0, 0.5)[0] == 16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,8 +236,9 @@ def entry_bar(provider, runs):
 def decide(config: Config, provider, features, bar: int, gate: str | None = None):
     session = BacktestSession(config, provider, features=features)
     if gate is not None:
-        session.feature_columns["gate_code"][bar] = GATE_CODE[gate]
-    decision = session.engine.entry_decision(session.snapshot(bar), config.backtest.cash, 0, 0.0)
+        session.engine.gate_codes[bar] = GATE_CODE[gate]
+    cash = config.backtest.cash
+    decision = session.engine.entry_decision(session.snapshot(bar), Book(cash, cash))
     return decision, session.engine.rejections
 
 
@@ -293,7 +255,7 @@ ORDER = [
     ("illiquid_wide_spread", {"filters.vrp_threshold": -1.0, "filters.max_breach_probability": 1.0}, None),
     ("credit_below_minimum", {"filters.vrp_threshold": -1.0, "filters.max_breach_probability": 1.0,
                               "filters.liquidity_max_spread_to_credit": 10.0}, None),
-    ("fuzzy_size_zero", {"filters.vrp_threshold": -1.0, "filters.max_breach_probability": 1.0,
+    ("position_size_pct_below_one", {"filters.vrp_threshold": -1.0, "filters.max_breach_probability": 1.0,
                          "filters.liquidity_max_spread_to_credit": 10.0, "strategy.min_credit_to_width": 0.0}, None),
 ]
 

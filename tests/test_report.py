@@ -68,6 +68,11 @@ def _equity() -> pd.DataFrame:
         "drawdown": equity - peak,
         "drawdown_pct": (equity - peak) / peak * 100.0,     # percent, as analytics.performance
         "open_positions": rng.integers(0, 3, len(times)),
+        "hedge_shares": rng.integers(-20, 20, len(times)),
+        "net_delta": rng.normal(0, 30, len(times)),
+        "net_gamma": rng.normal(-5, 2, len(times)),
+        "net_vega": rng.normal(-30, 10, len(times)),
+        "net_theta": rng.normal(8, 2, len(times)),
     }, index=pd.DatetimeIndex(times, name="bar"))
 
 

@@ -25,10 +25,12 @@ from core.dto import (
     LegQuotes,
     MarketSnapshot,
 )
-from core.engine import TradingEngine
+from core.engine import BarClock, TradingEngine
 from core.execution import FillModel, fee_schedule, make_fill, settlement_fill
 from core.market_data import embedded_chain_provider
 from core.portfolio import Portfolio
+from data_factory.option_chain import StructureQuotes
+from risk.risk_manager import Book
 from strategies.options_strategy import (
     EXIT_CODE,
     NO_EXIT,
@@ -303,7 +305,8 @@ def snapshot_at(stamp: pd.Timestamp, spot: float, bid=None, ask=None) -> MarketS
 
     def quote_many(positions):
         count = len(positions)
-        return np.tile(bid, (count, 1)), np.tile(ask, (count, 1)), np.tile(mid, (count, 1))
+        return StructureQuotes(*(np.tile(values, (count, 1)) for values in (bid, ask, mid, zeros, zeros, zeros,
+                                                                             zeros)))
 
     def no_chain(*args):
         raise AssertionError("no entry may be tried outside the entry window")
@@ -318,7 +321,9 @@ def snapshot_at(stamp: pd.Timestamp, spot: float, bid=None, ask=None) -> MarketS
 
 def engine_with_position(config: Config):
     portfolio, position = opened(make_condor(quantity=1), FillModel(0.5), "none")
-    engine = TradingEngine(config, portfolio, FillModel(0.5))
+    # A one-bar clock: these snapshots are all bar 0, outside the entry window.
+    clock = BarClock(np.zeros(1, dtype=np.int64), np.full(1, 15 * 60 + 45, dtype=np.int64))
+    engine = TradingEngine(config, portfolio, FillModel(0.5), clock)
     return engine, position
 
 
@@ -474,11 +479,16 @@ def session_engine(config: Config, provider):
     return session, session.engine
 
 
+FLAT_BOOK = Book(equity=25_000.0, cash=25_000.0)
+
+
 def test_engine_opens_the_chosen_condor_at_the_fill_model_credit(provider, chain_bar):
-    config = CHAIN_CONFIG.override({"strategy.quantity": 3, "strategy.max_alloc": 0.03})
+    # max_alloc binds here (the risk budget, 20 % of equity, is far above it).
+    config = CHAIN_CONFIG.override({"strategy.quantity": 3, "strategy.max_alloc": 0.03,
+                                    "risk.max_account_risk_per_trade": 0.2})
     session, engine = session_engine(config, provider)
     snapshot = session.snapshot(chain_bar)
-    decision = engine.entry_decision(snapshot, equity=25_000.0, open_count=0, committed_risk=0.0)
+    decision = engine.entry_decision(snapshot, FLAT_BOOK)
     assert decision is not None and decision.action is Action.OPEN
     choice = choose_iron_condor(snapshot.chain(30, 45), config)
     condor = decision.condor
@@ -495,6 +505,7 @@ def test_engine_opens_the_chosen_condor_at_the_fill_model_credit(provider, chain
     expected_quantity = min(3, math.floor(750.0 / ((4.0 - credit) * CONTRACT_MULTIPLIER)))
     assert 1 <= expected_quantity < 3
     assert condor.quantity == expected_quantity
+    assert decision.context["sizing_limit"] == "max_alloc"
     # Settlement at the expiry's close (16:00 New York on a normal Friday).
     assert condor.expiration == pd.Timestamp(choice.expiration).date()
     assert condor.settlement == pd.Timestamp(f"{condor.expiration} 16:00", tz=NY)
@@ -511,7 +522,7 @@ def test_engine_rejects_a_delta_band_the_chain_cannot_fill(provider, chain_bar):
     config = CHAIN_CONFIG.override({"strategy.target_short_delta_low": floor / 4,
                                     "strategy.target_short_delta_high": floor / 2})
     session, engine = session_engine(config, provider)
-    decision = engine.entry_decision(session.snapshot(chain_bar), 25_000.0, 0, 0.0)
+    decision = engine.entry_decision(session.snapshot(chain_bar), FLAT_BOOK)
     assert decision is None
     assert engine.rejections == {"no_put_in_delta_band": 1}
 
@@ -519,13 +530,13 @@ def test_engine_rejects_a_delta_band_the_chain_cannot_fill(provider, chain_bar):
 def test_engine_rejects_a_credit_below_the_minimum_ratio(provider, chain_bar):
     config = CHAIN_CONFIG.override({"strategy.min_credit_to_width": 0.95})
     session, engine = session_engine(config, provider)
-    decision = engine.entry_decision(session.snapshot(chain_bar), 25_000.0, 0, 0.0)
+    decision = engine.entry_decision(session.snapshot(chain_bar), FLAT_BOOK)
     assert decision is None
     assert engine.rejections == {"credit_below_minimum": 1}
     # The same bar passes with the ratio lowered below credit / width.
     relaxed = CHAIN_CONFIG.override({"strategy.min_credit_to_width": 0.0})
     session, engine = session_engine(relaxed, provider)
-    assert engine.entry_decision(session.snapshot(chain_bar), 25_000.0, 0, 0.0) is not None
+    assert engine.entry_decision(session.snapshot(chain_bar), FLAT_BOOK) is not None
 
 
 def test_engine_rejects_when_no_expiry_lies_in_the_dte_range(provider, chain_bar):
@@ -535,7 +546,7 @@ def test_engine_rejects_when_no_expiry_lies_in_the_dte_range(provider, chain_bar
     gap = next(d for d in range(22, 60) if d not in listed)
     config = CHAIN_CONFIG.override({"strategy.dte_min": gap, "strategy.dte_max": gap})
     session, engine = session_engine(config, provider)
-    assert engine.entry_decision(session.snapshot(chain_bar), 25_000.0, 0, 0.0) is None
+    assert engine.entry_decision(session.snapshot(chain_bar), FLAT_BOOK) is None
     assert engine.rejections == {"no_expiry_in_dte_range": 1}
 
 
@@ -543,9 +554,13 @@ def test_no_entry_outside_the_window_or_over_the_limits(provider, chain_bar):
     session, engine = session_engine(CHAIN_CONFIG, provider)
     early = provider.bar_index(pd.Timestamp("2016-01-12 09:40", tz=NY))   # window opens 09:45
     assert engine.entry_allowed(session.snapshot(early), 0) == "outside_entry_window"
-    assert engine.entry_decision(session.snapshot(early), 25_000.0, 0, 0.0) is None
+    assert engine.entry_decision(session.snapshot(early), FLAT_BOOK) is None
     snapshot = session.snapshot(chain_bar)
     assert engine.entry_allowed(snapshot, CHAIN_CONFIG.strategy.max_positions) == "max_positions"
-    engine.note_opened(CHAIN_TIME.date())
+    assert engine.entry_allowed(snapshot, 0) is None
+    assert engine.entry_decision(snapshot, FLAT_BOOK).action is Action.OPEN
+    # One entry decided this session: the daily limit (1) is used up for the rest of it.
     assert engine.entry_allowed(snapshot, 0) == "daily_entry_limit"
-    assert engine.rejections == {}          # gates are not strategy rejections
+    later = session.snapshot(chain_bar + 5)
+    assert engine.entry_allowed(later, 1) == "daily_entry_limit"
+    assert engine.rejections == {}          # window and limits are not strategy rejections

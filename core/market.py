@@ -1,0 +1,104 @@
+"""The bar contract: the one market-data interface the backtest session and every driver use.
+
+Any data source implements it — the synthetic chain provider (``data_factory.option_chain.
+SyntheticChainProvider``), a vendor chain store, a live Alpaca feed — and nothing else about the
+source is visible to ``core.engine`` or ``core.backtest_engine``. It is a structural
+``typing.Protocol``: a source satisfies it by having these members, without importing ``core``
+(``data_factory`` must not import ``core``).
+
+Bars are addressed by position ``0 … len(bar_times) − 1`` because drivers walk them in order; a
+bar's data is what was known at its close (time stamp), never later.
+
+Units: prices in dollars per share; the volatility index in points (VIX-like); Greeks per share
+in ``analytics.black_scholes`` units (delta and gamma per $1 of the underlying, vega per vol
+point, theta per calendar day). Leg order of a structure: long put, short put, short call,
+long call.
+
+Members
+-------
+``bar_times``
+    ``pd.DatetimeIndex`` of bar close times, tz-aware (America/New_York), strictly increasing.
+``sessions``
+    ``pd.DatetimeIndex`` of the session dates (naive midnight) the bars belong to.
+``spot_bars()`` / ``iv_index_bars()``
+    ``pd.Series`` per bar: the underlying's price and the volatility index at the bar's close.
+``ohlcv_bars()``
+    open/high/low/close/volume per bar when the source has them (the Backtrader feed shows them),
+    else None.
+``slice_at(bar, dte_min, dte_max)``
+    The chain at a bar for a DTE range (calendar days, inclusive): a ``ChainSlice``-like object
+    with arrays ``expiration`` (datetime64[D]), ``dte``, ``strike``, ``is_call``, ``bid``, ``ask``,
+    ``mid``, ``iv``, ``delta``, ``gamma``, ``theta``, ``vega``, ``iv_conf``, ``quote_age_s`` and
+    scalars ``spot``, ``iv_index``; ``len()`` is its row count.
+``quote_contracts(bar_start, bar_stop, expiration, strikes, is_call)``
+    Quotes (bid, ask, mid, delta, gamma, vega, theta; arrays (bars, legs)) of given contracts of
+    one expiry over the bars ``bar_start … bar_stop − 1``; NaN rows at and after settlement.
+``quote_structures(bar, expirations, strikes)``
+    The same numbers for k four-leg structures at one bar (arrays (k, 4)); a source without a
+    batched path can answer with ``structures_from_contracts``.
+``settlement_time(expiration)``
+    The settlement time (tz-aware) of a listed expiration.
+``describe()``
+    A JSON-ready dict saying what the data is and which parts are synthetic.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+
+@runtime_checkable
+class MarketData(Protocol):
+    """The bar contract (see the module docstring for every member's meaning and units)."""
+
+    @property
+    def bar_times(self) -> pd.DatetimeIndex: ...
+
+    @property
+    def sessions(self) -> pd.DatetimeIndex: ...
+
+    def spot_bars(self) -> pd.Series: ...
+
+    def iv_index_bars(self) -> pd.Series: ...
+
+    def ohlcv_bars(self) -> pd.DataFrame | None: ...
+
+    def slice_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None) -> Any: ...
+
+    def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes: np.ndarray,
+                        is_call: np.ndarray) -> Any: ...
+
+    def quote_structures(self, bar: int, expirations: np.ndarray, strikes: np.ndarray) -> Any: ...
+
+    def settlement_time(self, expiration) -> pd.Timestamp: ...
+
+    def describe(self) -> dict: ...
+
+
+CONDOR_IS_CALL = np.array([False, False, True, True])
+
+
+def structures_from_contracts(market: MarketData, bar: int, expirations: np.ndarray, strikes: np.ndarray):
+    """``quote_structures`` answered one structure at a time through ``quote_contracts``: for
+    sources without a batched path. Returns (bid, ask, mid, delta, gamma, vega, theta), each
+    (k, 4)."""
+    strikes = np.asarray(strikes, dtype=np.float64)
+    out = np.full((7, strikes.shape[0], 4), np.nan)
+    for row, expiration in enumerate(np.asarray(expirations, dtype="datetime64[D]")):
+        path = market.quote_contracts(bar, bar + 1, expiration.item(), strikes[row], CONDOR_IS_CALL)
+        for k, name in enumerate(("bid", "ask", "mid", "delta", "gamma", "vega", "theta")):
+            out[k, row] = getattr(path, name)[0]
+    return tuple(out)
+
+
+def require_market_data(market: Any) -> MarketData:
+    """``market`` if it implements the bar contract, else a TypeError naming what is missing."""
+    if not isinstance(market, MarketData):
+        missing = [name for name in ("bar_times", "sessions", "spot_bars", "iv_index_bars", "ohlcv_bars",
+                                     "slice_at", "quote_contracts", "quote_structures", "settlement_time",
+                                     "describe") if not hasattr(market, name)]
+        raise TypeError(f"{type(market).__name__} does not implement the bar contract (core.market.MarketData); "
+                        f"missing: {', '.join(missing)}")
+    return market
