@@ -41,6 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 # Contracts computed as ⌊x / y⌋: a ratio a float rounding below a whole number is that number.
 _FLOOR_TOLERANCE = 1e-9
@@ -135,18 +136,29 @@ def _floor_ratio(numerator: float, denominator: float) -> int:
     return max(0, math.floor(numerator / denominator + _FLOOR_TOLERANCE))
 
 
-def max_within_cap(current: float, per_unit: float, cap: float) -> int:
-    """The largest whole q ≥ 0 with |current + q·per_unit| ≤ cap (a large number when per_unit
-    is 0 and the current value is inside; 0 when no q ≥ 1 fits)."""
-    if abs(current + per_unit) > cap + _CAP_TOLERANCE:
-        # Even one unit breaks the cap (a unit that reduces |current| is still refused if the
-        # result lands outside).
-        return 0
+def cap_range(current: float, per_unit: float, cap: float) -> tuple[int, int]:
+    """(lowest, highest) whole q ≥ 1 with |current + q·per_unit| ≤ cap: the quantities a cap
+    allows form one interval (a large highest when per_unit is 0 and the book is inside; lowest
+    > highest when none fits). A book already beyond the cap allows only trades that bring it
+    back inside, which may need more than one unit. None fits: (1, 0)."""
+    big = 1 << 30
     if per_unit == 0.0:
-        return 1 << 30
-    # One unit fits; the bound on the side per_unit moves towards.
-    limit = (cap - current) / per_unit if per_unit > 0.0 else (cap + current) / -per_unit
-    return max(1, math.floor(limit + _FLOOR_TOLERANCE))
+        return (1, big) if abs(current) <= cap + _CAP_TOLERANCE else (1, 0)
+    # |current + q·u| ≤ cap  ⇔  (−cap − current)/u ≤ q ≤ (cap − current)/u  (bounds swap for u < 0).
+    low, high = (-cap - current) / per_unit, (cap - current) / per_unit
+    if per_unit < 0.0:
+        low, high = high, low
+    lowest = max(1, math.ceil(low - _FLOOR_TOLERANCE))
+    highest = math.floor(high + _FLOOR_TOLERANCE)
+    if highest < lowest:
+        return 1, 0                      # none fits
+    return lowest, min(highest, big)
+
+
+def max_within_cap(current: float, per_unit: float, cap: float) -> int:
+    """The largest whole q ≥ 1 with |current + q·per_unit| ≤ cap, or 0 when no q ≥ 1 fits."""
+    lowest, highest = cap_range(current, per_unit, cap)
+    return highest if lowest <= highest else 0
 
 
 class RiskManager:
@@ -221,13 +233,22 @@ class RiskManager:
             cut("risk_budget", _floor_ratio(risk.max_account_risk_per_trade * book.equity, max_loss))
         cut("max_alloc", _floor_ratio(strategy.max_alloc * book.equity - book.committed_max_loss, max_loss))
         cut("buying_power", _floor_ratio(book.cash - book.committed_max_loss, max_loss))
+        floors: list[tuple[int, str]] = []
         if self.limits_on:
             for greek in GREEKS:
                 per_unit = getattr(proposal, greek)
                 trade_cap = getattr(risk, f"max_trade_{greek}")
                 cut(f"trade_{greek}_limit", _floor_ratio(trade_cap, abs(per_unit)))
-                cut(f"portfolio_{greek}_cap",
-                    max_within_cap(getattr(book, greek), per_unit, getattr(risk, f"max_portfolio_{greek}")))
+                lowest, highest = cap_range(getattr(book, greek), per_unit, getattr(risk, f"max_portfolio_{greek}"))
+                if lowest > highest:
+                    highest = 0
+                elif lowest > 1:
+                    floors.append((lowest, f"portfolio_{greek}_cap"))
+                cut(f"portfolio_{greek}_cap", highest)
+        for lowest, name in floors:
+            # A book beyond a cap: only a trade large enough to bring it back inside may go.
+            if quantity < lowest:
+                quantity, reason = 0, name
         quantity = max(0, quantity)
         allowances = {name: value for name, value in allowances.items() if value < 1 << 30}
         return Sizing(quantity, reason if quantity < base else "", allowances)
@@ -282,32 +303,13 @@ class RiskManager:
     def first_drawdown_breach(self, session_days: np.ndarray, equities: np.ndarray) -> int | None:
         """Over consecutive bars without fills (their equity at mid): the offset of the first bar
         where ``check_drawdown`` would fire, else None. Does not change any state."""
-        n = len(equities)
-        if n == 0 or (self.daily_limit is None and self.total_limit is None) or self.halted_for_good:
+        if len(equities) == 0 or (self.daily_limit is None and self.total_limit is None) or self.halted_for_good:
             return None
-        hits = []
-        if self.total_limit is not None:
-            peaks = np.maximum(np.maximum.accumulate(equities), self._peak)
-            breach = np.flatnonzero(peaks - equities > self.total_limit * peaks)
-            if breach.size:
-                hits.append(int(breach[0]))
-        if self.daily_limit is not None:
-            # Each bar's reference: the recorded equity before its session's first bar.
-            previous = np.empty(n)
-            previous[0] = self._last_equity
-            previous[1:] = equities[:-1]
-            starts = np.r_[int(session_days[0]) != self._last_session, session_days[1:] != session_days[:-1]]
-            reference = np.where(starts, previous, np.nan)
-            if not starts[0]:
-                reference[0] = self._session_open
-            # Carry each session's reference forward over its bars.
-            filled = np.flatnonzero(~np.isnan(reference))
-            reference = reference[filled[np.searchsorted(filled, np.arange(n), side="right") - 1]]
-            breach = (reference - equities > self.daily_limit * reference) & (session_days != self.halted_session)
-            first = np.flatnonzero(breach)
-            if first.size:
-                hits.append(int(first[0]))
-        return min(hits) if hits else None
+        hit = _first_breach(session_days, equities, self._last_session, self._session_open, self._last_equity,
+                            self._peak, self.halted_session,
+                            -1.0 if self.daily_limit is None else self.daily_limit,
+                            -1.0 if self.total_limit is None else self.total_limit)
+        return None if hit < 0 else hit
 
     # ----------------------------------------------------------------------------- hedge
     def hedge_shares(self, net_delta: float, open_contracts: int, shares_held: int) -> int:
@@ -317,7 +319,7 @@ class RiskManager:
             return 0
         if open_contracts == 0:
             return -shares_held
-        if abs(net_delta) > self.hedge_threshold * 100.0 * open_contracts:
+        if abs(net_delta) > self.hedge_threshold * 100.0 * open_contracts + _CAP_TOLERANCE:
             return -int(np.round(net_delta))
         return 0
 
@@ -328,7 +330,7 @@ class RiskManager:
             return None
         if open_contracts == 0:
             return 0 if shares_held else None
-        hits = np.flatnonzero((np.abs(net_deltas) > self.hedge_threshold * 100.0 * open_contracts)
+        hits = np.flatnonzero((np.abs(net_deltas) > self.hedge_threshold * 100.0 * open_contracts + _CAP_TOLERANCE)
                               & (np.round(net_deltas) != 0.0))
         return int(hits[0]) if hits.size else None
 
@@ -354,3 +356,28 @@ SIZING_HINTS = {
                                              f"{getattr(c.risk, 'max_portfolio_' + g):g}; raise --max-portfolio-{g}")
        for g in GREEKS},
 }
+
+
+@njit(cache=True)
+def _first_breach(session_days, equities, last_session, session_open, last_equity, peak, halted_session,
+                  daily_limit, total_limit):
+    """``check_drawdown`` then ``observe`` bar by bar on a copy of the state (limits < 0 are off):
+    the offset of the first bar that fires, or −1. The comparisons are ``check_drawdown``'s."""
+    for i in range(equities.shape[0]):
+        day = session_days[i]
+        equity = equities[i]
+        if total_limit >= 0.0:
+            top = peak if peak > equity else equity
+            if top - equity > total_limit * top:
+                return i
+        if daily_limit >= 0.0 and day != halted_session:
+            reference = session_open if day == last_session else last_equity
+            if reference - equity > daily_limit * reference:
+                return i
+        if day != last_session:
+            session_open = last_equity
+            last_session = day
+        last_equity = equity
+        if equity > peak:
+            peak = equity
+    return -1
