@@ -93,6 +93,22 @@ def comparison_table(runs: list[ScenarioRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def trades_by_half_year(runs: list[ScenarioRun], start, end) -> pd.DataFrame:
+    """Trades entered per calendar half-year of the period (rows '2014H1' … , a column per
+    scenario): whether each scenario keeps trading through every part of the history, or only
+    in some regimes."""
+    first, last = pd.Timestamp(start), pd.Timestamp(end)
+    labels = [f"{year}H{half}" for year in range(first.year, last.year + 1) for half in (1, 2)
+              if pd.Timestamp(year, 6 * half - 5, 1) <= last and pd.Timestamp(year, 6 * half, 30) >= first]
+    columns = {}
+    for run in runs:
+        entries = pd.DatetimeIndex(run.trades["entry_time"]) if len(run.trades) else pd.DatetimeIndex([])
+        halves = [f"{stamp.year}H{1 if stamp.month <= 6 else 2}" for stamp in entries]
+        counts = pd.Series(halves, dtype=object).value_counts()
+        columns[run.name] = [int(counts.get(label, 0)) for label in labels]
+    return pd.DataFrame(columns, index=pd.Index(labels, name="half_year"))
+
+
 def daily_equity(runs: list[ScenarioRun]) -> pd.DataFrame:
     """Each scenario's equity at the last bar of every session (the comparison curves)."""
     columns = {}
@@ -139,8 +155,8 @@ COLUMN_KINDS = {"net_profit": "usd", "total_return_pct": "pct", "cagr_pct": "pct
                 "mean_contracts": "ratio", "mean_confidence": "ratio"}
 
 
-def comparison_html(table: pd.DataFrame, png_base64: str | None) -> str:
-    """The report section: the side-by-side table and the equity curves."""
+def comparison_html(table: pd.DataFrame, png_base64: str | None, periods: pd.DataFrame | None = None) -> str:
+    """The report section: the side-by-side table, the trades per half-year and the equity curves."""
     from core.report import format_value
 
     headers = ["scenario", "trades", *COLUMN_KINDS, "top_rejection"]
@@ -159,6 +175,14 @@ def comparison_html(table: pd.DataFrame, png_base64: str | None) -> str:
     parts.append("</ul><p>Top rejection: the most frequent reason an entry was refused after the "
                  "bar gates (MTF band, VRP, sizing, liquidity …); all counts are in "
                  "scenarios/&lt;name&gt;/metrics.json.</p>")
+    if periods is not None and len(periods):
+        parts.append("<h3>Trades entered per half-year</h3><table class=\"data\"><tr><th>half-year</th>"
+                     + "".join(f"<th>{html.escape(str(name))}</th>" for name in periods.columns) + "</tr>")
+        for label, row in periods.iterrows():
+            parts.append(f"<tr><td>{html.escape(str(label))}</td>"
+                         + "".join(f"<td class='num{' neg' if count == 0 else ''}'>{int(count):,}</td>" for count in row)
+                         + "</tr>")
+        parts.append("</table>")
     if png_base64:
         parts.append(f'<img alt="scenario equity curves" width="1400" height="700" '
                      f'src="data:image/png;base64,{png_base64}">')

@@ -264,7 +264,9 @@ class PortfolioGreeks:
 class MarketSnapshot:
     """Everything the engine may know at one bar, nothing from later.
 
-    ``chain(dte_min, dte_max)`` returns the option-chain slice at this bar; ``quote(condor)``
+    ``chain(dte_min, dte_max)`` returns the option-chain slice at this bar, ``nearest_chain``
+    the slice of the nearest expiry in that DTE range only (what the condor is built from);
+    ``quote(condor)``
     returns this bar's quotes of a structure's legs; ``quote_many(positions)`` the quotes and Greeks
     of several open condors at once. ``features`` holds the bar's feature row (indicators, MTF
     consensus, memberships, confidence, regime, entry-gate code; ``intelligence.features``).
@@ -277,6 +279,7 @@ class MarketSnapshot:
     spot: float
     iv_index: float
     chain: Callable                        # chain(dte_min, dte_max) -> ChainSlice at this bar
+    nearest_chain: Callable                # nearest_chain(dte_min, dte_max) -> the nearest expiry's slice
     quote: Callable[[IronCondor], LegQuotes]
     quote_many: Callable          # quote_many(positions) -> StructureQuotes (bid, ask, mid, Greeks), each (k, 4)
     settlement_of: Callable[[dt.date], pd.Timestamp]   # listed expiry -> its settlement time

@@ -36,10 +36,10 @@ from core.dto import (
     RiskEvent,
     TradeDecision,
 )
-from core.execution import FillModel, close_debit_row, open_credit
+from core.execution import FillModel, close_debit_row, open_credit_row
 from core.portfolio import Portfolio, condor_marks
 from intelligence.features import MEMBERSHIP_COLUMNS
-from intelligence.regime_filter import regime_names
+from intelligence.regime_filter import regime_name
 from risk.risk_manager import Book, DrawdownTrigger, Proposal, RiskManager
 from strategies.condor_adjustments import (
     breach_probability,
@@ -372,17 +372,17 @@ class TradingEngine:
         features = snapshot.features
         config = self.config
         strategy, filters = config.strategy, config.filters
-        chain = snapshot.chain(strategy.dte_min, strategy.dte_max)
+        chain = snapshot.nearest_chain(strategy.dte_min, strategy.dte_max)
         stage2 = filters.use_entry_gates and bool(features)
         context: dict = {}
         wings = None
         reading = None
-        regime_name = str(regime_names(np.array([features["regime"]]))[0]) if features else ""
+        regime = regime_name(features["regime"]) if features else ""
         if stage2:
             _, reading = nearest_expiry_skew(chain)
             skew = reading.skew if reading is not None else math.nan
             reference = features["skew_reference"] if "skew_reference" in self.feature_columns else math.nan
-            wings = plan_wings(config, regime_name, skew, int(features["divergence_bias"]), skew_reference=reference)
+            wings = plan_wings(config, regime, skew, int(features["divergence_bias"]), skew_reference=reference)
             context.update(skew=skew, iv_atm=reading.iv_atm if reading is not None else math.nan,
                            wing_adjustments="; ".join(wings.adjustments))
         choice = choose_iron_condor(chain, config, wings)
@@ -402,8 +402,7 @@ class TradingEngine:
                 problem = liquidity_problem(choice, filters.liquidity_max_spread_to_credit)
                 if problem is not None:
                     return self._reject(problem)
-        _, credit = open_credit(choice.bid[np.newaxis, :], choice.ask[np.newaxis, :], self.fill_model)
-        credit = float(credit[0])
+        credit = open_credit_row(choice.bid, choice.ask, self.fill_model.fraction)
         if not credit_is_sufficient(credit, choice.width, config):
             return self._reject("credit_below_minimum")
         confidence = float(features["confidence"]) if features else math.nan
@@ -414,7 +413,7 @@ class TradingEngine:
                                                          f"{proposal.max_loss:,.2f} per condor)", book.equity)
             return self._reject(sizing.reason)
         if features:
-            context.update(self._feature_context(features, regime_name))
+            context.update(self._feature_context(features, regime))
         context.update(sizing=sizing.explain(), sizing_limit=sizing.reason, condor_delta=proposal.delta,
                        condor_gamma=proposal.gamma, condor_vega=proposal.vega, condor_theta=proposal.theta)
         self._entries_by_session[snapshot.session_day] = self.entries_on(snapshot.session_day) + 1
@@ -423,10 +422,10 @@ class TradingEngine:
                              context=context)
 
     @staticmethod
-    def _feature_context(features, regime_name: str) -> dict:
+    def _feature_context(features, regime: str) -> dict:
         """What a trader needs to see why a trade was taken and sized: regime, C, F_t, each
         membership and the main features at the decision bar."""
-        context = {"regime": regime_name,
+        context = {"regime": regime,
                    "confidence": features["confidence"], "fuzzy_ft": features["fuzzy_ft"],
                    "mu_neural": features["mu_neural"]}
         for column in MEMBERSHIP_COLUMNS.values():
@@ -724,6 +723,7 @@ class PositionPaths:
         self.bar_ns = bar_ns
         self.paths: dict[int, PositionPath] = {}
         self.booked_to: dict[int, int] = {}      # per position: bars before this one are booked
+        self._last_marks = None
 
     def track(self, bar: int) -> None:
         """After stepping ``bar``: start paths for positions opened at it; everything up to it is
@@ -738,10 +738,15 @@ class PositionPaths:
         return self.paths[position_id].first_exit(after)
 
     def account_marks(self, start: int, stop: int):
-        """The account on bars [start, stop), none of them with a fill."""
-        from core.portfolio import account_mark_paths
+        """The account on bars [start, stop), none of them with a fill. The last range is kept:
+        the driver records the bars the engine has just scanned for risk events."""
+        from core.portfolio import AccountMarks, account_mark_paths
 
         portfolio = self.engine.portfolio
+        state = (portfolio.cash, portfolio.hedge_shares, tuple(portfolio.open_positions))
+        cached = self._last_marks
+        if cached is not None and cached[0] == start and stop <= cached[1] and cached[2] == state:
+            return AccountMarks(*(column[: stop - start] for column in cached[3]))
 
         def columns():
             for position_id in portfolio.open_positions:
@@ -751,8 +756,10 @@ class PositionPaths:
                 yield (rows.mid_value[window], rows.closing_value[window], rows.delta[window], rows.gamma[window],
                        rows.vega[window], rows.theta[window])
 
-        return account_mark_paths(portfolio.cash, portfolio.hedge_shares, self.spot[start:stop],
-                                  self.engine.risk.share_cost, columns())
+        marks = account_mark_paths(portfolio.cash, portfolio.hedge_shares, self.spot[start:stop],
+                                   self.engine.risk.share_cost, columns())
+        self._last_marks = (start, stop, state, marks)
+        return marks
 
     def book_skipped(self, upto: int) -> None:
         """The excursion and early-assignment checks ``on_bar`` made on the skipped bars

@@ -170,6 +170,19 @@ def close_debit_row(bid, ask, fraction: float) -> float:
     return math.ceil(value / TICK - _TICK_TOLERANCE) / TICKS_PER_DOLLAR
 
 
+@njit(cache=True)
+def open_credit_row(bid, ask, fraction: float) -> float:
+    """``open_credit``'s net credit for one condor row (leg order, CONDOR_RATIOS): the same
+    operations in the same order, without the batch machinery (the engine prices every entry
+    attempt with it; a test holds them together bitwise)."""
+    p0 = bid[0] + fraction * (ask[0] - bid[0])     # long put bought
+    p1 = ask[1] - fraction * (ask[1] - bid[1])     # short put sold
+    p2 = ask[2] - fraction * (ask[2] - bid[2])     # short call sold
+    p3 = bid[3] + fraction * (ask[3] - bid[3])     # long call bought
+    value = ((-p0 + p1) + p2) + -p3
+    return math.floor(value / TICK + _TICK_TOLERANCE) / TICKS_PER_DOLLAR
+
+
 def open_credit(bid, ask, fill_model: FillModel) -> tuple[np.ndarray, np.ndarray]:
     """Opening a short iron condor: (per-leg fill prices, net credit per share rounded down)."""
     legs = leg_fill_prices(bid, ask, CONDOR_RATIOS, True, fill_model)

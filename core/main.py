@@ -313,6 +313,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         daily_equity,
         render_comparison_png,
         run_ablation,
+        trades_by_half_year,
     )
     from core.backtest_engine import run_backtest
     from core.market_data import (
@@ -326,6 +327,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         ablation_table,
         check_output_dir,
         default_run_dir,
+        periods_table,
         render_greeks_png,
         risk_panel,
         summary_table,
@@ -375,7 +377,9 @@ def _run_backtest_mode(args, config, argv) -> int:
                                 progress=lambda name, done: progress.update(tasks[name], completed=done))
             comparison = comparison_table(runs)
             curves = daily_equity(runs)
-            extra_files = {"comparison.csv": comparison, "comparison_equity.csv": curves.reset_index()}
+            periods = trades_by_half_year(runs, backtest.start, backtest.end)
+            extra_files = {"comparison.csv": comparison, "comparison_equity.csv": curves.reset_index(),
+                           "comparison_trades_by_half_year.csv": periods.reset_index()}
             png64 = None
             if backtest.plot:
                 png = render_comparison_png(curves, backtest.cash,
@@ -386,7 +390,7 @@ def _run_backtest_mode(args, config, argv) -> int:
                 slug = run.name.lower().replace(" ", "_")
                 extra_files[f"scenarios/{slug}/trades.csv"] = run.trades
                 extra_files[f"scenarios/{slug}/metrics.json"] = to_json(run.metrics)
-            extra_html = comparison_html(comparison, png64)
+            extra_html = comparison_html(comparison, png64, periods)
     trades, equity, metrics = result.trades, result.equity, result.metrics
     extra_files["risk_events.csv"] = result.risk_events
     extra_files["hedges.csv"] = result.hedges
@@ -417,6 +421,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         console.print(f"[bold yellow]{metrics['sizing_note']}[/bold yellow]")
     if comparison is not None:
         console.print(ablation_table(comparison))
+        console.print(periods_table(periods))
     console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); option chains and "
                   f"intraday bars are SYNTHETIC (see data.json)")
     console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json, "

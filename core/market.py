@@ -25,11 +25,14 @@ Members
 ``ohlcv_bars()``
     open/high/low/close/volume per bar when the source has them (the Backtrader feed shows them),
     else None.
-``slice_at(bar, dte_min, dte_max)``
-    The chain at a bar for a DTE range (calendar days, inclusive): a ``ChainSlice``-like object
-    with arrays ``expiration`` (datetime64[D]), ``dte``, ``strike``, ``is_call``, ``bid``, ``ask``,
-    ``mid``, ``iv``, ``delta``, ``gamma``, ``theta``, ``vega``, ``iv_conf``, ``quote_age_s`` and
-    scalars ``spot``, ``iv_index``; ``len()`` is its row count.
+``expirations_at(bar, dte_min, dte_max)``
+    The expirations listed and not settled at a bar with ``dte_min … dte_max`` calendar days to
+    go, ascending (datetime64[D]); cheap (no quotes).
+``slice_at(bar, dte_min, dte_max, expiry=None)``
+    The chain at a bar for a DTE range (calendar days, inclusive), or for one ``expiry`` of it:
+    a ``ChainSlice``-like object with arrays ``expiration`` (datetime64[D]), ``dte``, ``strike``,
+    ``is_call``, ``bid``, ``ask``, ``mid``, ``iv``, ``delta``, ``gamma``, ``theta``, ``vega``,
+    ``iv_conf``, ``quote_age_s`` and scalars ``spot``, ``iv_index``; ``len()`` is its row count.
 ``quote_contracts(bar_start, bar_stop, expiration, strikes, is_call)``
     Quotes (bid, ask, mid, delta, gamma, vega, theta; arrays (bars, legs)) of given contracts of
     one expiry over the bars ``bar_start … bar_stop − 1``; NaN rows at and after settlement.
@@ -65,7 +68,9 @@ class MarketData(Protocol):
 
     def ohlcv_bars(self) -> pd.DataFrame | None: ...
 
-    def slice_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None) -> Any: ...
+    def expirations_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None) -> np.ndarray: ...
+
+    def slice_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None, expiry=None) -> Any: ...
 
     def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes: np.ndarray,
                         is_call: np.ndarray) -> Any: ...
@@ -97,7 +102,7 @@ def require_market_data(market: Any) -> MarketData:
     """``market`` if it implements the bar contract, else a TypeError naming what is missing."""
     if not isinstance(market, MarketData):
         missing = [name for name in ("bar_times", "sessions", "spot_bars", "iv_index_bars", "ohlcv_bars",
-                                     "slice_at", "quote_contracts", "quote_structures", "settlement_time",
+                                     "expirations_at", "slice_at", "quote_contracts", "quote_structures", "settlement_time",
                                      "describe") if not hasattr(market, name)]
         raise TypeError(f"{type(market).__name__} does not implement the bar contract (core.market.MarketData); "
                         f"missing: {', '.join(missing)}")

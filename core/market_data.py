@@ -227,6 +227,7 @@ _features: dict = {}
 
 
 def _remember(cache: dict, key, value):
+    # Insertion order is use order (a hit is re-inserted): the least recently used goes first.
     cache[key] = value
     while len(cache) > _CACHE_SIZE:
         cache.pop(next(iter(cache)))
@@ -246,10 +247,10 @@ def load_market(config: Config) -> SyntheticChainProvider:
     """The embedded chain provider for ``config``, built once per process per period, seed and
     synthetic settings."""
     key = market_key(config)
-    market = _markets.get(key)
+    market = _markets.pop(key, None)
     if market is None:
-        market = _remember(_markets, key, embedded_chain_provider(config))
-    return market
+        market = embedded_chain_provider(config)
+    return _remember(_markets, key, market)
 
 
 def uses_neural(config: Config) -> bool:
@@ -282,8 +283,9 @@ def bar_features(config: Config, market, forecaster=None, progress=None):
     else loaded; a missing default checkpoint leaves μ = 0.5); ``progress(done, total)`` reports
     that inference."""
     key = (id(market), feature_key(config))
-    cached = _features.get(key)
+    cached = _features.pop(key, None)
     if cached is not None and cached[0] is market:
+        _features[key] = cached             # most recently used last: evicted last
         return cached[1]
     if uses_neural(config) and forecaster is None:
         forecaster = load_configured_forecaster(config, explicit=False)

@@ -523,9 +523,6 @@ def summary_table(metrics: Mapping[str, Any], trades: pd.DataFrame):
     if hedge.get("trades"):
         table.add_row("  hedge trades / shares", f"{hedge['trades']:,} / {hedge['shares_traded']:,}")
         table.add_row("  hedge P&L (after costs)", format_value(hedge["pnl"], "usd"))
-    note = metrics.get("sizing_note")
-    if note:
-        table.caption = note
     return table
 
 
@@ -980,6 +977,19 @@ def ablation_table(comparison: pd.DataFrame):
     for row in comparison.to_dict("records"):
         if "NOTE:" in row["what"]:
             table.caption = f"{row['scenario']}: {row['what'].split('NOTE: ', 1)[1]}"
+    return table
+
+
+def periods_table(periods: pd.DataFrame):
+    """Trades entered per half-year and scenario (the ablation) as a rich table; empty cells red."""
+    from rich.table import Table
+
+    table = Table(title="Trades entered per half-year (ablation)")
+    table.add_column("half-year")
+    for name in periods.columns:
+        table.add_column(str(name), justify="right")
+    for label, row in periods.iterrows():
+        table.add_row(str(label), *[f"[red]{count}[/red]" if count == 0 else f"{count:,}" for count in row])
     return table
 
 

@@ -537,6 +537,7 @@ class SyntheticChainProvider:
         self._bar_times = bar_times
         ohlcv = ["open", "high", "low", "close", "volume"]
         self._ohlcv = bars[ohlcv].copy() if set(ohlcv) <= set(bars.columns) else None
+        self._session_listings: dict[int, list] = {}
         self._structure_state = (self._bar_i64, self._bar_f64, self._sess_i64, self._sess_f64, self._expiry_i64,
                                  self._model, self._table)
 
@@ -732,6 +733,28 @@ class SyntheticChainProvider:
         return ContractPath(bar_start, self._bar_ns[bar_start:bar_stop],
                             self._bar_f64[bar_start:bar_stop, 0], *out)
 
+    def expirations_at(self, bar: int, dte_min=None, dte_max=None) -> np.ndarray:
+        """The expirations listed and not yet settled at a bar, with ``dte_min … dte_max``
+        calendar days to go (inclusive), ascending (datetime64[D]): what ``slice_at`` would
+        return rows for, without pricing anything."""
+        n_bars = len(self._bar_ns)
+        if not 0 <= bar < n_bars:
+            raise DataError(f"bar position {bar} is outside 0 … {n_bars - 1}")
+        bar_time_s, session = (int(v) for v in self._bar_i64[bar])
+        listed = self._session_listings.get(session)
+        if listed is None:
+            # (expiry day, settlement s, DTE) of the session's listings, ascending: a session's
+            # listings are fixed, so each session is read once.
+            first, stop = self._sess_i64[session, 3], self._sess_i64[session, 4]
+            rows = self._expiry_i64[np.sort(self._listed_expiry_ids[first:stop])]
+            dte = rows[:, 0] - self._sess_i64[session, 0]
+            listed = self._session_listings[session] = list(zip(rows[:, 0].tolist(), rows[:, 1].tolist(),
+                                                                 dte.tolist()))
+        low = -_DTE_UNBOUNDED if dte_min is None else int(dte_min)
+        high = _DTE_UNBOUNDED if dte_max is None else int(dte_max)
+        days = [day for day, settle, dte in listed if settle > bar_time_s and low <= dte <= high]
+        return np.array(days, dtype="datetime64[D]")
+
     def settlement_time(self, expiration) -> pd.Timestamp:
         """PM settlement (session close) of a listed expiration."""
         expiry_day = self._expiry_day(expiration)
@@ -751,5 +774,7 @@ class SyntheticChainProvider:
     def _expiry_day(expiry) -> int:
         if type(expiry) is dt.date:  # the drivers' hot path: no parsing needed
             return expiry.toordinal() - _EPOCH_ORDINAL
+        if isinstance(expiry, np.datetime64):     # an entry of expirations_at
+            return int(expiry.astype("datetime64[D]").astype(np.int64))
         stamp = exchange_date(expiry, "expiry", check_range=False)
         return int(stamp.as_unit("ns").value // (86_400 * 1_000_000_000))

@@ -118,3 +118,15 @@ def regime_names(codes: int | np.ndarray) -> np.ndarray:
         first = values.reshape(-1)[np.flatnonzero(bad.reshape(-1))[0]]
         raise ValueError(f"regime_names: {first} is not a regime code ({int(low)}..{int(high)})")
     return _NAMES[values + 1]
+
+
+_NAME_OF_CODE = {int(regime): regime.name for regime in Regime}
+
+
+def regime_name(code: float) -> str:
+    """The name of one regime code (a float from the feature table is fine): the per-bar form of
+    ``regime_names``, a dictionary lookup. ValueError for a code that is not a ``Regime`` value."""
+    try:
+        return _NAME_OF_CODE[int(code)] if code == int(code) else _NAME_OF_CODE[None]
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError(f"regime_name: {code!r} is not a regime code") from None

@@ -85,17 +85,64 @@ class Rejection:
     reason: str
 
 
-def _pick_short(strikes: np.ndarray, abs_delta: np.ndarray, bid: np.ndarray, low: float, high: float,
-                prefer_lower_strike: bool) -> int:
-    """Index of the short strike: |delta| inside [low, high] closest to the band's centre, with a
-    positive bid; ties go to the further-from-the-money strike. −1 if none qualifies."""
-    eligible = np.flatnonzero((abs_delta >= low) & (abs_delta <= high) & (bid > 0.0))
-    if eligible.size == 0:
-        return -1
+# Codes of _choose_legs: 0 a condor, else the rejection.
+_CHOICE_REJECTIONS = ("", "no_put_in_delta_band", "no_call_in_delta_band", "no_put_wing_listed",
+                      "no_call_wing_listed", "short_strikes_cross")
+
+
+@njit(cache=True)
+def _pick_short(rows, strike, abs_delta, bid, low, high, prefer_lower_strike):
+    """Row of the short strike among ``rows``: |delta| inside [low, high] closest to the band's
+    centre, with a positive bid; ties go to the further-from-the-money strike. −1 if none."""
     target = 0.5 * (low + high)
-    distance = np.abs(abs_delta[eligible] - target)
-    best = eligible[distance == distance.min()]
-    return int(best[np.argmin(strikes[best])] if prefer_lower_strike else best[np.argmax(strikes[best])])
+    best = -1
+    best_distance = 0.0
+    for row in rows:
+        d = abs_delta[row]
+        if not (d >= low and d <= high and bid[row] > 0.0):
+            continue
+        distance = abs(d - target)
+        if (best < 0 or distance < best_distance
+                or (distance == best_distance
+                    and (strike[row] < strike[best] if prefer_lower_strike else strike[row] > strike[best]))):
+            best = row
+            best_distance = distance
+    return best
+
+
+@njit(cache=True)
+def _pick_wing(rows, strike, short_strike, sign, widths):
+    """Row of the long wing: the narrowest width of ``widths`` (narrowest first) listed on the
+    $1 grid (strikes compared in cents); −1 if none is listed."""
+    for width in widths:
+        wanted = short_strike + sign * width
+        for row in rows:
+            if abs(strike[row] - wanted) < 0.005:
+                return row
+    return -1
+
+
+@njit(cache=True)
+def _choose_legs(on_expiry, is_call, strike, abs_delta, bid, low, high, put_widths, call_widths):
+    """(code, long put, short put, short call, long call) rows of the condor on the rows
+    ``on_expiry`` marks (a code from _CHOICE_REJECTIONS, 0 when chosen)."""
+    puts = np.flatnonzero(on_expiry & ~is_call)
+    calls = np.flatnonzero(on_expiry & is_call)
+    short_put = _pick_short(puts, strike, abs_delta, bid, low, high, True)
+    if short_put < 0:
+        return 1, -1, -1, -1, -1
+    long_put = _pick_wing(puts, strike, strike[short_put], -1.0, put_widths)
+    if long_put < 0:
+        return 3, -1, -1, -1, -1
+    short_call = _pick_short(calls, strike, abs_delta, bid, low, high, False)
+    if short_call < 0:
+        return 2, -1, -1, -1, -1
+    long_call = _pick_wing(calls, strike, strike[short_call], 1.0, call_widths)
+    if long_call < 0:
+        return 4, -1, -1, -1, -1
+    if strike[short_put] > strike[short_call]:
+        return 5, -1, -1, -1, -1
+    return 0, long_put, short_put, short_call, long_call
 
 
 def choose_iron_condor(chain, config, wings=None, expiration=None) -> CondorChoice | Rejection:
@@ -105,49 +152,32 @@ def choose_iron_condor(chain, config, wings=None, expiration=None) -> CondorChoi
     short strike is the one whose |delta| is closest to the centre of
     ``target_short_delta_low … high`` (puts and calls separately); each long wing is the narrowest
     listed width in ``wing_width_min … wing_width_max`` dollars, or in the per-side ranges of
-    ``wings`` (a ``WingPlan``: the Stage-2 regime/skew/divergence adjustments).
+    ``wings`` (a ``WingPlan``: the Stage-2 regime/skew/divergence adjustments). Puts are chosen
+    before calls, so a chain that fails both is reported by its put side.
     """
     strategy = config.strategy
     if len(chain) == 0:
         return Rejection("no_expiry_in_dte_range")
+    expirations = chain.expiration
     if expiration is None:
-        expiration = chain.expiration.min()
-    on_expiry = chain.expiration == expiration
-    dte = int(chain.dte[on_expiry][0])
-    picks = {}
-    for is_call in (False, True):
-        rows = np.flatnonzero(on_expiry & (chain.is_call == is_call))
-        strikes = chain.strike[rows]
-        short = _pick_short(strikes, np.abs(chain.delta[rows]), chain.bid[rows],
-                            strategy.target_short_delta_low, strategy.target_short_delta_high,
-                            prefer_lower_strike=not is_call)
-        if short < 0:
-            return Rejection("no_call_in_delta_band" if is_call else "no_put_in_delta_band")
-        short_strike = strikes[short]
-        # Widths are tried narrowest first; strikes are on a $1 grid, so compare in cents.
-        if wings is None:
-            widths = strikes_width_candidates(strategy)
-        else:
-            widths = width_candidates(*(wings.call_range if is_call else wings.put_range))
-        wanted = short_strike + (1.0 if is_call else -1.0) * widths
-        long = -1
-        for strike in wanted:
-            match = np.flatnonzero(np.abs(strikes - strike) < 0.005)
-            if match.size:
-                long = int(match[0])
-                break
-        if long < 0:
-            return Rejection("no_call_wing_listed" if is_call else "no_put_wing_listed")
-        picks[is_call] = (rows[long], rows[short])
-    (long_put, short_put), (long_call, short_call) = picks[False], picks[True]
+        # A slice of one expiry (the engine's nearest_chain) needs no search.
+        expiration = expirations[0] if expirations[0] == expirations[-1] else expirations.min()
+    on_expiry = expirations == expiration
+    if wings is None:
+        put_widths = call_widths = strikes_width_candidates(strategy)
+    else:
+        put_widths, call_widths = width_candidates(*wings.put_range), width_candidates(*wings.call_range)
+    code, long_put, short_put, short_call, long_call = _choose_legs(
+        on_expiry, chain.is_call, chain.strike, np.abs(chain.delta), chain.bid, strategy.target_short_delta_low,
+        strategy.target_short_delta_high, put_widths, call_widths)
+    if code:
+        return Rejection(_CHOICE_REJECTIONS[code])
     legs = np.array([long_put, short_put, short_call, long_call])
-    if chain.strike[short_put] > chain.strike[short_call]:
-        return Rejection("short_strikes_cross")
     return CondorChoice(
-        expiration=expiration, dte=dte, strikes=chain.strike[legs].copy(), bid=chain.bid[legs].copy(),
-        ask=chain.ask[legs].copy(), short_put_delta=float(chain.delta[short_put]),
-        short_call_delta=float(chain.delta[short_call]), delta=chain.delta[legs].copy(),
-        gamma=chain.gamma[legs].copy(), vega=chain.vega[legs].copy(), theta=chain.theta[legs].copy())
+        expiration=expiration, dte=int(chain.dte[short_put]), strikes=chain.strike[legs], bid=chain.bid[legs],
+        ask=chain.ask[legs], short_put_delta=float(chain.delta[short_put]),
+        short_call_delta=float(chain.delta[short_call]), delta=chain.delta[legs], gamma=chain.gamma[legs],
+        vega=chain.vega[legs], theta=chain.theta[legs])
 
 
 def strikes_width_candidates(strategy) -> np.ndarray:

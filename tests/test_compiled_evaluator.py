@@ -8,7 +8,7 @@ import pytest
 
 from core.config import Config
 from core.engine import PositionColumns, evaluate_condor_rows
-from core.execution import CONDOR_RATIOS, FillModel, close_debit, close_debit_row
+from core.execution import CONDOR_RATIOS, FillModel, close_debit, close_debit_row, open_credit, open_credit_row
 from core.portfolio import value_at_closing_side, value_at_mid
 from strategies.options_strategy import ExitRules, exit_codes
 
@@ -36,6 +36,14 @@ def test_close_debit_row_is_the_reference_close_debit(fraction):
     bid, ask, _ = random_quotes(20_000, seed=int(fraction * 1000))
     _, reference = close_debit(bid, ask, FillModel(fraction))
     compiled = np.array([close_debit_row(bid[i], ask[i], fraction) for i in range(len(bid))])
+    assert np.array_equal(compiled, reference)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.66, 0.8137, 1.0])
+def test_open_credit_row_is_the_reference_open_credit(fraction):
+    bid, ask, _ = random_quotes(20_000, seed=int(fraction * 1000) + 1)
+    _, reference = open_credit(bid, ask, FillModel(fraction))
+    compiled = np.array([open_credit_row(bid[i], ask[i], fraction) for i in range(len(bid))])
     assert np.array_equal(compiled, reference)
 
 

@@ -314,7 +314,7 @@ def snapshot_at(stamp: pd.Timestamp, spot: float, bid=None, ask=None) -> MarketS
     day = stamp.tz_localize(None).normalize().date()
     return MarketSnapshot(
         timestamp=stamp, bar_index=0, session_day=day.toordinal() - dt.date(1970, 1, 1).toordinal(),
-        symbol="SPY", spot=spot, iv_index=20.0, chain=no_chain,
+        symbol="SPY", spot=spot, iv_index=20.0, chain=no_chain, nearest_chain=no_chain,
         quote=lambda condor: LegQuotes(bid, ask, mid, zeros, zeros, zeros, zeros), quote_many=quote_many,
         settlement_of=lambda expiration: SETTLEMENT)
 
