@@ -20,7 +20,7 @@ from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.backtest_engine import run_fast, trades_frame  # noqa: E402
+from core.backtest_engine import run_backtest  # noqa: E402
 from core.config import Config  # noqa: E402
 from core.market_data import embedded_bar_features, embedded_chain_provider  # noqa: E402
 from data_factory import embedded  # noqa: E402
@@ -71,16 +71,16 @@ def main() -> None:
     print(f"    features on those bars           ~{seconds - synth_seconds:.2f} s")
     print(f"  entry-gate codes              {gate_seconds * 1e3:6.1f} ms")
 
-    print(f"\nfast driver, same provider and feature table, best of {args.repeats}:")
+    print(f"\nrun_backtest, fast driver, same provider and feature table, best of {args.repeats}:")
     reference = None
     for name, switches in SCENARIOS.items():
-        scenario = config.override(switches)
-        run_fast(scenario.override({"backtest.samples": 2_000}), provider, features=features)   # numba warm-up
-        seconds, result = best_of(args.repeats, lambda scenario=scenario: run_fast(scenario, provider,
-                                                                                    features=features))
+        scenario = config.override({**switches, "backtest.engine": "fast"})
+        run_backtest(scenario.override({"backtest.samples": 2_000}), provider, features=features)   # warm-up
+        seconds, result = best_of(args.repeats, lambda scenario=scenario: run_backtest(scenario, provider,
+                                                                                        features=features))
         rate = bars / seconds
         reference = reference or rate
-        trades = len(trades_frame(result.positions))
+        trades = len(result.trades)
         print(f"  {name:48s} {seconds:6.2f} s  {rate / 1e3:7.1f} k bars/s  (x{rate / reference:.2f} of off)  "
               f"{trades} trades")
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -92,6 +92,23 @@ NOT_YET_FLAGS = (
 SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
 
 
+SIZING_HELP = """\
+How a trade is sized (the risk manager, risk/risk_manager.py): contracts = the smallest of
+  base        --quantity; with --dynamic-sizing Q_budget = floor(--position-size-pct x equity / max loss
+              per condor), and with --use-fuzzy Q_fuzzy = max(1, floor(C x Q_budget))
+  risk budget Q_risk = floor(--max-account-risk x equity / max loss per condor)
+  allocation  open condors' max loss + this one's within --max-alloc x equity, and within the cash
+  Greeks      the trade's and the portfolio's net delta (shares), gamma (shares per $1), vega ($ per
+              vol point), theta ($ per day) within risk.max_trade_* and --max-portfolio-*
+  0 contracts = no trade, counted by rule. Example: $25,000, a $5-wide condor for $0.80 (max loss
+  $420): Q_budget 2, C 0.78 -> Q_fuzzy 1, Q_risk floor(500/420) = 1 -> 1 condor.
+Kill switch: equity more than --daily-drawdown-limit below the previous session close halts entries
+for the session (--kill-switch-flatten also closes everything); --max-drawdown-limit from the peak
+halts them for the run. Hedge: --enable-hedge trades shares back to neutral beyond --hedge-threshold
+x 100 x condors open (share-equivalent delta).
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a wrong flag or value prints one line (not the whole usage block)."""
 
@@ -106,6 +123,8 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         prog="python core/main.py",
         description="CondorBrain (Quantor-MTFuzz): backtest, optimize and paper-trade SPY iron condors. "
                     "Defaults come from core/config.py (or --config FILE); a flag given overrides them.",
+        epilog=SIZING_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--mode", choices=["backtest", "data"], default="backtest",
                         help="backtest: run the strategy and write a run folder; data: describe the "
@@ -121,8 +140,11 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         run.add_argument(flag, action="store_true", help=f"{text} (config default: {CLI_FLAG_TO_FIELD[flag]}"
                                                         f" = {default})")
     for flag, what, _ in NOT_YET_FLAGS:
-        run.add_argument(flag, nargs="?", const=True, default=None, metavar="VALUE" if flag == "--options-data" else None,
-                         help=f"seed flag for {what}: not available in this version (refused with a message)")
+        text = f"seed flag for {what}: not available in this version (refused with a message)"
+        if flag == "--options-data":
+            run.add_argument(flag, default=None, metavar="FILE", help=text)
+        else:
+            run.add_argument(flag, action="store_true", default=None, help=text)
     run.add_argument("--compare", action="store_true",
                      help="ablation: run Mechanical, Baseline, MTF only, Fuzzy only and Full on the same data "
                           "(fast driver) and write a side-by-side table and equity plot into the run folder")

@@ -2,18 +2,26 @@
 hand-built chains, both readings (interpolated to the exact target: hand-computed brackets, the
 nearest-row fallback outside the listed range, exact hits and ties; the nearest row: wing choice,
 ATM averaging, ties), missing sides, unsolved IVs, string rights, row-order independence, and
-against plain-loop references on random chains, and the causal trailing percentile
-reference (hand cases, causality, NaN handling, a plain-loop reference)."""
+against plain-loop references on random chains; the compiled kernels against the NumPy reference
+(``_chain_skew_reference``), bitwise, on thousands of adversarial random chains (ties, duplicates,
+unsolved rows, NumPy's pairwise mean of several IVs at one strike, the fallback for very many) and
+on embedded chain slices; and the causal trailing percentile reference (hand cases, causality,
+NaN handling, a plain-loop reference)."""
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
 
 from analytics.skew import (
+    _PAIRWISE_BLOCK,
+    _USE_REFERENCE,
     MISSING_READING,
     SkewReading,
+    _chain_skew_kernel,
+    _chain_skew_reference,
     chain_skew,
     is_steep_skew,
     skew_metric,
@@ -281,6 +289,7 @@ def test_chain_skew_interpolated_is_smooth_where_nearest_jumps():
     assert np.ptp(nearest) > 5 * np.ptp(interpolated)
 
 
+@pytest.mark.parametrize("function", [chain_skew, _chain_skew_reference])
 @pytest.mark.parametrize("kwargs, name", [
     ({"spot": 0.0}, "spot"),
     ({"spot": NAN}, "spot"),
@@ -291,12 +300,151 @@ def test_chain_skew_interpolated_is_smooth_where_nearest_jumps():
     ({"is_call": np.array([0, 2, 1, 1, 0, 0])}, "is_call"),
     ({"method": "linear"}, "method"),
 ])
-def test_chain_skew_bad_arguments(kwargs, name):
+def test_chain_skew_bad_arguments(function, kwargs, name):
     strike, is_call, delta, iv = small_chain()
     arguments = {"strike": strike, "is_call": is_call, "delta": delta, "iv": iv, "spot": 580.0}
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=name):
-        chain_skew(**arguments)
+        function(**arguments)
+
+
+# ------------------------------------------------------------------------------------------------
+# the compiled kernels against the NumPy reference: bitwise
+# ------------------------------------------------------------------------------------------------
+
+def same_bits(a: float, b: float) -> bool:
+    """Bitwise equality of two floats, any NaN equal to any NaN."""
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return struct.pack("<d", a) == struct.pack("<d", b)
+
+
+def assert_same_reading(got: SkewReading, want: SkewReading, context) -> None:
+    assert type(got) is SkewReading
+    for field in ("iv_put", "iv_call", "iv_atm", "skew"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert type(a) is float, (field, type(a), context)
+        assert same_bits(a, b), (field, a, b, context)
+
+
+def adversarial_chain(rng: np.random.Generator):
+    """A small chain built to hit every tie rule: strikes on a $1 grid over a narrow range (many
+    duplicates), deltas and IVs drawn partly from small pools (equal |delta| and IV ties, |delta|
+    exactly on the usual targets), unsolved IVs (NaN, 0, negative, inf), NaN deltas and strikes,
+    sometimes a block of rows of one side at one strike; the spot on a strike, between strikes or
+    outside the listed range."""
+    n = int(rng.choice([0, 1, 2, 3, 5, 8, 13, 21, 40, 80]))
+    base = float(rng.integers(50, 600))
+    strike = base + rng.integers(0, int(rng.choice([2, 4, 10, 30])), n).astype(float)
+    is_call = rng.random(n) < rng.choice([0.5, 0.1, 0.9])
+    pool = np.array([0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 0.12, 0.18, 0.3])
+    abs_delta = np.where(rng.random(n) < 0.4, rng.choice(pool, n), np.round(rng.random(n), int(rng.choice([2, 3, 17]))))
+    if rng.random() < 0.1:
+        abs_delta = abs_delta * 1e-17          # |delta| far below the target (rounded distances tie)
+    delta = np.where(is_call, abs_delta, -abs_delta)
+    delta[rng.random(n) < 0.08] = np.nan
+    iv_pool = np.array([0.1, 0.2, 0.25, 0.3, 0.15])
+    iv = np.where(rng.random(n) < 0.4, rng.choice(iv_pool, n), 0.05 + 0.5 * rng.random(n))
+    bad = rng.random(n) < 0.15
+    iv[bad] = rng.choice([np.nan, 0.0, -0.2, -0.0, np.inf, -np.inf], int(bad.sum()))
+    strike[rng.random(n) < 0.02] = rng.choice([np.nan, np.inf])
+    if n and rng.random() < 0.25:            # a block of one side's rows at one strike
+        m = int(rng.integers(3, 20))
+        at = float(rng.choice(strike[np.isfinite(strike)])) if np.isfinite(strike).any() else base
+        strike = np.concatenate([strike, np.full(m, at)])
+        is_call = np.concatenate([is_call, np.full(m, bool(rng.random() < 0.5))])
+        delta = np.concatenate([delta, np.full(m, -0.5) * rng.choice([1.0, -1.0]) * rng.random(m)])
+        iv = np.concatenate([iv, 0.05 + 0.5 * rng.random(m)])
+    finite = strike[np.isfinite(strike)]
+    lo, hi = (finite.min(), finite.max()) if len(finite) else (base, base + 5.0)
+    kind = rng.integers(0, 4)
+    if kind == 0 and len(finite):
+        spot = float(rng.choice(finite))                 # exactly on a listed strike
+    elif kind == 1:
+        spot = float(rng.uniform(lo - 1.0, hi + 1.0))    # inside (or just outside) the range
+    elif kind == 2:
+        spot = float(rng.choice([lo - 3.25, hi + 2.5, lo + 0.5]))  # outside / halfway
+    else:
+        spot = float(np.round(rng.uniform(lo, hi + 1e-9), 2))
+    spot = max(spot, 0.01)
+    order = rng.permutation(len(strike))
+    return strike[order], is_call[order], delta[order], iv[order], spot
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_compiled_matches_reference_bitwise_on_random_chains(seed):
+    rng = np.random.default_rng(1000 + seed)
+    cases = 0
+    for _ in range(600):
+        strike, is_call, delta, iv, spot = adversarial_chain(rng)
+        wings = (0.15, float(rng.choice([0.05, 0.1, 0.12, 0.25, 0.5, 0.9])), float(rng.uniform(0.01, 0.99)))
+        for wing_delta in wings:
+            for method in ("interpolated", "nearest"):
+                got = chain_skew(strike, is_call, delta, iv, spot, wing_delta=wing_delta, method=method)
+                want = _chain_skew_reference(strike, is_call, delta, iv, spot, wing_delta=wing_delta, method=method)
+                assert_same_reading(got, want, (seed, strike, is_call, delta, iv, spot, wing_delta, method))
+                cases += 1
+    assert cases == 600 * 3 * 2
+
+
+@pytest.mark.parametrize("size", [*range(3, 20), 31, 64, 100, 127, _PAIRWISE_BLOCK, _PAIRWISE_BLOCK + 1, 300])
+def test_compiled_mean_of_several_ivs_at_one_strike_is_numpys(size):
+    # Spot on a strike where one side has ``size`` rows of distinct IVs: the ATM IV is their
+    # np.sort(values).mean() (NumPy's pairwise sum), averaged with the other side's single IV.
+    rng = np.random.default_rng(size)
+    for _ in range(20):
+        values = 0.05 + rng.random(size) * rng.choice([1.0, 1e-3, 1e3])
+        strike = np.concatenate([[99.0, 100.0, 101.0], np.full(size, 100.0)])
+        is_call = np.concatenate([[False, True, True], np.zeros(size, bool)])
+        delta = np.concatenate([[-0.1, 0.5, 0.1], np.full(size, -0.5)])
+        iv = np.concatenate([[0.3, 0.2, 0.15], values])
+        expected = (0.2 + float(np.sort(values).mean())) / 2
+        for method in ("interpolated", "nearest"):
+            got = chain_skew(strike, is_call, delta, iv, 100.0, method=method)
+            assert same_bits(got.iv_atm, expected)
+            assert_same_reading(got, _chain_skew_reference(strike, is_call, delta, iv, 100.0, method=method), size)
+        # Past NumPy's unrolled block the kernel hands the chain back to the reference.
+        status = _chain_skew_kernel(strike, is_call, delta, iv, 100.0, 0.15, True)[0]
+        assert (status == _USE_REFERENCE) == (size > _PAIRWISE_BLOCK)
+
+
+@pytest.mark.parametrize("method", ["interpolated", "nearest"])
+def test_compiled_matches_reference_on_the_loop_reference_chains(method):
+    for seed in range(4, 12):
+        strike, is_call, delta, iv, spot = random_chain(seed)
+        for wing_delta in (0.05, 0.10, 0.15, 0.25):
+            for shift in (0.0, 0.37, -0.37, 0.5):
+                args = (strike, is_call, delta, iv, round(spot + shift, 2))
+                assert_same_reading(chain_skew(*args, wing_delta=wing_delta, method=method),
+                                    _chain_skew_reference(*args, wing_delta=wing_delta, method=method), seed)
+
+
+@pytest.fixture(scope="module")
+def january_2016():
+    from core.config import Config
+    from core.market_data import load_market
+
+    return load_market(Config().override({"backtest.start": "2016-01-04", "backtest.end": "2016-01-29"}))
+
+
+def test_compiled_matches_reference_on_embedded_chains(january_2016):
+    market = january_2016
+    bars = np.unique(np.linspace(0, len(market.bar_times) - 1, 300).astype(int))
+    compared = 0
+    for bar in bars:
+        chain = market.slice_at(int(bar), 30, 45)
+        if len(chain) == 0:
+            continue
+        rows = chain.expiration == chain.expiration.min()
+        args = (chain.strike[rows], chain.is_call[rows], chain.delta[rows], chain.iv[rows], chain.spot)
+        for wing_delta in (0.10, 0.15, 0.25):
+            for method in ("interpolated", "nearest"):
+                got = chain_skew(*args, wing_delta=wing_delta, method=method)
+                assert_same_reading(got, _chain_skew_reference(*args, wing_delta=wing_delta, method=method),
+                                    (bar, wing_delta, method))
+                assert got.is_valid
+                compared += 1
+    assert compared >= 250 * 6
 
 
 # ------------------------------------------------------------------------------------------------
