@@ -335,7 +335,7 @@ def _wing_step(rows, keys, side, row, d, k, v, wing_delta, bracket, nearest):
             _keep(rows, keys, s, row, d, k, v, 0.0)
         # Upper end: the smallest |delta| at or above the target, then the lower strike and IV.
         s = side + _HI
-        if d >= wing_delta and _before(d, k, -v, keys[s, 0], keys[s, 1], -keys[s, 2]):
+        if d >= wing_delta and _before(d, k, v, keys[s, 0], keys[s, 1], keys[s, 2]):
             _keep(rows, keys, s, row, d, k, v, 0.0)
     if nearest:
         # Nearest: the closest |delta|, then the smaller |delta|, the lower strike and IV.
