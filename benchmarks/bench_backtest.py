@@ -38,10 +38,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each driver")
     args = parser.parse_args()
 
-    # The mechanical condor (no Stage-2 gates), as measured for the backtest issue;
+    # The mechanical condor (no Stage-2 gates), as measured for the backtest issue, with the risk
+    # manager's caps, budget and kill switch off: with them on this strategy's losses exhaust the
+    # 2 % risk budget and it retries an entry every bar from 2016 on, which measures the strategy,
+    # not the drivers (benchmarks/bench_risk.py measures the risk manager);
     # benchmarks/bench_intelligence.py measures the gated strategy and the feature table.
     config = Config().override({"backtest.start": args.start, "backtest.end": args.end,
-                                "filters.use_entry_gates": False})
+                                "filters.use_entry_gates": False, "risk.use_risk_limits": False})
     started = time.perf_counter()
     provider = embedded_chain_provider(config)
     features = embedded_bar_features(config, provider)

@@ -147,8 +147,10 @@ class BacktestSession:
         if self._structures_key != key:
             # Rebuilt only when the open set changes, not on every bar.
             self._structures_key = key
+            expirations = np.array([p.condor.expiration for p in positions], dtype="datetime64[D]")
+            expirations.setflags(write=False)      # lets the source remember its rows
             self._structures = (
-                np.array([p.condor.expiration for p in positions], dtype="datetime64[D]"),
+                expirations,
                 np.array([[p.condor.long_put_strike, p.condor.short_put_strike, p.condor.short_call_strike,
                            p.condor.long_call_strike] for p in positions]))
         return self.market.quote_structures(bar, *self._structures)

@@ -538,6 +538,7 @@ class SyntheticChainProvider:
         ohlcv = ["open", "high", "low", "close", "volume"]
         self._ohlcv = bars[ohlcv].copy() if set(ohlcv) <= set(bars.columns) else None
         self._session_listings: dict[int, list] = {}
+        self._last_expirations: tuple = (None, None)
         self._structure_state = (self._bar_i64, self._bar_f64, self._sess_i64, self._sess_f64, self._expiry_i64,
                                  self._model, self._table)
 
@@ -701,14 +702,21 @@ class SyntheticChainProvider:
         ``expirations`` (k,) ``datetime64[D]``, ``strikes`` (k, 4). Every array of the result is
         (k, 4); the numbers are the ones ``quote_contracts`` and ``slice`` give; NaN rows for
         settled expiries. The per-bar driver marks every open condor with it."""
-        days = np.asarray(expirations, dtype="datetime64[D]").astype(np.int64)
-        rows = np.searchsorted(self._expiry_i64[:, 0], days)
-        if rows.size and ((rows >= len(self._expiry_i64)).any()
-                          or (self._expiry_i64[np.minimum(rows, len(self._expiry_i64) - 1), 0] != days).any()):
-            bad = [int(day) for day, row in zip(days, rows)
-                   if row >= len(self._expiry_i64) or self._expiry_i64[row, 0] != day][0]
-            raise DataError(f"expiration {pd.Timestamp(bad, unit='D').date()} is not a listed expiry in the "
-                            f"provider's period")
+        if expirations is self._last_expirations[0]:
+            # The per-bar driver passes the same read-only array every bar while the open set is
+            # unchanged (only read-only arrays are remembered, so the contents cannot have moved).
+            rows = self._last_expirations[1]
+        else:
+            days = np.asarray(expirations, dtype="datetime64[D]").astype(np.int64)
+            rows = np.searchsorted(self._expiry_i64[:, 0], days)
+            if rows.size and ((rows >= len(self._expiry_i64)).any()
+                              or (self._expiry_i64[np.minimum(rows, len(self._expiry_i64) - 1), 0] != days).any()):
+                bad = [int(day) for day, row in zip(days, rows)
+                       if row >= len(self._expiry_i64) or self._expiry_i64[row, 0] != day][0]
+                raise DataError(f"expiration {pd.Timestamp(bad, unit='D').date()} is not a listed expiry in the "
+                                f"provider's period")
+            if isinstance(expirations, np.ndarray) and not expirations.flags.writeable:
+                self._last_expirations = (expirations, rows)
         out = _positions_at_bar_kernel(bar, rows, np.asarray(strikes, dtype=np.float64), *self._structure_state)
         return StructureQuotes(*out)
 
