@@ -27,12 +27,16 @@ from data_factory import embedded  # noqa: E402
 from data_factory.intraday import intraday_bars  # noqa: E402
 from strategies.entry_gates import bar_gate_codes  # noqa: E402
 
+# The risk manager's caps, budget and kill switch off in all three, so the rows differ by the
+# intelligence layer only (with them on, the mechanical condor's losses exhaust the risk budget
+# and it retries an entry every bar; benchmarks/bench_risk.py measures that).
 SCENARIOS = {
-    "off: mechanical (no gates, MTF, fuzzy)": {"filters.use_entry_gates": False},
-    "gates only (default config)": {},
+    "off: mechanical (no gates, MTF, fuzzy)": {"filters.use_entry_gates": False, "risk.use_risk_limits": False},
+    "gates only (default config)": {"risk.use_risk_limits": False},
     "full: gates + MTF band + fuzzy dynamic sizing": {"mtf.use_mtf": True, "fuzzy.use_fuzzy": True,
                                                       "sizing.dynamic_sizing": True,
-                                                      "sizing.position_size_pct": 0.2},
+                                                      "sizing.position_size_pct": 0.2,
+                                                      "risk.use_risk_limits": False},
 }
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from core.config import Config
+from cli_helpers import run_failing
 from core.main import main
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -199,20 +200,6 @@ def test_trade_statistics_from_trades_csv(trades, metrics):
 # command-line errors
 # ------------------------------------------------------------------------------------------------
 
-def run_failing(args, tmp_path, capsys, out=None):
-    """Run the CLI in-process in ``tmp_path``; return (status, the 'error:' lines, all output)."""
-    out = tmp_path / "run" if out is None else out
-    before = sorted(p.name for p in tmp_path.iterdir())
-    status = main(["--mode", "backtest", "--engine", "fast", "--no-plot", *args, "--out", str(out)])
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
-    errors = [line for line in text.splitlines() if "error:" in line]
-    after = sorted(p.name for p in tmp_path.iterdir())
-    # Nothing new in the folder: no run folder, no partial one, no default runs/ folder.
-    assert after == before, f"left behind: {sorted(set(after) - set(before))}"
-    return status, errors, text
-
-
 CLI_ERRORS = [
     pytest.param(["--bt-start", "2016-03-01", "--bt-end", "2016-02-01"], ("backtest.start", "backtest.end"),
                  id="start-after-end"),
@@ -226,6 +213,15 @@ CLI_ERRORS = [
                  id="wings-crossed"),
     pytest.param(["--fill-model", "0.3"], ("fill_spread_fraction", "0.3"), id="fill-below-mid"),
     pytest.param(["--fill-model", "banana"], ("--fill-model", "banana"), id="fill-unknown"),
+    # The risk manager's settings: caps > 0, kill-switch levels in (0, 1), hedge threshold > 0.
+    pytest.param(["--max-portfolio-delta", "0"], ("risk.max_portfolio_delta", "> 0"), id="portfolio-delta-zero"),
+    pytest.param(["--max-portfolio-vega", "-5"], ("risk.max_portfolio_vega", "-5"), id="portfolio-vega-negative"),
+    pytest.param(["--daily-drawdown-limit", "0"], ("risk.daily_drawdown_limit", "> 0"), id="daily-dd-zero"),
+    pytest.param(["--daily-drawdown-limit", "1.0"], ("risk.daily_drawdown_limit", "< 1"), id="daily-dd-one"),
+    pytest.param(["--max-drawdown-limit", "1.5"], ("risk.max_drawdown_limit", "1.5"), id="max-dd-above-one"),
+    pytest.param(["--hedge-threshold", "0"], ("hedge.hedge_threshold", "> 0"), id="hedge-threshold-zero"),
+    pytest.param(["--hedge-threshold", "-0.1"], ("hedge.hedge_threshold", "-0.1"), id="hedge-threshold-negative"),
+    pytest.param(["--max-account-risk", "0"], ("risk.max_account_risk_per_trade", "> 0"), id="account-risk-zero"),
 ]
 
 

@@ -1,6 +1,6 @@
-"""Stage 3 on the command line (``core.main.main`` in-process): the risk and hedge flags, their
-errors (exit 2, one line naming the setting, no run folder), the seed flags of capabilities not
-built yet, and short real runs whose risk_events.csv, hedges.csv, equity.csv Greeks and
+"""Stage 3 on the command line (``core.main.main`` in-process): the risk and hedge flags, a bad
+risk value in a config file (bad flag values are in tests/test_cli_backtest.py), the seed flags of
+capabilities not built yet, and short real runs whose risk_events.csv, hedges.csv, equity.csv Greeks and
 metrics.json risk/hedge sections are checked against each other.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from core.config import Config
+from cli_helpers import run_failing
 from core.main import _build_parser, _load_config, _overrides, main
 
 NY = "America/New_York"
@@ -45,42 +46,6 @@ def normalized(text: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # bad values
 # ------------------------------------------------------------------------------------------------
-
-def run_failing(args, tmp_path, capsys):
-    """Run the CLI in-process in ``tmp_path``; return (status, the 'error:' lines, all output),
-    after checking that nothing was left in the folder."""
-    before = sorted(p.name for p in tmp_path.iterdir())
-    status = main(["--mode", "backtest", "--engine", "fast", "--no-plot", *args, "--out", str(tmp_path / "run")])
-    captured = capsys.readouterr()
-    text = captured.out + captured.err
-    errors = [line for line in text.splitlines() if "error:" in line]
-    after = sorted(p.name for p in tmp_path.iterdir())
-    assert after == before, f"left behind: {sorted(set(after) - set(before))}"
-    return status, errors, text
-
-
-BAD_VALUES = [
-    pytest.param(["--max-portfolio-delta", "0"], ("risk.max_portfolio_delta", "> 0"), id="portfolio-delta-zero"),
-    pytest.param(["--max-portfolio-vega", "-5"], ("risk.max_portfolio_vega", "-5"), id="portfolio-vega-negative"),
-    pytest.param(["--daily-drawdown-limit", "0"], ("risk.daily_drawdown_limit", "> 0"), id="daily-dd-zero"),
-    pytest.param(["--daily-drawdown-limit", "1.0"], ("risk.daily_drawdown_limit", "< 1"), id="daily-dd-one"),
-    pytest.param(["--max-drawdown-limit", "1.5"], ("risk.max_drawdown_limit", "1.5"), id="max-dd-above-one"),
-    pytest.param(["--hedge-threshold", "0"], ("hedge.hedge_threshold", "> 0"), id="hedge-threshold-zero"),
-    pytest.param(["--hedge-threshold", "-0.1"], ("hedge.hedge_threshold", "-0.1"), id="hedge-threshold-negative"),
-    pytest.param(["--max-account-risk", "0"], ("risk.max_account_risk_per_trade", "> 0"), id="account-risk-zero"),
-]
-
-
-@pytest.mark.parametrize("args, named", BAD_VALUES)
-def test_bad_risk_values_give_one_clear_error(args, named, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    status, errors, text = run_failing(args, tmp_path, capsys)
-    assert status == 2
-    assert len(errors) == 1, text
-    for word in named:
-        assert word in errors[0], errors[0]
-    assert "Traceback" not in text
-
 
 def test_bad_risk_value_in_a_config_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
