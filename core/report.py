@@ -678,7 +678,6 @@ def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
@@ -717,19 +716,28 @@ def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str]) -> bytes:
         top.set_ylabel("equity ($)", fontsize=12)
         top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"${value:,.0f}"))
         for axis in (top, bottom):
-            axis.grid(True, color="#e5e7eb", linewidth=0.8)
             axis.tick_params(labelsize=11)
-            for side in ("top", "right"):
-                axis.spines[side].set_visible(False)
-        locator = mdates.AutoDateLocator(minticks=4, maxticks=12)
-        bottom.xaxis.set_major_locator(locator)
-        bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-        figure.subplots_adjust(left=0.08, right=0.98, top=0.87, bottom=0.07)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
-        return buffer.getvalue()
+        return _time_axes_png(figure, (top, bottom), top_margin=0.87, bottom_margin=0.07)
     finally:
         plt.close(figure)
+
+
+def _time_axes_png(figure, axes, top_margin: float, bottom_margin: float) -> bytes:
+    """The house style of a figure of stacked axes sharing a time axis (light grid, no top/right
+    spines, concise dates on the bottom axis), saved as PNG bytes."""
+    import matplotlib.dates as mdates
+
+    for axis in axes:
+        axis.grid(True, color="#e5e7eb", linewidth=0.8)
+        for side in ("top", "right"):
+            axis.spines[side].set_visible(False)
+    locator = mdates.AutoDateLocator(minticks=4, maxticks=12)
+    axes[-1].xaxis.set_major_locator(locator)
+    axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    figure.subplots_adjust(left=0.08, right=0.98, top=top_margin, bottom=bottom_margin)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+    return buffer.getvalue()
 
 
 GREEK_PANELS = (("net_delta", "delta (shares)", "max_portfolio_delta"),
@@ -745,7 +753,6 @@ def render_greeks_png(equity: pd.DataFrame, risk_config: Mapping[str, Any] | Non
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
     risk_config = risk_config or {}
@@ -771,16 +778,7 @@ def render_greeks_png(equity: pd.DataFrame, risk_config: Mapping[str, Any] | Non
                     axis.axhline(level, color="#dc2626", linestyle="--", linewidth=0.9)
             axis.axhline(0.0, color="#9ca3af", linewidth=0.6)
             axis.set_ylabel(label, fontsize=10)
-            axis.grid(True, color="#e5e7eb", linewidth=0.8)
-            for side in ("top", "right"):
-                axis.spines[side].set_visible(False)
-        locator = mdates.AutoDateLocator(minticks=4, maxticks=12)
-        axes[-1].xaxis.set_major_locator(locator)
-        axes[-1].xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-        figure.subplots_adjust(left=0.08, right=0.98, top=0.92, bottom=0.06)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
-        return buffer.getvalue()
+        return _time_axes_png(figure, axes, top_margin=0.92, bottom_margin=0.06)
     finally:
         plt.close(figure)
 
