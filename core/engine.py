@@ -154,14 +154,18 @@ class TradingEngine:
             decisions.extend(self._on_drawdown(trigger, snapshot, positions))
         staying = [i for i, position in enumerate(positions) if position.position_id not in closing]
         entry = None
-        if self.entry_allowed(snapshot, len(staying)) is None:
+        book = None
+        may_enter = self.entry_allowed(snapshot, len(staying)) is None
+        if may_enter or risk.hedging:
             if equity is None:
                 equity = self._equity_at_mid(positions, rows, snapshot)
-            entry = self._entry_decision(snapshot, self._book(equity, positions, rows, staying))
+            book = self._book(equity, positions, rows, staying)
+        if may_enter:
+            entry = self._entry_decision(snapshot, book)
             if entry is not None:
                 decisions.append(entry)
         if risk.hedging:
-            hedge = self._hedge_decision(snapshot, positions, rows, staying, entry)
+            hedge = self._hedge_decision(snapshot, book, entry)
             if hedge is not None:
                 decisions.append(hedge)
         return decisions
@@ -226,22 +230,16 @@ class TradingEngine:
                 trigger.equity, trigger.reference))
         return decisions
 
-    def _hedge_decision(self, snapshot: MarketSnapshot, positions, rows, staying: list[int],
-                        entry: TradeDecision | None) -> TradeDecision | None:
+    def _hedge_decision(self, snapshot: MarketSnapshot, book: Book, entry: TradeDecision | None) -> TradeDecision | None:
         """Shares to trade after this bar's decisions: the net delta of the condors that stay
-        open (and the one being opened) plus the shares held, against the threshold."""
-        delta = 0.0
-        contracts = 0
-        for i in staying:
-            delta += float(rows.delta[i])
-            contracts += positions[i].condor.quantity
-        shares_held = self.portfolio.hedge_shares
-        if shares_held:
-            delta += shares_held
+        open (the book's, hedge shares included) and of the one being opened, against the
+        threshold."""
+        delta = book.delta
+        contracts = book.open_contracts
         if entry is not None:
             delta += entry.condor.quantity * float(entry.context["condor_delta"])
             contracts += entry.condor.quantity
-        shares = self.risk.hedge_shares(delta, contracts, shares_held)
+        shares = self.risk.hedge_shares(delta, contracts, book.hedge_shares)
         if not shares:
             return None
         reason = "hedge" if contracts else "hedge_unwind"
@@ -483,20 +481,30 @@ class TradingEngine:
     def _next_entry_bar(self, bar: int, staying: int) -> int | None:
         """The next window bar after ``bar`` whose gates pass and where an entry may be tried
         (positions below the cap, the session's entries and the risk halts allowing)."""
-        risk = self.risk
-        if risk.entry_block(-1, staying) in ("max_positions", "max_drawdown_halt"):
+        if self._entries_blocked(staying):
             return None
-        limit = self.config.strategy.max_entries_per_day
         bars, days = self._open_window_bars, self._open_window_days
         index = int(np.searchsorted(bars, bar + 1))
         while index < bars.size:
             day = int(days[index])
-            if (limit and self.entries_on(day) >= limit) or risk.session_halted(day):
+            if self._session_closed_to_entries(day):
                 # This session is out: jump to the first window bar of a later session.
                 index = int(np.searchsorted(days, day + 1))
                 continue
             return int(bars[index])
         return None
+
+    def _entries_blocked(self, staying: int) -> bool:
+        """No entry can be tried on any later bar until a fill: the positions are at the cap, or
+        the total drawdown limit has halted entries for good (``entry_allowed``'s rules that do
+        not depend on the bar)."""
+        return self.risk.entry_block(-1, staying) in ("max_positions", "max_drawdown_halt")
+
+    def _session_closed_to_entries(self, session_day: int) -> bool:
+        """``entry_allowed``'s per-session rules: the session's entries are used up or the kill
+        switch has halted it."""
+        limit = self.config.strategy.max_entries_per_day
+        return bool(limit and self.entries_on(session_day) >= limit) or self.risk.session_halted(session_day)
 
     def _first_risk_event(self, start: int, stop: int, paths: PositionPaths) -> int | None:
         """The first bar in [start, stop) where the kill switch or the hedge would act, from the
@@ -524,32 +532,30 @@ class TradingEngine:
         would have been tried (positions below the cap, the session's entries and the risk halts
         allowing; no fill happens on skipped bars, so all of that stays as it is after ``bar``)."""
         staying = sum(1 for p in self.portfolio.open_positions.values() if not self.is_closing(p.position_id))
-        if self.risk.entry_block(-1, staying) in ("max_positions", "max_drawdown_halt"):
+        if self._entries_blocked(staying):
             return
         gated = self._gated_window_bars
         skipped = gated[np.searchsorted(gated, bar + 1): np.searchsorted(gated, following)]
         if skipped.size == 0:
             return
         days = self.clock.session_day[skipped]
-        limit = self.config.strategy.max_entries_per_day
         out = np.zeros(skipped.size, dtype=bool)
         for day in np.unique(days):
-            if (limit and self.entries_on(int(day)) >= limit) or self.risk.session_halted(int(day)):
+            if self._session_closed_to_entries(int(day)):
                 out |= days == day
         skipped = skipped[~out]
         for code, count in zip(*np.unique(self.gate_codes[skipped], return_counts=True)):
             self._reject(GATE_REASONS[int(code)], int(count))
 
 
-def _condor_greek(values: np.ndarray) -> float:
-    # Net per condor unit in the caps' units: Σ ratio·greek × 100, legs summed as condor_marks does.
-    return (((float(values[0]) - float(values[1])) - float(values[2])) + float(values[3])) * CONTRACT_MULTIPLIER
-
-
 def _proposal(choice: CondorChoice, credit: float, confidence: float) -> Proposal:
-    return Proposal(max_loss=(choice.width - credit) * CONTRACT_MULTIPLIER,
-                    delta=_condor_greek(choice.delta), gamma=_condor_greek(choice.gamma),
-                    vega=_condor_greek(choice.vega), theta=_condor_greek(choice.theta), confidence=confidence)
+    # One condor unit's net Greeks in the caps' units: the portfolio's own mark (condor_marks)
+    # at 100 dollars per share, so a proposal and the open position it becomes agree.
+    mid = 0.5 * (choice.bid + choice.ask)
+    _, _, delta, gamma, vega, theta = condor_marks(choice.bid, choice.ask, mid, choice.delta, choice.gamma,
+                                                   choice.vega, choice.theta, float(CONTRACT_MULTIPLIER))
+    return Proposal(max_loss=(choice.width - credit) * CONTRACT_MULTIPLIER, delta=delta, gamma=gamma, vega=vega,
+                    theta=theta, confidence=confidence)
 
 
 # ----------------------------------------------------------------------------------------------
