@@ -57,7 +57,6 @@ from intelligence.features import MEMBERSHIP_COLUMNS, FeatureRow
 from risk.risk_manager import RiskManager
 
 DAY_NS = 86_400 * 1_000_000_000
-_NO_VALUES = ()
 # Account columns recorded per bar (equity.csv, before the drawdown columns).
 ACCOUNT_COLUMNS = ("cash", "equity", "equity_liquidation", "open_positions", "hedge_shares", "net_delta",
                    "net_gamma", "net_vega", "net_theta")
@@ -238,60 +237,47 @@ class BacktestSession:
             self.record(bar, snapshot)
         else:
             # No fill at this bar: the open positions are the ones the engine just marked.
-            self._store(bar, account_marks(self.portfolio.cash, self.portfolio.hedge_shares, snapshot.spot,
-                                           self.share_cost, rows.mid_value.tolist(), rows.closing_value.tolist(),
-                                           rows.delta.tolist(), rows.gamma.tolist(), rows.vega.tolist(),
-                                           rows.theta.tolist()), len(rows.mid_value))
+            self._write_account(bar, account_marks(self.portfolio.cash, self.portfolio.hedge_shares, snapshot.spot,
+                                                   self.share_cost, rows))
 
     def record(self, bar: int, snapshot: MarketSnapshot) -> None:
         """The account after this bar's fills: cash, equity at mid and at the closing side, Greeks."""
         portfolio = self.portfolio
         positions = list(portfolio.open_positions.values())
-        if not positions:
-            self._store(bar, account_marks(portfolio.cash, portfolio.hedge_shares, snapshot.spot, self.share_cost,
-                                           _NO_VALUES, _NO_VALUES, _NO_VALUES, _NO_VALUES, _NO_VALUES, _NO_VALUES), 0)
-            return
-        quotes = self.quote_many(bar, positions)
-        rows = self.engine.evaluate(positions, quotes, np.array([snapshot.spot]),
-                                    np.array([snapshot.session_day], dtype=np.int64))
-        self._store(bar, account_marks(portfolio.cash, portfolio.hedge_shares, snapshot.spot, self.share_cost,
-                                       rows.mid_value.tolist(), rows.closing_value.tolist(), rows.delta.tolist(),
-                                       rows.gamma.tolist(), rows.vega.tolist(), rows.theta.tolist()),
-                    len(positions))
-
-    def _store(self, bar: int, marks, open_count: int) -> None:
-        account = self.account
-        account["cash"][bar] = marks.cash
-        account["equity"][bar] = marks.equity
-        account["equity_liquidation"][bar] = marks.equity_liquidation
-        account["open_positions"][bar] = open_count
-        account["hedge_shares"][bar] = self.portfolio.hedge_shares
-        account["net_delta"][bar] = marks.delta
-        account["net_gamma"][bar] = marks.gamma
-        account["net_vega"][bar] = marks.vega
-        account["net_theta"][bar] = marks.theta
-        self.current_equity = marks.equity
-        self.risk.observe(int(self.session_day[bar]), marks.equity)
+        rows = None
+        if positions:
+            rows = self.engine.evaluate(positions, self.quote_many(bar, positions), np.array([snapshot.spot]),
+                                        np.array([snapshot.session_day], dtype=np.int64))
+        self._write_account(bar, account_marks(portfolio.cash, portfolio.hedge_shares, snapshot.spot,
+                                               self.share_cost, rows))
 
     def record_skipped(self, paths: PositionPaths, start: int, stop: int) -> None:
         """Account records of bars [start, stop) that were not stepped: no fill happened, so the
         open positions' paths give the marks (``core.portfolio.account_mark_paths``)."""
         if stop <= start:
             return
-        marks = paths.account_marks(start, stop)
+        self._write_account(slice(start, stop), paths.account_marks(start, stop))
+
+    def _write_account(self, bars, marks) -> None:
+        """Store the account of one bar (an index, scalar marks) or a range (a slice, arrays), the
+        positions and hedge shares as the portfolio holds them, and show the equity to the risk
+        manager's drawdown rules."""
         account = self.account
-        rows = slice(start, stop)
-        account["cash"][rows] = marks.cash
-        account["equity"][rows] = marks.equity
-        account["equity_liquidation"][rows] = marks.equity_liquidation
-        account["open_positions"][rows] = len(self.portfolio.open_positions)
-        account["hedge_shares"][rows] = self.portfolio.hedge_shares
-        account["net_delta"][rows] = marks.delta
-        account["net_gamma"][rows] = marks.gamma
-        account["net_vega"][rows] = marks.vega
-        account["net_theta"][rows] = marks.theta
-        self.current_equity = float(marks.equity[-1])
-        self.risk.observe_range(self.session_day[rows], marks.equity)
+        account["cash"][bars] = marks.cash
+        account["equity"][bars] = marks.equity
+        account["equity_liquidation"][bars] = marks.equity_liquidation
+        account["open_positions"][bars] = len(self.portfolio.open_positions)
+        account["hedge_shares"][bars] = self.portfolio.hedge_shares
+        account["net_delta"][bars] = marks.delta
+        account["net_gamma"][bars] = marks.gamma
+        account["net_vega"][bars] = marks.vega
+        account["net_theta"][bars] = marks.theta
+        if isinstance(bars, slice):
+            self.current_equity = float(marks.equity[-1])
+            self.risk.observe_range(self.session_day[bars], marks.equity)
+        else:
+            self.current_equity = marks.equity
+            self.risk.observe(int(self.session_day[bars]), marks.equity)
 
     def finish(self) -> None:
         """End of data: close every open position at the last bar (settle if it is its expiry)

@@ -145,25 +145,24 @@ class AccountMarks(NamedTuple):
     theta: float
 
 
-def account_marks(cash: float, shares: int, spot: float, share_cost: float, mid_values, closing_values,
-                  deltas, gammas, vegas, thetas) -> AccountMarks:
-    """One bar: cash + each open position's value in id order (sequences of floats, one per
-    position) + the hedge shares (at spot; at the closing side less ``share_cost`` per share)."""
+def account_marks(cash: float, shares: int, spot: float, share_cost: float, rows=None) -> AccountMarks:
+    """One bar: cash + each open position's value in id order + the hedge shares (at spot; at the
+    closing side less ``share_cost`` per share). ``rows``: the open positions' evaluated rows at
+    this bar (``mid_value``, ``closing_value``, ``delta``, ``gamma``, ``vega``, ``theta`` arrays,
+    one entry per position, as ``core.engine.ConditionRows``), or None when none is open."""
     mid_total = cash
     closing_total = cash
     delta = gamma = vega = theta = 0.0
-    for value in mid_values:
-        mid_total += value
-    for value in closing_values:
-        closing_total += value
-    for value in deltas:
-        delta += value
-    for value in gammas:
-        gamma += value
-    for value in vegas:
-        vega += value
-    for value in thetas:
-        theta += value
+    if rows is not None:
+        for mid_value, closing_value, net_delta, net_gamma, net_vega, net_theta in zip(
+                rows.mid_value.tolist(), rows.closing_value.tolist(), rows.delta.tolist(), rows.gamma.tolist(),
+                rows.vega.tolist(), rows.theta.tolist()):
+            mid_total += mid_value
+            closing_total += closing_value
+            delta += net_delta
+            gamma += net_gamma
+            vega += net_vega
+            theta += net_theta
     if shares:
         mid_total += shares * spot
         closing_total += shares * spot - abs(shares) * share_cost
