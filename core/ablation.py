@@ -93,18 +93,22 @@ def comparison_table(runs: list[ScenarioRun]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def half_year(stamp) -> str:
+    """'2014H1' for January … June 2014, '2014H2' for July … December."""
+    return f"{stamp.year}H{1 if stamp.month <= 6 else 2}"
+
+
 def trades_by_half_year(runs: list[ScenarioRun], start, end) -> pd.DataFrame:
     """Trades entered per calendar half-year of the period (rows '2014H1' … , a column per
     scenario): whether each scenario keeps trading through every part of the history, or only
     in some regimes."""
     first, last = pd.Timestamp(start), pd.Timestamp(end)
-    labels = [f"{year}H{half}" for year in range(first.year, last.year + 1) for half in (1, 2)
-              if pd.Timestamp(year, 6 * half - 5, 1) <= last and pd.Timestamp(year, 6 * half, 30) >= first]
+    labels = [half_year(stamp) for stamp in pd.date_range(first.replace(day=1), last, freq="MS")
+              if stamp.month in (1, 7) or stamp == first.replace(day=1)]
     columns = {}
     for run in runs:
         entries = pd.DatetimeIndex(run.trades["entry_time"]) if len(run.trades) else pd.DatetimeIndex([])
-        halves = [f"{stamp.year}H{1 if stamp.month <= 6 else 2}" for stamp in entries]
-        counts = pd.Series(halves, dtype=object).value_counts()
+        counts = pd.Series([half_year(stamp) for stamp in entries], dtype=object).value_counts()
         columns[run.name] = [int(counts.get(label, 0)) for label in labels]
     return pd.DataFrame(columns, index=pd.Index(labels, name="half_year"))
 

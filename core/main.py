@@ -176,9 +176,7 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
 
 def _overrides(args) -> dict:
     """Config overrides from the flags actually given."""
-    from core.config import CLI_FLAG_TO_FIELD
-
-    from core.config import ConfigError
+    from core.config import CLI_FLAG_TO_FIELD, ConfigError
 
     for flag, what, issue in NOT_YET_FLAGS:
         if getattr(args, _dest(flag)) is not None:
@@ -191,7 +189,6 @@ def _overrides(args) -> dict:
             overrides[CLI_FLAG_TO_FIELD[flag]] = value
     for first, second in SWITCH_CONFLICTS:
         if getattr(args, _dest(first)) and getattr(args, _dest(second)):
-            from core.config import ConfigError
             raise ConfigError(f"{first} and {second} contradict each other: give one of them")
     for flag, value, _ in SWITCH_FLAGS:
         if getattr(args, _dest(flag)):

@@ -9,12 +9,12 @@ parser, and run with run_backtest as the CLI does (fast driver: the same trades 
 """
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
+from core.ablation import ScenarioRun, trades_by_half_year
 from core.backtest_engine import run_backtest
-from core.main import _build_parser, _load_config, _overrides
 from core.config import Config
+from core.main import _build_parser, _load_config, _overrides
 from core.market_data import load_market
 
 pytestmark = pytest.mark.slow
@@ -38,8 +38,10 @@ def test_each_seed_scenario_trades_in_every_half_year(name):
     config = seed_config(SEED_COMMANDS[name])
     assert (config.backtest.start.isoformat(), config.backtest.end.isoformat()) == ("2014-01-03", "2018-12-31")
     result = run_backtest(config, load_market(config))
-    entries = pd.DatetimeIndex(result.trades["entry_time"])
-    halves = pd.Series([f"{stamp.year}H{1 if stamp.month <= 6 else 2}" for stamp in entries]).value_counts()
-    counts = {half: int(halves.get(half, 0)) for half in HALF_YEARS}
+    table = trades_by_half_year([ScenarioRun(name, config, result.trades, result.equity, result.metrics)],
+                                config.backtest.start, config.backtest.end)
+    assert list(table.index) == HALF_YEARS
+    counts = table[name].to_dict()
     assert all(count > 0 for count in counts.values()), (name, counts)
+    assert sum(counts.values()) == len(result.trades)
     assert "sizing_note" not in result.metrics
