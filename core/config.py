@@ -264,7 +264,9 @@ class FiltersConfig(_Section):
 
     iv_rank_min: float = Field(0.0, ge=0.0, le=100.0)
     vix_threshold: float = Field(25.0, gt=0.0, le=100.0, description="no entry above this VIX")
-    vix_threshold_low: float = Field(20.0, ge=0.0, le=100.0)
+    # The VIX level from which the range regime is HIGH_VOL_RANGE (below it LOW_VOL_RANGE, where
+    # the regime wings narrow): the "low" VIX threshold of the seed's Phase-3 "Filters & Regime".
+    vix_threshold_low: float = Field(20.0, ge=0.0, le=100.0, description="regime: high-vol range from here")
     max_volatility_pct: float = Field(0.02, gt=0.0, le=1.0, description="cap on recent realised move")
     use_liquidity_gate: bool = True
     # §1 VRP gate: trade only when IV_ATM - RV > theta_VRP; RV over 78 five-minute bars = 1 day.
@@ -538,14 +540,13 @@ class RegimeConfig(_Section):
     """Market-regime classifier and the regime-adaptive wings (seed Stage 2).
 
     Precedence: CRASH_MODE (VIX >= crash_vix); BULL_TREND / BEAR_TREND (ADX >= trend_adx with
-    close, fast SMA and slow SMA stacked up / down); HIGH_VOL_RANGE (VIX >= high_vol_vix);
+    close, fast SMA and slow SMA stacked up / down); HIGH_VOL_RANGE (VIX >= filters.vix_threshold_low);
     else LOW_VOL_RANGE. Computed on the trading bars (ADX and SMAs of 5-minute closes)."""
 
     section_name: ClassVar[str] = "regime"
 
     trend_adx: float = Field(25.0, ge=0.0, le=100.0)
     crash_vix: float = Field(35.0, gt=0.0, le=150.0)
-    high_vol_vix: float = Field(20.0, ge=0.0, le=150.0)
     sma_fast_period: int = Field(20, ge=2, le=5000, description="bars")
     sma_slow_period: int = Field(50, ge=3, le=5000, description="bars")
     # Wing widths (both the min and the max of the search) are scaled by these in the regime.
@@ -555,10 +556,6 @@ class RegimeConfig(_Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> RegimeConfig:
-        _require(
-            self.high_vol_vix < self.crash_vix,
-            f"{self._show_field('high_vol_vix')} must be less than {self._show_field('crash_vix')}",
-        )
         _require(
             self.sma_fast_period < self.sma_slow_period,
             f"{self._show_field('sma_fast_period')} must be less than {self._show_field('sma_slow_period')}",
@@ -768,6 +765,11 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Config:
+        _require(
+            self.filters.vix_threshold_low < self.regime.crash_vix,
+            f"filters.vix_threshold_low = {self.filters.vix_threshold_low} (the high-vol regime's lower VIX) "
+            f"must be less than regime.crash_vix = {self.regime.crash_vix}",
+        )
         _require(
             self.exits.dte_exit == 0 or self.exits.dte_exit < self.strategy.dte_min,
             f"exits.dte_exit = {self.exits.dte_exit} must be less than "

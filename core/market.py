@@ -107,3 +107,65 @@ def require_market_data(market: Any) -> MarketData:
         raise TypeError(f"{type(market).__name__} does not implement the bar contract (core.market.MarketData); "
                         f"missing: {', '.join(missing)}")
     return market
+
+
+class BarWindow:
+    """Bars ``start … stop − 1`` of another source as a source of its own (the bar contract,
+    bars renumbered from 0): what a walk-forward window backtests on. Nothing after ``stop − 1``
+    is reachable through it — a quote range is clipped at the window's end — so a run on the
+    window cannot see later data even by accident."""
+
+    def __init__(self, market: MarketData, start: int, stop: int):
+        total = len(market.bar_times)
+        if not 0 <= start < stop <= total:
+            raise ValueError(f"BarWindow: bars {start} … {stop - 1} are not inside the source's 0 … {total - 1}")
+        self.market = market
+        self.start = int(start)
+        self.stop = int(stop)
+        self._bar_times = market.bar_times[start:stop]
+        self._sessions = pd.DatetimeIndex(pd.unique(self._bar_times.tz_localize(None).normalize()))
+
+    @property
+    def bar_times(self) -> pd.DatetimeIndex:
+        return self._bar_times
+
+    @property
+    def sessions(self) -> pd.DatetimeIndex:
+        return self._sessions
+
+    def spot_bars(self) -> pd.Series:
+        return self.market.spot_bars().iloc[self.start:self.stop]
+
+    def iv_index_bars(self) -> pd.Series:
+        return self.market.iv_index_bars().iloc[self.start:self.stop]
+
+    def ohlcv_bars(self) -> pd.DataFrame | None:
+        bars = self.market.ohlcv_bars()
+        return None if bars is None else bars.iloc[self.start:self.stop]
+
+    def _bar(self, bar: int) -> int:
+        if not 0 <= bar < self.stop - self.start:
+            raise IndexError(f"bar {bar} is outside the window's 0 … {self.stop - self.start - 1}")
+        return self.start + bar
+
+    def expirations_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None) -> np.ndarray:
+        return self.market.expirations_at(self._bar(bar), dte_min, dte_max)
+
+    def slice_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None, expiry=None) -> Any:
+        return self.market.slice_at(self._bar(bar), dte_min, dte_max, expiry)
+
+    def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes: np.ndarray,
+                        is_call: np.ndarray) -> Any:
+        bar_stop = min(bar_stop, self.stop - self.start)
+        return self.market.quote_contracts(self._bar(bar_start), self.start + bar_stop, expiration, strikes, is_call)
+
+    def quote_structures(self, bar: int, expirations: np.ndarray, strikes: np.ndarray) -> Any:
+        return self.market.quote_structures(self._bar(bar), expirations, strikes)
+
+    def settlement_time(self, expiration) -> pd.Timestamp:
+        return self.market.settlement_time(expiration)
+
+    def describe(self) -> dict:
+        return {**self.market.describe(),
+                "window": {"first_bar": str(self._bar_times[0]), "last_bar": str(self._bar_times[-1]),
+                           "bars": self.stop - self.start}}

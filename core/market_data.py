@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from analytics.vol_surface import SpreadParams, SurfaceParams
-from core.config import Config
+from core.config import FUZZY_FACTORS, Config
 from data_factory.embedded import describe_embedded_data
 from data_factory.errors import DataError
 from data_factory.garch_proxy import GarchProxyConfig
@@ -76,19 +76,14 @@ FEATURE_WARMUP_SESSIONS = 10
 DAILY_HISTORY_DAYS = 400
 
 
-def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neural=None,
-                          forecaster=None, progress=None):
-    """The run's feature table (``intelligence.features``) from the embedded data: 1-minute bars
-    of the same seed from a warm-up before the start, the provider's per-bar IV index, daily IV
-    closes (GARCH proxy before 2014) and the SPY/QQQ daily closes.
-
-    ``neural``: μ_Mamba per bar, or None; ``forecaster`` (``load_forecaster``): compute μ_Mamba
-    here from the checkpoint, over the warm-up and run bars (batch inference, one window per bar;
-    ``progress(done, total)`` reports it)."""
+def _embedded_inputs(config: Config, provider: SyntheticChainProvider) -> dict:
+    """What a feature table of the embedded data is built from: 1-minute bars of the run's seed
+    from a warm-up before the start (``base``), the calendar close of each base bar's session,
+    daily IV closes (GARCH proxy before 2014), SPY/QQQ daily bars and the trading bars' close
+    times (UTC ns)."""
     from data_factory import embedded
     from data_factory.intraday import intraday_bars
     from data_factory.market_calendar import CALENDAR_START, trading_sessions
-    from intelligence.features import compute_bar_features
 
     backtest = config.backtest
     first = provider.sessions[0]
@@ -102,17 +97,35 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
         daily_warm = embedded.daily_bars(backtest.underlying, first, last)
     base = intraday_bars(daily_warm, freq=f"{config.mtf.base_bar_minutes}min", seed=backtest.seed)
     history_start = max(first - pd.Timedelta(days=DAILY_HISTORY_DAYS), pd.Timestamp("2001-01-02"))
-    daily_iv = embedded.daily_iv_index(history_start, last, garch_config=garch_config(config))["iv_index"]
-    daily_spot = embedded.daily_bars(backtest.underlying, history_start, last)
     daily_pair = embedded.daily_bars("QQQ", history_start, last)
     daily_pair.attrs["symbol"] = "QQQ (NASDAQ Composite / 40 proxy, daily)"
-    target = provider.bar_times.tz_convert("UTC").as_unit("ns").asi8
-    session_close_ns = calendar_session_closes(base.index)
+    return {
+        "base": base,
+        "session_close_ns": calendar_session_closes(base.index),
+        "daily_iv": embedded.daily_iv_index(history_start, last, garch_config=garch_config(config))["iv_index"],
+        "daily_spot": embedded.daily_bars(backtest.underlying, history_start, last),
+        "daily_pair": daily_pair,
+        "target": provider.bar_times.tz_convert("UTC").as_unit("ns").asi8,
+    }
+
+
+def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neural=None,
+                          forecaster=None, progress=None):
+    """The run's feature table (``intelligence.features``) from the embedded data
+    (``_embedded_inputs``) and the provider's per-bar IV index.
+
+    ``neural``: μ_Mamba per bar, or None; ``forecaster`` (``load_forecaster``): compute μ_Mamba
+    here from the checkpoint, over the warm-up and run bars (batch inference, one window per bar;
+    ``progress(done, total)`` reports it)."""
+    from intelligence.features import compute_bar_features
+
+    inputs = _embedded_inputs(config, provider)
+    description = None
     if neural is None and forecaster is not None:
-        neural = neural_memberships(forecaster, base, session_close_ns, daily_iv, target, config, progress)
-    features = compute_bar_features(config, base, target, provider.iv_index_bars().to_numpy(), daily_iv,
-                                daily_spot, daily_pair, neural=neural,
-                                session_close_ns=session_close_ns)
+        neural, description = _neural_from_inputs(config, inputs, forecaster, progress)
+    features = compute_bar_features(config, inputs["base"], inputs["target"], provider.iv_index_bars().to_numpy(),
+                                    inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"], neural=neural,
+                                    session_close_ns=inputs["session_close_ns"])
     # The percentile skew rule's reference per bar (NaN unless the rule is in use): session-close
     # readings of the run's chains, with a year of embedded history before the start.
     from core.skew_history import embedded_skew_reference
@@ -120,13 +133,26 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
     reference = np.ascontiguousarray(embedded_skew_reference(config, provider), dtype=float)
     features = BarFeatures({**features.columns, "skew_reference": reference}, features.close_ns,
                            features.description)
-    if forecaster is not None:
-        features.description["neural"] = {
-            "model": str(forecaster.path), "lookback": forecaster.lookback,
-            "trained_on": f"{forecaster.metadata.get('data_first_bar')} … {forecaster.metadata.get('data_last_bar')}",
-            "method": "one lookback window per bar (as trained); 0.5 until the window is full",
-        }
+    if description is not None:
+        features.description["neural"] = description
     return features
+
+
+def embedded_neural_memberships(config: Config, provider: SyntheticChainProvider, forecaster, progress=None):
+    """μ_Mamba per trading bar of ``provider`` from the checkpoint ``forecaster``, and a
+    description of where it came from."""
+    return _neural_from_inputs(config, _embedded_inputs(config, provider), forecaster, progress)
+
+
+def _neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None):
+    values = neural_memberships(forecaster, inputs["base"], inputs["session_close_ns"], inputs["daily_iv"],
+                                inputs["target"], config, progress)
+    description = {
+        "model": str(forecaster.path), "lookback": forecaster.lookback,
+        "trained_on": f"{forecaster.metadata.get('data_first_bar')} … {forecaster.metadata.get('data_last_bar')}",
+        "method": "one lookback window per bar (as trained); 0.5 until the window is full",
+    }
+    return values, description
 
 
 def neural_memberships(forecaster, base, session_close_ns, daily_iv, target, config: Config, progress=None):
@@ -205,7 +231,7 @@ def calendar_session_closes(bar_index: pd.DatetimeIndex):
 # the chain-level checks and wing rules at the entry. A test perturbs each of them and checks
 # that the table is unchanged, so a run that changes only these reuses the cached table.
 FEATURE_INDEPENDENT_FIELDS = {
-    "filters": {"iv_rank_min", "vix_threshold", "vix_threshold_low", "max_volatility_pct", "use_liquidity_gate",
+    "filters": {"iv_rank_min", "vix_threshold", "max_volatility_pct", "use_liquidity_gate",
                 "vrp_threshold", "skew_threshold", "gap_small_threshold", "use_entry_gates", "use_vix_gate",
                 "use_vrp_gate", "use_volatility_cap", "use_gap_rule", "gap_rule_minutes",
                 "use_probability_filter", "max_breach_probability", "liquidity_max_spread_to_credit",
@@ -221,9 +247,10 @@ FEATURE_INDEPENDENT_FIELDS = {
 # Sections the features read (others — exits, risk, hedge, sizing, data_pipeline — never matter).
 FEATURE_SECTIONS = ("filters", "momentum", "trend", "mtf", "fuzzy", "regime", "synthetic")
 _MARKET_FIELDS = ("start", "end", "seed", "underlying")
-_CACHE_SIZE = 4
+_CACHE_SIZE = 8
 _markets: dict = {}
 _features: dict = {}
+_neural: dict = {}
 
 
 def _remember(cache: dict, key, value):
@@ -259,8 +286,14 @@ def uses_neural(config: Config) -> bool:
     return bool(config.fuzzy.use_fuzzy and config.mamba.use_neural)
 
 
+# The fuzzy weights do not change the memberships, only how F_t and C blend them: a table built
+# with other weights is re-blended (``BarFeatures.reweighted``, milliseconds) instead of rebuilt.
+FUZZY_WEIGHT_FIELDS = frozenset(f"fuzzy_weight_{factor}" for factor in (*FUZZY_FACTORS, "neural"))
+
+
 def feature_key(config: Config) -> str:
-    """The settings a run's feature table depends on, as one string."""
+    """The settings a run's feature table depends on, as one string (the fuzzy weights are left
+    out: see ``FUZZY_WEIGHT_FIELDS``)."""
     import json
 
     parts = {}
@@ -268,28 +301,70 @@ def feature_key(config: Config) -> str:
         values = getattr(config, section).model_dump()
         for name in FEATURE_INDEPENDENT_FIELDS.get(section, ()):
             values.pop(name, None)
+        if section == "fuzzy":
+            for name in FUZZY_WEIGHT_FIELDS:
+                values.pop(name, None)
         parts[section] = values
     parts["market"] = market_key(config)[0]
     parts["skew_dte"] = [config.strategy.dte_min, config.strategy.dte_max, config.strategy.use_skew_penalty,
                          config.filters.use_entry_gates]
-    parts["neural"] = config.mamba.model_dump() if uses_neural(config) else None
+    parts["neural"] = neural_key(config)
     return json.dumps(parts, sort_keys=True, default=str)
+
+
+def neural_key(config: Config) -> str | None:
+    """The settings μ_Mamba per bar depends on (the checkpoint and its settings), or None when a
+    run does not use it."""
+    import json
+
+    return json.dumps(config.mamba.model_dump(), sort_keys=True, default=str) if uses_neural(config) else None
+
+
+def neural_per_bar(config: Config, market, forecaster=None, progress=None):
+    """μ_Mamba per bar of ``market`` for ``config`` and what it came from, built once per process
+    per market and checkpoint settings (the batch inference is the costliest part of a feature
+    table: minutes on a CPU for five years). (None, None) when the run does not use it or the
+    default checkpoint is absent."""
+    if not uses_neural(config):
+        return None, None
+    key = (id(market), neural_key(config))
+    cached = _neural.pop(key, None)
+    if cached is not None and cached[0] is market:
+        _neural[key] = cached
+        return cached[1], cached[2]
+    if forecaster is None:
+        forecaster = load_configured_forecaster(config, explicit=False)
+    if forecaster is None:
+        _remember(_neural, key, (market, None, None))
+        return None, None
+    values, description = embedded_neural_memberships(config, market, forecaster, progress)
+    _remember(_neural, key, (market, values, description))
+    return values, description
 
 
 def bar_features(config: Config, market, forecaster=None, progress=None):
     """The feature table of ``config`` on ``market`` (an embedded chain provider), built once per
-    process per market and per settings it depends on (``feature_key``). With ``uses_neural``
-    the DeepMamba checkpoint at ``mamba.weights_path`` supplies μ_Mamba (``forecaster`` if given,
-    else loaded; a missing default checkpoint leaves μ = 0.5); ``progress(done, total)`` reports
+    process per market and per settings it depends on (``feature_key``); a run with other fuzzy
+    weights gets the cached table re-blended. With ``uses_neural`` the DeepMamba checkpoint at
+    ``mamba.weights_path`` supplies μ_Mamba (``forecaster`` if given, else loaded; a missing
+    default checkpoint leaves μ = 0.5; see ``neural_per_bar``); ``progress(done, total)`` reports
     that inference."""
     key = (id(market), feature_key(config))
     cached = _features.pop(key, None)
     if cached is not None and cached[0] is market:
         _features[key] = cached             # most recently used last: evicted last
-        return cached[1]
-    if uses_neural(config) and forecaster is None:
-        forecaster = load_configured_forecaster(config, explicit=False)
-    features = embedded_bar_features(config, market, forecaster=forecaster if uses_neural(config) else None,
-                                     progress=progress)
-    _remember(_features, key, (market, features))
+        features, weights = cached[1], cached[2]
+    else:
+        neural, neural_description = neural_per_bar(config, market, forecaster, progress)
+        features = embedded_bar_features(config, market, neural=neural)
+        if neural_description is not None:
+            features.description["neural"] = neural_description
+        weights = _fuzzy_weights(config)
+        _remember(_features, key, (market, features, weights))
+    if weights != _fuzzy_weights(config):
+        features = features.reweighted(config.fuzzy)
     return features
+
+
+def _fuzzy_weights(config: Config) -> dict:
+    return {name: getattr(config.fuzzy, name) for name in sorted(FUZZY_WEIGHT_FIELDS)}

@@ -28,6 +28,7 @@ from intelligence.fuzzy_engine import (
     NEUTRAL_NEURAL_MEMBERSHIP,
     MembershipBreakpoints,
     blend_with_neural,
+    compute_fuzzy_confidence,
     score_bars,
 )
 from intelligence.mtf_consensus import (
@@ -84,6 +85,29 @@ class BarFeatures:
     def frame(self) -> pd.DataFrame:
         index = pd.DatetimeIndex(pd.to_datetime(self.close_ns, unit="ns", utc=True), name="timestamp")
         return pd.DataFrame(self.columns, index=index.tz_convert("America/New_York"))
+
+    def reweighted(self, fuzzy) -> BarFeatures:
+        """The same table with F_t and C re-blended from its membership columns with the weights
+        of ``fuzzy`` (a ``FuzzyConfig``): the memberships do not depend on the weights, so an
+        optimizer trial that changes only the weights need not rebuild the table. Same functions
+        as ``compute_bar_features``, so the columns are identical to a rebuilt table's."""
+        memberships = {factor: self.columns[column] for factor, column in MEMBERSHIP_COLUMNS.items()}
+        shape = self.close_ns.shape
+        fuzzy_ft = np.broadcast_to(np.asarray(compute_fuzzy_confidence(memberships, fuzzy.technical_weights()),
+                                              dtype=np.float64), shape).copy()
+        confidence = np.broadcast_to(np.asarray(blend_with_neural(fuzzy_ft, self.columns["mu_neural"],
+                                                                  fuzzy.fuzzy_weight_neural), dtype=np.float64),
+                                     shape).copy()
+        columns = dict(self.columns)
+        columns["fuzzy_ft"] = np.ascontiguousarray(fuzzy_ft)
+        columns["confidence"] = np.ascontiguousarray(confidence)
+        return BarFeatures(columns, self.close_ns, self.description)
+
+    def window(self, start: int, stop: int) -> BarFeatures:
+        """Rows ``start … stop − 1`` (views, no copy): the table of a run on that bar window. The
+        features are causal, so a window's rows are what a run starting at ``start`` would see."""
+        return BarFeatures({name: values[start:stop] for name, values in self.columns.items()},
+                           self.close_ns[start:stop], dict(self.description, window=[int(start), int(stop)]))
 
     def with_neural(self, neural: np.ndarray, config) -> BarFeatures:
         """The same table with the neural membership replaced and the confidence re-blended."""
@@ -203,7 +227,7 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
     columns["regime"] = classify_regime(columns["adx"], columns["iv_index"], columns["close"],
                                         columns["sma_fast"], columns["sma_slow"], trend_adx=regime.trend_adx,
                                         crash_vix=regime.crash_vix,
-                                        high_vol_vix=regime.high_vol_vix).astype(float)
+                                        high_vol_vix=filters.vix_threshold_low).astype(float)
 
     fuzzy = config.fuzzy
     neural_values = (np.full(len(target_close_ns), NEUTRAL_NEURAL_MEMBERSHIP) if neural is None

@@ -106,7 +106,7 @@ def test_bad_intelligence_flags_exit_2_with_one_line(args, named, tmp_path, caps
     pytest.param({"mtf": {"timeframe_weights": [1, -1, 1]}}, ("mtf.timeframe_weights", ">= 0"),
                  id="mtf-weight-negative"),
     pytest.param({"fuzzy": {"min_confidence": 1.5}}, ("fuzzy.min_confidence", "1.5"), id="min-confidence"),
-    pytest.param({"regime": {"high_vol_vix": 40, "crash_vix": 35}}, ("regime.high_vol_vix", "regime.crash_vix"),
+    pytest.param({"regime": {"crash_vix": 18}}, ("filters.vix_threshold_low", "regime.crash_vix"),
                  id="regime-order"),
 ])
 def test_bad_weights_in_a_config_file_exit_2(data, named, tmp_path, tmp_path_factory, capsys, monkeypatch):

@@ -25,7 +25,7 @@ CONFIG = Config().override({"backtest.start": dt.date(2016, 1, 4), "backtest.end
 
 # A different valid value for every field the feature key leaves out.
 PERTURBED = {
-    "filters.iv_rank_min": 10.0, "filters.vix_threshold": 30.0, "filters.vix_threshold_low": 15.0,
+    "filters.iv_rank_min": 10.0, "filters.vix_threshold": 30.0,
     "filters.max_volatility_pct": 0.03, "filters.use_liquidity_gate": False, "filters.vrp_threshold": 0.03,
     "filters.skew_threshold": 0.2, "filters.gap_small_threshold": 0.003, "filters.use_vix_gate": False,
     "filters.use_vrp_gate": False, "filters.use_volatility_cap": False, "filters.use_gap_rule": False,
@@ -86,7 +86,8 @@ def test_a_left_out_setting_does_not_change_the_table(market, table, dotted):
 
 
 @pytest.mark.parametrize("dotted, value", [("momentum.rsi_period", 10), ("mtf.trend_period", 30),
-                                           ("fuzzy.fuzzy_weight_rsi", 0.2), ("filters.realized_vol_window", 40)])
+                                           ("trend.psar_acceleration", 0.025), ("filters.realized_vol_window", 40),
+                                           ("filters.vix_threshold_low", 15.0)])
 def test_a_setting_the_features_read_builds_a_new_table(market, table, dotted, value):
     changed = CONFIG.override({dotted: value})
     assert feature_key(changed) != feature_key(CONFIG)
@@ -94,6 +95,27 @@ def test_a_setting_the_features_read_builds_a_new_table(market, table, dotted, v
     assert other is not table
     assert any(not np.array_equal(other.columns[name], table.columns[name], equal_nan=True)
                for name in table.columns)
+
+
+@pytest.mark.parametrize("changes", [{"fuzzy.fuzzy_weight_rsi": 0.2},
+                                     {"fuzzy.fuzzy_weight_neural": 0.3, "fuzzy.fuzzy_weight_mtf": 0.25,
+                                      "fuzzy.fuzzy_weight_iv": 0.1, "fuzzy.fuzzy_weight_adx": 0.05}])
+def test_other_fuzzy_weights_reblend_the_cached_table_exactly(market, table, monkeypatch, changes):
+    changed = CONFIG.override(changes)
+    assert feature_key(changed) == feature_key(CONFIG)
+    built = []
+    original = market_data.embedded_bar_features
+    monkeypatch.setattr(market_data, "embedded_bar_features",
+                        lambda *args, **kwargs: built.append(1) or original(*args, **kwargs))
+    reblended = bar_features(changed, market)
+    assert built == []
+    fresh = original(changed, market)          # rebuilt from scratch with the new weights
+    assert not np.array_equal(fresh.columns["confidence"], table.columns["confidence"], equal_nan=True)
+    assert set(fresh.columns) == set(reblended.columns)
+    for name, values in fresh.columns.items():
+        np.testing.assert_array_equal(values, reblended.columns[name], err_msg=name)
+    # and back to the original weights: the cached table itself
+    assert bar_features(CONFIG, market) is table
 
 
 def test_repeated_runs_build_the_features_once(market, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.config import RegimeConfig
+from core.config import FiltersConfig, RegimeConfig
 from intelligence.regime_filter import Regime, classify_regime, regime_names
 
 BULL_STACK = {"close": 110.0, "sma_fast": 105.0, "sma_slow": 100.0}
@@ -93,8 +93,10 @@ def test_non_default_thresholds():
 
 def test_defaults_match_the_config():
     config = RegimeConfig()
-    for name in ("trend_adx", "crash_vix", "high_vol_vix"):
+    for name in ("trend_adx", "crash_vix"):
         assert classify_regime.__kwdefaults__[name] == getattr(config, name)
+    # the high-vol boundary is the Phase-3 filter setting filters.vix_threshold_low
+    assert classify_regime.__kwdefaults__["high_vol_vix"] == FiltersConfig().vix_threshold_low
 
 
 def test_warm_up_nan_is_unknown_except_a_known_crash():
