@@ -3,9 +3,12 @@
 Modes:
   backtest  replay the iron-condor strategy over the embedded (or configured) data and write a run
             folder (config, data description, trades, equity, metrics, plot, HTML report).
+  optimize  the seed's 6-phase serial optimizer (core/optimizer.py): Optuna grid or TPE search,
+            resumable study, process pool or Ray, walk-forward, deflated Sharpe, PBO, sensitivity.
+            `--mode backtest --use-optimizer` runs it too (the seed's command).
   data      what the embedded data is (sources, periods, what is synthetic) and the synthetic
             option chain a strategy would see at one bar.
-The optimize and live modes plug in here as their capabilities land.
+The live mode plugs in here as its capability lands.
 
 Errors in flags, configuration or data print one message and exit with status 2.
 """
@@ -86,7 +89,6 @@ SWITCH_FLAGS = (
 # user gets one clear line instead of "unrecognized arguments", then refused.
 NOT_YET_FLAGS = (
     ("--options-data", "a user option-chain file", "[user-data]"),
-    ("--use-optimizer", "the 6-phase optimizer", "[optimizer]"),
     ("--alpaca", "Alpaca paper trading", "[live]"),
 )
 SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
@@ -126,9 +128,10 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=["backtest", "data"], default="backtest",
-                        help="backtest: run the strategy and write a run folder; data: describe the "
-                             "embedded data and show a synthetic chain at one bar (default: backtest)")
+    parser.add_argument("--mode", choices=["backtest", "optimize", "data"], default="backtest",
+                        help="backtest: run the strategy and write a run folder; optimize: the 6-phase "
+                             "optimizer; data: describe the embedded data and show a synthetic chain at one "
+                             "bar (default: backtest)")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (partial files allowed)")
     run = parser.add_argument_group("backtest")
     for flag, kind, text in BACKTEST_FLAGS:
@@ -145,6 +148,9 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
             run.add_argument(flag, default=None, metavar="FILE", help=text)
         else:
             run.add_argument(flag, action="store_true", default=None, help=text)
+    run.add_argument("--use-optimizer", action="store_true",
+                     help="the seed's spelling of --mode optimize: run the 6-phase optimizer with these settings "
+                          "as the base configuration")
     run.add_argument("--compare", action="store_true",
                      help="ablation: run Mechanical, Baseline, MTF only, Fuzzy only and Full on the same data "
                           "(fast driver) and write a side-by-side table and equity plot into the run folder")
@@ -164,6 +170,8 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
     run.add_argument("--out", metavar="DIR", default=None,
                      help="run folder to create (default: runs/<timestamp>)")
     run.add_argument("--no-plot", action="store_true", help="skip the equity/drawdown PNG")
+    from core.optimizer import add_arguments as add_optimizer_arguments
+    add_optimizer_arguments(parser)
     group = parser.add_argument_group("data mode")
     group.add_argument("--date", default="2015-08-24",
                        help="session to show the chain for (YYYY-MM-DD, 2001-01-02 … 2018-12-31)")
@@ -218,6 +226,28 @@ def _overrides(args) -> dict:
             overrides["backtest.fill_model"] = "spread_fraction"
             overrides["backtest.fill_spread_fraction"] = fraction
     return overrides
+
+
+OPTIMIZER_DESTS = ("samples", "phases", "grid", "sampler", "trials", "objective", "min_trades", "workers", "executor",
+                   "ray_address", "storage", "study_name", "walk_forward", "wf_train_months", "wf_test_months",
+                   "wf_mode", "no_sensitivity")
+
+
+def _check_mode_flags(parser, args, optimize: bool) -> None:
+    """An optimizer flag outside the optimize mode, or a backtest-only flag inside it, would be
+    silently ignored: refuse it instead."""
+    from core.config import ConfigError
+
+    if args.mode == "data" and args.use_optimizer:
+        raise ConfigError("--use-optimizer runs the optimizer: use it with --mode backtest (or --mode optimize)")
+    if optimize:
+        if args.compare:
+            raise ConfigError("--compare is a backtest-mode ablation; the optimizer does not run it (drop --compare)")
+        return
+    given = [name for name in OPTIMIZER_DESTS if getattr(args, name) != parser.get_default(name)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{flag} is an optimizer flag: add --mode optimize (or --use-optimizer)")
 
 
 def _dest(flag: str) -> str:
@@ -457,9 +487,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = _build_parser(Config())
     args = parser.parse_args(argv)
     try:
+        optimize = args.mode == "optimize" or args.use_optimizer
+        _check_mode_flags(parser, args, optimize)
         config = _load_config(args.config, _overrides(args))
         if args.mode == "data":
             return _run_data_mode(args, config)
+        if optimize:
+            from core.optimizer import run as run_optimizer
+            return run_optimizer(args, config, argv)
         return _run_backtest_mode(args, config, argv)
     except (ConfigError, DataError, ReportError) as error:
         print(f"error: {error}", file=sys.stderr)

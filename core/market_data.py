@@ -342,6 +342,13 @@ def neural_per_bar(config: Config, market, forecaster=None, progress=None):
     return values, description
 
 
+def remember_neural(config: Config, market, values, description) -> None:
+    """Seed the μ_Mamba cache of this process for ``market`` (an optimizer worker receiving what
+    the parent computed, instead of running the inference again)."""
+    if uses_neural(config):
+        _remember(_neural, (id(market), neural_key(config)), (market, values, description))
+
+
 def bar_features(config: Config, market, forecaster=None, progress=None):
     """The feature table of ``config`` on ``market`` (an embedded chain provider), built once per
     process per market and per settings it depends on (``feature_key``); a run with other fuzzy
