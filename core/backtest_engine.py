@@ -92,7 +92,8 @@ class _TimestampsOf:
 class BacktestSession:
     """One backtest's state and the per-bar step shared by both drivers."""
 
-    def __init__(self, config, market: MarketData, progress=None, every_bar: bool = True, features=None):
+    def __init__(self, config, market: MarketData, progress=None, every_bar: bool = True, features=None,
+                 candidates=None):
         market = require_market_data(market)
         self.config = config
         self.market = market
@@ -119,7 +120,8 @@ class BacktestSession:
             features = bar_features(config, market)
         self.features = features
         self.risk = RiskManager(config)
-        self.engine = TradingEngine(config, self.portfolio, self.fill_model, self.clock, features, self.risk)
+        self.engine = TradingEngine(config, self.portfolio, self.fill_model, self.clock, features, self.risk,
+                                    None if candidates is None else candidates.view(self.bar_times.asi8))
         self.feature_columns = self.engine.feature_columns
         self.share_cost = float(config.hedge.share_cost)
 
@@ -314,7 +316,7 @@ class BacktestSession:
 
 def run_backtrader(config, market: MarketData, progress=None,
                    empty_strategy: bool = False, analyzers: bool = True,
-                   analyzers_on_empty: bool = False, features=None) -> BacktestResult:
+                   analyzers_on_empty: bool = False, features=None, candidates=None) -> BacktestResult:
     """Replay the bars through Backtrader with the engine hosted in a ``bt.Strategy``.
 
     ``empty_strategy`` runs the same Cerebro and feed with a strategy that does nothing (the
@@ -322,7 +324,7 @@ def run_backtrader(config, market: MarketData, progress=None,
     False leaves Backtrader's analyzers off (benchmark decomposition)."""
     import backtrader as bt
 
-    session = BacktestSession(config, market, progress, features=features)
+    session = BacktestSession(config, market, progress, features=features, candidates=candidates)
     feed = _array_feed(bt, session, market)
 
     class SessionBroker(bt.brokers.BackBroker):
@@ -429,12 +431,12 @@ def _array_feed(bt, session: BacktestSession, market: MarketData):
 # Fast driver
 # ----------------------------------------------------------------------------------------------
 
-def run_fast(config, market: MarketData, progress=None, features=None) -> BacktestResult:
+def run_fast(config, market: MarketData, progress=None, features=None, candidates=None) -> BacktestResult:
     """Same trades and equity as the per-bar run, stepping only the bars the engine names
     (``TradingEngine.next_event_bar``); the bars between are recorded and booked from the open
     condors' holding-period paths."""
     started = time.perf_counter()
-    session = BacktestSession(config, market, progress, every_bar=False, features=features)
+    session = BacktestSession(config, market, progress, every_bar=False, features=features, candidates=candidates)
     engine = session.engine
     paths = PositionPaths(engine, session.market, session.spot, session.bar_times.asi8)
     n = session.n_bars
@@ -566,17 +568,20 @@ class RunResult:
     features_description: dict
 
 
-def run_backtest(config, market: MarketData, features=None, progress=None) -> RunResult:
+def run_backtest(config, market: MarketData, features=None, progress=None, candidates=None) -> RunResult:
     """Backtest ``config`` on ``market`` (any source implementing ``core.market.MarketData``)
     with the driver ``config.backtest.engine`` names. ``features``: the bar feature table to use;
     None takes it from the per-process cache (``core.market_data.bar_features``), built once per
-    market and per set of settings it depends on. ``progress(bars_done)`` is called as it runs."""
+    market and per set of settings it depends on. ``progress(bars_done)`` is called as it runs.
+    ``candidates``: a ``core.engine.CandidateMemo`` shared with other runs of the same candidate
+    settings (the optimizer's; same result, each bar's condor chosen once)."""
     from analytics.performance import performance_metrics
 
     if features is None:
         from core.market_data import bar_features
         features = bar_features(config, market)
-    result = DRIVERS[config.backtest.engine](config, market, progress=progress, features=features)
+    result = DRIVERS[config.backtest.engine](config, market, progress=progress, features=features,
+                                             candidates=candidates)
     cash = config.backtest.cash
     trades = trades_frame(result.positions)
     equity = equity_frame(result, cash)

@@ -89,12 +89,51 @@ class BarClock(NamedTuple):
         return len(self.session_day)
 
 
+class CandidateMemo:
+    """Entry candidates (``TradingEngine._entry_candidate``: the condor a configuration would open
+    at a bar before sizing, or why none) kept by bar time for runs that share everything a
+    candidate depends on: the market, the feature table's regime / skew / divergence / realised
+    volatility columns and the strategy, filter, regime and fill settings. The optimizer keeps one
+    per such set (``core.optimizer.candidate_memo``), so its trials choose each bar's condor once;
+    a run without one computes every candidate itself, with the same result."""
+
+    __slots__ = ("by_time", "anchors")
+
+    def __init__(self, anchors: tuple = ()):
+        self.by_time: dict[int, object] = {}
+        self.anchors = anchors              # objects the key's ids refer to, kept alive with it
+
+    def view(self, bar_ns: np.ndarray) -> RunCandidates:
+        return RunCandidates(self.by_time, bar_ns)
+
+
+class RunCandidates:
+    """A ``CandidateMemo`` addressed by one run's bar positions."""
+
+    __slots__ = ("_store", "_bar_ns")
+
+    def __init__(self, store: dict, bar_ns: np.ndarray):
+        self._store = store
+        self._bar_ns = bar_ns
+
+    def get(self, bar: int):
+        return self._store.get(int(self._bar_ns[bar]))
+
+    def put(self, bar: int, candidate) -> None:
+        self._store[int(self._bar_ns[bar])] = candidate
+
+    def rejection(self, bar: int) -> str | None:
+        candidate = self._store.get(int(self._bar_ns[bar]))
+        return candidate if isinstance(candidate, str) else None
+
+
 class TradingEngine:
     """The iron-condor decision logic shared by every driver."""
 
     def __init__(self, config, portfolio: Portfolio, fill_model: FillModel, clock: BarClock,
-                 features=None, risk: RiskManager | None = None):
+                 features=None, risk: RiskManager | None = None, candidates: RunCandidates | None = None):
         self.config = config
+        self.candidates = candidates
         self.portfolio = portfolio
         self.fill_model = fill_model
         self.clock = clock
@@ -369,40 +408,17 @@ class TradingEngine:
             return self._reject(GATE_REASONS[gate])
         features = snapshot.features
         config = self.config
-        strategy, filters = config.strategy, config.filters
-        chain = snapshot.nearest_chain(strategy.dte_min, strategy.dte_max)
-        stage2 = filters.use_entry_gates and bool(features)
-        context: dict = {}
-        wings = None
-        reading = None
-        regime = regime_name(features["regime"]) if features else ""
-        if stage2:
-            _, reading = nearest_expiry_skew(chain)
-            skew = reading.skew if reading is not None else math.nan
-            reference = features["skew_reference"] if "skew_reference" in self.feature_columns else math.nan
-            wings = plan_wings(config, regime, skew, int(features["divergence_bias"]), skew_reference=reference)
-            context.update(skew=skew, iv_atm=reading.iv_atm if reading is not None else math.nan,
-                           wing_adjustments="; ".join(wings.adjustments))
-        choice = choose_iron_condor(chain, config, wings)
-        if isinstance(choice, Rejection):
-            return self._reject(choice.reason)
-        if stage2:
-            if filters.use_vrp_gate:
-                vrp = context["iv_atm"] - features["realized_vol"]
-                context["vrp"] = vrp
-                if not vrp > filters.vrp_threshold:
-                    return self._reject("vrp_below_threshold")
-            probability = breach_probability(choice)
-            context["breach_probability"] = probability
-            if filters.use_probability_filter and probability > filters.max_breach_probability:
-                return self._reject("breach_probability_above_max")
-            if filters.use_liquidity_gate:
-                problem = liquidity_problem(choice, filters.liquidity_max_spread_to_credit)
-                if problem is not None:
-                    return self._reject(problem)
-        credit = open_credit_row(choice.bid, choice.ask, self.fill_model.fraction)
-        if not credit_is_sufficient(credit, choice.width, config):
-            return self._reject("credit_below_minimum")
+        memo = self.candidates
+        candidate = memo.get(snapshot.bar_index) if memo is not None else None
+        if candidate is None:
+            candidate = self._entry_candidate(snapshot, features)
+            if memo is not None:
+                memo.put(snapshot.bar_index, candidate)
+        if isinstance(candidate, str):
+            return self._reject(candidate)
+        choice, credit, context = candidate
+        context = dict(context)
+        regime = context.pop("_regime")
         confidence = float(features["confidence"]) if features else math.nan
         proposal = _proposal(choice, credit, confidence if config.fuzzy.use_fuzzy else math.nan)
         sizing = self.risk.size(proposal, book)
@@ -418,6 +434,49 @@ class TradingEngine:
         condor = self._condor(choice, sizing.quantity, snapshot)
         return TradeDecision(Action.OPEN, snapshot.timestamp, "entry", condor=condor, expected_price=credit,
                              context=context)
+
+    def _entry_candidate(self, snapshot: MarketSnapshot, features):
+        """What this configuration would open at the bar before sizing: (condor, credit, context)
+        or the reason there is none. It depends only on the bar's chain and features and on the
+        strategy, filter, regime and fill settings, so runs that share those (an optimizer's
+        trials) can share it (``CandidateMemo``)."""
+        config = self.config
+        strategy, filters = config.strategy, config.filters
+        chain = snapshot.nearest_chain(strategy.dte_min, strategy.dte_max)
+        stage2 = filters.use_entry_gates and bool(features)
+        context: dict = {}
+        wings = None
+        reading = None
+        regime = regime_name(features["regime"]) if features else ""
+        context["_regime"] = regime
+        if stage2:
+            _, reading = nearest_expiry_skew(chain)
+            skew = reading.skew if reading is not None else math.nan
+            reference = features["skew_reference"] if "skew_reference" in self.feature_columns else math.nan
+            wings = plan_wings(config, regime, skew, int(features["divergence_bias"]), skew_reference=reference)
+            context.update(skew=skew, iv_atm=reading.iv_atm if reading is not None else math.nan,
+                           wing_adjustments="; ".join(wings.adjustments))
+        choice = choose_iron_condor(chain, config, wings)
+        if isinstance(choice, Rejection):
+            return choice.reason
+        if stage2:
+            if filters.use_vrp_gate:
+                vrp = context["iv_atm"] - features["realized_vol"]
+                context["vrp"] = vrp
+                if not vrp > filters.vrp_threshold:
+                    return "vrp_below_threshold"
+            probability = breach_probability(choice)
+            context["breach_probability"] = probability
+            if filters.use_probability_filter and probability > filters.max_breach_probability:
+                return "breach_probability_above_max"
+            if filters.use_liquidity_gate:
+                problem = liquidity_problem(choice, filters.liquidity_max_spread_to_credit)
+                if problem is not None:
+                    return problem
+        credit = open_credit_row(choice.bid, choice.ask, self.fill_model.fraction)
+        if not credit_is_sufficient(credit, choice.width, config):
+            return "credit_below_minimum"
+        return choice, credit, context
 
     @staticmethod
     def _feature_context(features, regime: str) -> dict:
@@ -484,6 +543,7 @@ class TradingEngine:
         if self._entries_blocked(staying):
             return None
         bars, days = self._open_window_bars, self._open_window_days
+        memo = self.candidates
         index = int(np.searchsorted(bars, bar + 1))
         while index < bars.size:
             day = int(days[index])
@@ -491,7 +551,13 @@ class TradingEngine:
                 # This session is out: jump to the first window bar of a later session.
                 index = int(np.searchsorted(days, day + 1))
                 continue
-            return int(bars[index])
+            candidate = int(bars[index])
+            if memo is not None and memo.rejection(candidate) is not None:
+                # Known to have no condor (another run with the same candidate settings tried it):
+                # counted by ``skip`` like a gated bar, not stepped.
+                index += 1
+                continue
+            return candidate
         return None
 
     def _entries_blocked(self, staying: int) -> bool:
@@ -534,18 +600,45 @@ class TradingEngine:
         staying = sum(1 for p in self.portfolio.open_positions.values() if not self.is_closing(p.position_id))
         if self._entries_blocked(staying):
             return
+        self._skip_known_rejections(bar, following)
         gated = self._gated_window_bars
         skipped = gated[np.searchsorted(gated, bar + 1): np.searchsorted(gated, following)]
         if skipped.size == 0:
             return
         days = self.clock.session_day[skipped]
-        out = np.zeros(skipped.size, dtype=bool)
-        for day in np.unique(days):
-            if self._session_closed_to_entries(int(day)):
-                out |= days == day
-        skipped = skipped[~out]
-        for code, count in zip(*np.unique(self.gate_codes[skipped], return_counts=True)):
-            self._reject(GATE_REASONS[int(code)], int(count))
+        if days[0] == days[-1]:                          # one session (the usual case): no sort
+            if self._session_closed_to_entries(int(days[0])):
+                return
+        else:
+            starts = np.flatnonzero(np.r_[True, days[1:] != days[:-1]])
+            keep = np.ones(skipped.size, dtype=bool)
+            for first, last in zip(starts, np.r_[starts[1:], skipped.size]):
+                if self._session_closed_to_entries(int(days[first])):
+                    keep[first:last] = False
+            skipped = skipped[keep]
+        counts = np.bincount(self.gate_codes[skipped], minlength=len(GATE_REASONS))
+        for code in np.flatnonzero(counts):
+            self._reject(GATE_REASONS[int(code)], int(counts[code]))
+
+    def _skip_known_rejections(self, bar: int, following: int) -> None:
+        """The rejections of the window bars (gates passing) strictly between ``bar`` and
+        ``following`` that ``_next_entry_bar`` passed over because the memo knows they have no
+        condor."""
+        memo = self.candidates
+        if memo is None:
+            return
+        bars, days = self._open_window_bars, self._open_window_days
+        index = int(np.searchsorted(bars, bar + 1))
+        stop = int(np.searchsorted(bars, following))
+        while index < stop:
+            day = int(days[index])
+            if self._session_closed_to_entries(day):
+                index = int(np.searchsorted(days, day + 1))
+                continue
+            reason = memo.rejection(int(bars[index]))
+            if reason is not None:
+                self._reject(reason)
+            index += 1
 
 
 def _proposal(choice: CondorChoice, credit: float, confidence: float) -> Proposal:

@@ -169,3 +169,92 @@ class BarWindow:
         return {**self.market.describe(),
                 "window": {"first_bar": str(self._bar_times[0]), "last_bar": str(self._bar_times[-1]),
                            "bars": self.stop - self.start}}
+
+
+class QuotePathMemo:
+    """Another source with its ``quote_contracts`` answers kept: a later request for the same
+    contracts inside a range already priced is a slice of it, and one overlapping it extends it.
+    For many runs over one market (an optimizer's trials open the same condors at the same bars
+    again and again). Every bar's quotes are priced independently of the range asked for, so a
+    slice is bitwise what a fresh request gives. Least recently used paths go beyond
+    ``max_bytes``."""
+
+    def __init__(self, market: MarketData, max_bytes: int = 256 * 2**20):
+        self.market = market
+        self.max_bytes = int(max_bytes)
+        self._paths: dict = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __getattr__(self, name: str):
+        # Everything but quote_contracts goes straight to the source.
+        return getattr(self.market, name)
+
+    @property
+    def bar_times(self) -> pd.DatetimeIndex:
+        return self.market.bar_times
+
+    @property
+    def sessions(self) -> pd.DatetimeIndex:
+        return self.market.sessions
+
+    def spot_bars(self) -> pd.Series:
+        return self.market.spot_bars()
+
+    def iv_index_bars(self) -> pd.Series:
+        return self.market.iv_index_bars()
+
+    def ohlcv_bars(self) -> pd.DataFrame | None:
+        return self.market.ohlcv_bars()
+
+    def expirations_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None) -> np.ndarray:
+        return self.market.expirations_at(bar, dte_min, dte_max)
+
+    def slice_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None, expiry=None) -> Any:
+        return self.market.slice_at(bar, dte_min, dte_max, expiry)
+
+    def quote_structures(self, bar: int, expirations: np.ndarray, strikes: np.ndarray) -> Any:
+        return self.market.quote_structures(bar, expirations, strikes)
+
+    def settlement_time(self, expiration) -> pd.Timestamp:
+        return self.market.settlement_time(expiration)
+
+    def describe(self) -> dict:
+        return self.market.describe()
+
+    _FIELDS = ("bar_time_ns", "spot", "bid", "ask", "mid", "delta", "gamma", "vega", "theta")
+
+    def quote_contracts(self, bar_start: int, bar_stop: int, expiration, strikes: np.ndarray,
+                        is_call: np.ndarray) -> Any:
+        key = (str(expiration), np.asarray(strikes, dtype=np.float64).tobytes(),
+               np.asarray(is_call, dtype=np.bool_).tobytes())
+        cached = self._paths.pop(key, None)
+        first, last = bar_start, bar_stop            # what was asked for
+        if cached is not None:
+            start, stop, path, size = cached
+            if start <= bar_start and bar_stop <= stop:
+                self._paths[key] = cached
+                self.hits += 1
+                return self._slice(path, start, bar_start, bar_stop)
+            self._bytes -= size
+            if bar_start <= stop and bar_stop >= start:       # overlapping or adjacent: extend
+                bar_start, bar_stop = min(bar_start, start), max(bar_stop, stop)
+        self.misses += 1
+        path = self.market.quote_contracts(bar_start, bar_stop, expiration, strikes, is_call)
+        for name in self._FIELDS:
+            getattr(path, name).flags.writeable = False       # shared by every later request
+        size = sum(getattr(path, name).nbytes for name in self._FIELDS)
+        self._paths[key] = (bar_start, bar_stop, path, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._paths) > 1:
+            _, _, _, dropped = self._paths.pop(next(iter(self._paths)))
+            self._bytes -= dropped
+        return self._slice(path, bar_start, first, last)
+
+    @classmethod
+    def _slice(cls, path, start: int, bar_start: int, bar_stop: int):
+        lo, hi = bar_start - start, bar_stop - start
+        if lo == 0 and hi == len(path.spot):
+            return path
+        return type(path)(bar_start, *(getattr(path, name)[lo:hi] for name in cls._FIELDS))

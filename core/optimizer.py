@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import product
@@ -338,15 +339,18 @@ class WorkerContext:
 
 
 _CONTEXT: WorkerContext | None = None
+_QUOTES = None                             # this process's QuotePathMemo over the context's market
 
 
 def install_context(context: WorkerContext) -> None:
     """Make ``context`` this process's trial context (the parent before forking its pool; a Ray
     worker on its first task)."""
-    global _CONTEXT
+    global _CONTEXT, _QUOTES
+    from core.market import QuotePathMemo
     from core.market_data import remember_neural
 
     _CONTEXT = context
+    _QUOTES = QuotePathMemo(context.market)
     if context.neural is not None:
         remember_neural(context.config, context.market, *context.neural)
 
@@ -371,10 +375,14 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
         return {"error": str(error), "metrics": {"trade_count": 0}, "seconds": 0.0}
     market = context.market
     features = bar_features(config, market)
+    candidates = candidate_memo(config, market, features)
+    # Trials open the same condors at the same bars again and again: their quote paths are
+    # priced once per process (QuotePathMemo), the rest of the contract goes to the market.
+    market = _QUOTES
     if window is not None:
         market = BarWindow(market, *window)
         features = features.window(*window)
-    result = run_backtest(config, market, features=features)
+    result = run_backtest(config, market, features=features, candidates=candidates)
     equity = result.equity["equity"]
     closes = _session_closes(equity)
     returns = closes / np.r_[config.backtest.cash, closes[:-1]] - 1.0
@@ -383,6 +391,48 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     if with_equity:
         outcome["equity"] = closes
     return outcome
+
+
+# Filter settings read only by the per-bar gate codes (strategies.entry_gates), never by the
+# entry candidate: trials that differ only in these share their candidates.
+GATE_ONLY_FILTERS = frozenset({"iv_rank_min", "vix_threshold", "use_vix_gate", "max_volatility_pct",
+                               "use_volatility_cap", "use_gap_rule", "gap_rule_minutes", "gap_small_threshold"})
+# The feature columns a candidate reads (core.engine.TradingEngine._entry_candidate).
+CANDIDATE_FEATURES = ("regime", "skew_reference", "divergence_bias", "realized_vol")
+_MEMO_SIZE = 32
+_memos: dict = {}
+
+
+def candidate_memo(config: Config, market, features):
+    """The ``CandidateMemo`` of this configuration's candidate settings on ``market`` with
+    ``features`` (the full table): one per process per (market, content of the candidate feature
+    columns, strategy / filter / regime / fill settings), least recently used dropped beyond 32.
+    The columns are keyed by content, not identity: a table rebuilt for a setting the candidate
+    does not read (a PSAR step, say) shares the memo of the table before it."""
+    import hashlib
+
+    from core.engine import CandidateMemo
+
+    filters = {k: v for k, v in config.filters.model_dump().items() if k not in GATE_ONLY_FILTERS}
+    settings = json.dumps([config.strategy.model_dump(), filters, config.regime.model_dump(),
+                           config.backtest.fill_model, config.backtest.fill_spread_fraction], sort_keys=True,
+                          default=str)
+    digest = hashlib.blake2b(digest_size=16)
+    for name in CANDIDATE_FEATURES:
+        column = features.columns.get(name)
+        digest.update(name.encode())
+        if column is not None:
+            digest.update(np.ascontiguousarray(column).tobytes())
+    key = (id(market), digest.hexdigest(), settings)
+    memo = _memos.pop(key, None)
+    if memo is None:
+        # The memo holds the market whose id is in its key, so the id is never reused for other
+        # data while the memo exists.
+        memo = CandidateMemo(anchors=(market,))
+    _memos[key] = memo
+    while len(_memos) > _MEMO_SIZE:
+        _memos.pop(next(iter(_memos)))
+    return memo
 
 
 def _session_closes(equity: pd.Series) -> np.ndarray:
@@ -631,8 +681,27 @@ def _sampler(phase: Phase, spec: SearchSpec):
     import optuna
 
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({p.path: list(p.values) for p in phase.parameters}, seed=spec.seed)
+        return _grid_sampler_class()({p.path: list(p.values) for p in phase.parameters}, seed=spec.seed)
     return optuna.samplers.TPESampler(seed=spec.seed + phase.number, n_startup_trials=min(10, spec.trials))
+
+
+_GRID_SAMPLER = None
+
+
+def _grid_sampler_class():
+    """GridSampler without its ``after_trial``: that only calls ``study.stop()`` once the grid is
+    exhausted, which ends ``study.optimize`` but raises RuntimeError under ask/tell (the trial
+    that finished the grid would crash the phase). ``run_phase`` counts trials itself."""
+    global _GRID_SAMPLER
+    if _GRID_SAMPLER is None:
+        import optuna
+
+        class GridSampler(optuna.samplers.GridSampler):
+            def after_trial(self, study, trial, state, values) -> None:
+                return None
+
+        _GRID_SAMPLER = GridSampler
+    return _GRID_SAMPLER
 
 
 class Study:
@@ -727,11 +796,29 @@ class Study:
         if on_trial is not None:
             on_trial(None, complete, target)
         capacity = max(1, executor.workers) * 2
+        exhausted = False
         try:
             while True:
-                while len(in_flight) < capacity and (complete + len(in_flight) + others < target or waiting > 0):
+                while len(in_flight) < capacity and not exhausted:
+                    if self.local:
+                        if not (complete + len(in_flight) + others < target or waiting > 0):
+                            break
+                    else:
+                        # Other machines ask and finish trials of this study meanwhile: count
+                        # again before each ask, or every machine would run the whole target.
+                        states = Counter(t.state for t in study.get_trials(
+                            deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)))
+                        waiting = states[TrialState.WAITING]
+                        if not (states[TrialState.COMPLETE] + states[TrialState.RUNNING] < target or waiting > 0):
+                            break
                     trial = study.ask(distributions)
                     waiting = max(0, waiting - 1)
+                    if not self.local and spec.sampler == "grid" and self._taken(study, trial):
+                        # Two machines asked for the grid's last point at once: the sampler gave
+                        # this one a point another trial already runs. Nothing is left to ask.
+                        study.tell(trial, state=TrialState.FAIL)
+                        exhausted = True
+                        break
                     with self._lock:
                         self._beating[trial._trial_id] = time.time()
                     self.storage.record_heartbeat(trial._trial_id)
@@ -770,6 +857,13 @@ class Study:
         if best is None:
             raise OptimizerError(f"phase {phase.number} ({phase.title}) finished no trial")
         return PhaseOutcome(phase, dict(best.params), best.value, best.fitness, trials, reused)
+
+    @staticmethod
+    def _taken(study, trial) -> bool:
+        from optuna.trial import TrialState
+
+        return any(other.params == trial.params and other.number != trial.number
+                   for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
     def _wait_for_others(self, study) -> None:
         import optuna
@@ -1092,6 +1186,8 @@ def run(args, config: Config, argv: Sequence[str]) -> int:
     folder, resuming = prepare_run_dir(args.out)
     lock = FolderLock(folder)
     try:
+        if resuming:
+            check_resume(folder, config, settings)
         storage_url = settings.storage or f"sqlite:///{folder.resolve() / 'study.db'}"
         if storage is None:
             storage = open_storage(storage_url)
@@ -1110,6 +1206,11 @@ def run(args, config: Config, argv: Sequence[str]) -> int:
         started = time.perf_counter()
         context = build_context(config, console)
         install_context(context)
+        # The base configuration once in this process before the workers fork: it checks the set-up
+        # end to end, is the "before" the summary compares the winner with, and leaves the memos
+        # (entry candidates, quote paths) warm for every worker.
+        with console.status("baseline: the base configuration once…"):
+            baseline = evaluate({})
         executor = make_executor(settings, context)
         study = Study(storage, settings.study_name, settings.spec, local=settings.storage is None,
                       cash=config.backtest.cash)
@@ -1120,6 +1221,7 @@ def run(args, config: Config, argv: Sequence[str]) -> int:
             executor.close()
         results["seconds"] = time.perf_counter() - started
         results["executor"] = executor.name
+        results["baseline"] = baseline
         with console.status("writing the run folder…"):
             written = report.write_results(folder, config, settings, results)
         manifest.update(status="complete", finished=pd.Timestamp.now(tz="UTC").isoformat(),
@@ -1134,6 +1236,24 @@ def run(args, config: Config, argv: Sequence[str]) -> int:
     finally:
         lock.release()
     return 0
+
+
+def check_resume(folder, config: Config, settings: OptimizerSettings) -> None:
+    """A resumed run folder must be resumed with the search and the base configuration it was
+    started with: its study's trials would otherwise be mixed with (or taken for) trials of
+    another period or other settings. Checked before anything in the folder is rewritten."""
+    from core.report import to_json
+
+    manifest = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    now = json.loads(to_json({"search": settings.spec.fingerprint(),
+                              "walk_forward": None if settings.walk_forward is None else vars(settings.walk_forward)}))
+    changed = [f"{key.replace('_', '-')} settings" for key in now if manifest.get(key) != now[key]]
+    base = folder / "base_config.yaml"
+    if base.is_file() and Config.from_yaml(base).to_dict() != config.to_dict():
+        changed.append("base configuration (period or strategy settings)")
+    if changed:
+        raise OptimizerError(f"--out {folder}: this run folder was started with other {' and '.join(changed)}; "
+                             f"resume it with {manifest.get('resume_with', 'the same command')}, or give a new --out")
 
 
 def _resume_argv(argv: Sequence[str], folder) -> list[str]:

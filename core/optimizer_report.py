@@ -274,6 +274,10 @@ def write_results(folder: Path, config, settings, results: dict) -> dict:
         best = results["searches"][-1].best
         summary["in_sample"] = dict(best.metrics) if best is not None else {}
         summary["in_sample"]["fitness"] = best.fitness if best is not None else None
+    baseline = results.get("baseline")
+    if baseline is not None and not baseline.get("error"):
+        summary["baseline"] = dict(baseline["metrics"])
+        summary["baseline"]["fitness"] = _fitness_of(baseline["metrics"], settings.spec, cash)
     results["summary"] = summary
     put("results.json", to_json(summary))
     images = {
@@ -287,6 +291,12 @@ def write_results(folder: Path, config, settings, results: dict) -> dict:
         put(name, data)
     put("summary.html", summary_html(config, settings, results, phases, stats, walk, images))
     return written
+
+
+def _fitness_of(metrics: dict, spec, cash: float):
+    from core.optimizer import fitness
+
+    return fitness(metrics, spec.objective, spec.min_trades, cash)
 
 
 def _table_html(frame: pd.DataFrame | None, floats: str = "{:,.4g}") -> str:
@@ -332,10 +342,13 @@ def summary_html(config, settings, results: dict, phases: pd.DataFrame, stats: p
         if results.get("walk_forward_note"):
             parts.append(f"<p class='note'>{esc(results['walk_forward_note'])}</p>")
     else:
+        rows = [{"run": "best (in-sample)", **summary.get("in_sample", {})}]
+        if "baseline" in summary:
+            rows.append({"run": "base configuration", **summary["baseline"]})
         parts += ["<h2>In-sample metrics of the best configuration</h2>",
                   "<p class='note'>These are in-sample: the same history chose the settings. Use --walk-forward "
                   "for out-of-sample figures.</p>",
-                  _table_html(pd.DataFrame([summary.get("in_sample", {})]))]
+                  _table_html(pd.DataFrame(rows))]
     parts += ["<h2>Overfitting statistics</h2>",
               "<p>DSR: probability that the chosen configuration's true Sharpe ratio is above zero after allowing for "
               "the number of trials tried (Bailey &amp; López de Prado 2014). PBO: share of combinatorially symmetric "
@@ -377,6 +390,11 @@ def print_summary(console, settings, results: dict, written: dict) -> None:
         console.print(f"in-sample (the period that chose it): net {_fmt(ins.get('net_profit'))}, max drawdown "
                       f"{_fmt(ins.get('max_drawdown'))}, trades {ins.get('trade_count')}, fitness "
                       f"{_fmt(ins.get('fitness'))}")
+    if "baseline" in summary:
+        base = summary["baseline"]
+        console.print(f"base configuration (before the search): net {_fmt(base.get('net_profit'))}, max drawdown "
+                      f"{_fmt(base.get('max_drawdown'))}, trades {base.get('trade_count')}, fitness "
+                      f"{_fmt(base.get('fitness'))}")
     console.print(f"DSR {_fmt(stats.get('dsr'))}, PBO {_fmt(stats.get('pbo'))} over {stats.get('n_trials', 0)} trials; "
                   f"{results['trial_count']:,} trials, {results['trials_per_second']:.2f} trials/s "
                   f"({results['executor']}); chains are SYNTHETIC")
