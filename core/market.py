@@ -171,19 +171,23 @@ class BarWindow:
                            "bars": self.stop - self.start}}
 
 
-class QuotePathMemo:
-    """Another source with its ``quote_contracts`` answers kept: a later request for the same
-    contracts inside a range already priced is a slice of it, and one overlapping it extends it.
-    For many runs over one market (an optimizer's trials open the same condors at the same bars
-    again and again). Every bar's quotes are priced independently of the range asked for, so a
-    slice is bitwise what a fresh request gives. Least recently used paths go beyond
-    ``max_bytes``."""
+class MarketMemo:
+    """Another source with its chain slices and ``quote_contracts`` answers kept, for many runs
+    over one market (an optimizer's trials slice the same chains and open the same condors at
+    the same bars again and again). A chain slice asked for again is the same object; a quote
+    request for contracts inside a range already priced is a slice of it, and one overlapping it
+    extends it. Every bar's quotes are priced independently of the range asked for, so a slice
+    is bitwise what a fresh request gives. Least recently used entries go beyond ``max_bytes``
+    (paths) and ``max_slice_bytes`` (chain slices)."""
 
-    def __init__(self, market: MarketData, max_bytes: int = 256 * 2**20):
+    def __init__(self, market: MarketData, max_bytes: int = 256 * 2**20, max_slice_bytes: int = 256 * 2**20):
         self.market = market
         self.max_bytes = int(max_bytes)
+        self.max_slice_bytes = int(max_slice_bytes)
         self._paths: dict = {}
         self._bytes = 0
+        self._slices: dict = {}
+        self._slice_bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -212,7 +216,18 @@ class QuotePathMemo:
         return self.market.expirations_at(bar, dte_min, dte_max)
 
     def slice_at(self, bar: int, dte_min: int | None = None, dte_max: int | None = None, expiry=None) -> Any:
-        return self.market.slice_at(bar, dte_min, dte_max, expiry)
+        key = (bar, dte_min, dte_max, None if expiry is None else str(expiry))
+        chain = self._slices.pop(key, None)
+        if chain is not None:
+            self._slices[key] = chain
+            return chain
+        chain = self.market.slice_at(bar, dte_min, dte_max, expiry)
+        size = _nbytes(chain)
+        self._slices[key] = chain
+        self._slice_bytes += size
+        while self._slice_bytes > self.max_slice_bytes and len(self._slices) > 1:
+            self._slice_bytes -= _nbytes(self._slices.pop(next(iter(self._slices))))
+        return chain
 
     def quote_structures(self, bar: int, expirations: np.ndarray, strikes: np.ndarray) -> Any:
         return self.market.quote_structures(bar, expirations, strikes)
@@ -258,3 +273,14 @@ class QuotePathMemo:
         if lo == 0 and hi == len(path.spot):
             return path
         return type(path)(bar_start, *(getattr(path, name)[lo:hi] for name in cls._FIELDS))
+
+
+def _nbytes(value) -> int:
+    """Bytes of the arrays a (dataclass) value holds."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        items = (getattr(value, f.name) for f in dataclasses.fields(value))
+    else:
+        items = vars(value).values() if hasattr(value, "__dict__") else ()
+    return sum(item.nbytes for item in items if isinstance(item, np.ndarray))

@@ -12,9 +12,11 @@ order (so ``--samples N`` is a fair sample), its TPE sampler does the wider sear
 RDB storage (SQLite in the run folder, or any URL such as PostgreSQL) makes a study resumable and
 shareable between machines, with heartbeats to recover trials of a machine that died.
 
-Shared work: the market and the feature tables are built once in the parent and inherited by the
-process pool's workers (fork), or put once into Ray's object store; a trial that changes only the
-fuzzy weights re-blends the cached table (``core.market_data.bar_features``).
+Shared work: the market, μ_Mamba and the feature tables are built once in the parent and
+inherited by the process pool's workers (fork); Ray gets the market and μ_Mamba through its object
+store once and each Ray worker builds its feature tables once. A trial that changes only the fuzzy
+weights re-blends the cached table (``core.market_data.bar_features``); entry candidates, chain
+slices and quote paths are kept per worker (``candidate_memo``, ``core.market.MarketMemo``).
 
 Usage: ``python core/optimizer.py --samples 100`` or ``python core/main.py --mode optimize …``
 (see ``add_arguments`` for every flag).
@@ -339,18 +341,18 @@ class WorkerContext:
 
 
 _CONTEXT: WorkerContext | None = None
-_QUOTES = None                             # this process's QuotePathMemo over the context's market
+_QUOTES = None                             # this process's MarketMemo over the context's market
 
 
 def install_context(context: WorkerContext) -> None:
     """Make ``context`` this process's trial context (the parent before forking its pool; a Ray
     worker on its first task)."""
     global _CONTEXT, _QUOTES
-    from core.market import QuotePathMemo
+    from core.market import MarketMemo
     from core.market_data import remember_neural
 
     _CONTEXT = context
-    _QUOTES = QuotePathMemo(context.market)
+    _QUOTES = MarketMemo(context.market)
     if context.neural is not None:
         remember_neural(context.config, context.market, *context.neural)
 
@@ -377,7 +379,7 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     features = bar_features(config, market)
     candidates = candidate_memo(config, market, features)
     # Trials open the same condors at the same bars again and again: their quote paths are
-    # priced once per process (QuotePathMemo), the rest of the contract goes to the market.
+    # priced once per process (MarketMemo), the rest of the contract goes to the market.
     market = _QUOTES
     if window is not None:
         market = BarWindow(market, *window)
@@ -390,6 +392,7 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     outcome = {"metrics": metrics, "returns": returns, "seconds": time.perf_counter() - started, "error": None}
     if with_equity:
         outcome["equity"] = closes
+        outcome["trades"] = result.trades
     return outcome
 
 
@@ -754,11 +757,13 @@ class Study:
                                  f"--min-trades/--seed, or use another --study-name")
         return study
 
-    def recover(self, study) -> int:
+    def recover(self, study, phase: Phase) -> int:
         """Trials left running by a process that died: with the run folder's own database every
         running trial is such a trial (this process holds the folder's lock); with a shared
-        database, those whose heartbeat stopped. Each is failed and its parameters queued again,
-        so its grid point still runs. Returns how many."""
+        database, those whose heartbeat stopped. Each is failed and queued again, so its grid
+        point still runs: a grid trial by its grid point (the process may have died before all its
+        parameters were written), another by its parameters when it has them all. Returns how
+        many."""
         import optuna
         from optuna.trial import TrialState
 
@@ -771,7 +776,12 @@ class Study:
             optuna.storages.fail_stale_trials(study)
             stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number not in before]
         for trial in stale:
-            if trial.params and not trial.system_attrs.get("requeued"):
+            if "grid_id" in trial.system_attrs and "search_space" in trial.system_attrs:
+                # GridSampler gives a waiting trial that carries a grid id that grid point.
+                study.add_trial(optuna.trial.create_trial(
+                    state=TrialState.WAITING, user_attrs={"requeued_from": trial.number},
+                    system_attrs={key: trial.system_attrs[key] for key in ("grid_id", "search_space")}))
+            elif set(trial.params) == {parameter.path for parameter in phase.parameters}:
                 study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
         return len(stale)
 
@@ -784,11 +794,32 @@ class Study:
 
         spec = self.spec
         study = self.open(window, phase)
-        self.recover(study)
+        reused = None
+        while True:
+            reused = self._run_missing(study, phase, base, window, executor, on_trial, reused)
+            # Trials other machines still run: wait for them; those of a machine that stopped
+            # beating are failed and queued again, and this machine runs them.
+            if not self._wait_for_others(study, phase):
+                break
+        trials = [self._record_from_frozen(window, phase, t)
+                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        best = _best_record(trials)
+        if best is None:
+            raise OptimizerError(f"phase {phase.number} ({phase.title}) finished no trial")
+        return PhaseOutcome(phase, dict(best.params), best.value, best.fitness, trials, reused)
+
+    def _run_missing(self, study, phase: Phase, base: Mapping[str, Any], window: Window | None, executor,
+                     on_trial, reused: int | None) -> int:
+        """Ask and run trials until the phase has its target (counting what is finished and what
+        other machines run); returns the count of trials found finished the first time."""
+        from optuna.trial import TrialState
+
+        spec = self.spec
+        self.recover(study, phase)
         target = spec.trials_in(phase)
         distributions = _distributions(phase, spec.sampler)
         complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        reused = complete
+        reused = complete if reused is None else reused
         others = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         in_flight: dict[futures.Future, Any] = {}
@@ -850,13 +881,7 @@ class Study:
             for future in in_flight:
                 future.cancel()
             raise
-        self._wait_for_others(study)
-        trials = [self._record_from_frozen(window, phase, t)
-                  for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        best = _best_record(trials)
-        if best is None:
-            raise OptimizerError(f"phase {phase.number} ({phase.title}) finished no trial")
-        return PhaseOutcome(phase, dict(best.params), best.value, best.fitness, trials, reused)
+        return reused
 
     @staticmethod
     def _taken(study, trial) -> bool:
@@ -865,13 +890,16 @@ class Study:
         return any(other.params == trial.params and other.number != trial.number
                    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
-    def _wait_for_others(self, study) -> None:
-        import optuna
+    def _wait_for_others(self, study, phase: Phase) -> bool:
+        """Wait until no trial of the phase runs anywhere; True when some were a stopped
+        machine's and were queued again (to be run here)."""
         from optuna.trial import TrialState
 
         while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            optuna.storages.fail_stale_trials(study)
+            if self.recover(study, phase):
+                return True
             time.sleep(2.0)
+        return False
 
     @staticmethod
     def _record(window, phase, number, params, value, fit, outcome) -> TrialRecord:
@@ -1183,6 +1211,18 @@ def run(args, config: Config, argv: Sequence[str]) -> int:
 
     # A shared database is checked before the folder is made, so a bad URL leaves nothing behind.
     storage = open_storage(settings.storage) if settings.storage else None
+    # So are the data (a period outside it; the market is cached for build_context) and a
+    # checkpoint given with --mamba-model (refused as in the backtest mode, not run as neutral).
+    from core.market_data import load_configured_forecaster, load_market, uses_neural
+
+    with console.status(f"loading {config.backtest.start} … {config.backtest.end}…"):
+        load_market(config)
+    forecaster = None
+    if getattr(args, "mamba_model", None) is not None and uses_neural(config):
+        forecaster = load_configured_forecaster(
+            config, explicit=True, check_size=tuple(name for name, flag in (("d_model", args.mamba_d_model),
+                                                                            ("n_layers", args.mamba_layers))
+                                                    if flag is not None))
     folder, resuming = prepare_run_dir(args.out)
     lock = FolderLock(folder)
     try:
@@ -1204,7 +1244,7 @@ def run(args, config: Config, argv: Sequence[str]) -> int:
         write_json_atomic(manifest_path, manifest)
         config.to_yaml(folder / "base_config.yaml")
         started = time.perf_counter()
-        context = build_context(config, console)
+        context = build_context(config, console, forecaster)
         install_context(context)
         # The base configuration once in this process before the workers fork: it checks the set-up
         # end to end, is the "before" the summary compares the winner with, and leaves the memos
@@ -1271,7 +1311,7 @@ def _resume_argv(argv: Sequence[str], folder) -> list[str]:
     return [*out, "--out", str(folder)]
 
 
-def build_context(config: Config, console) -> WorkerContext:
+def build_context(config: Config, console, forecaster=None) -> WorkerContext:
     """The market, μ_Mamba (with a progress bar: minutes on a CPU) and the base feature table,
     built once here; the workers inherit them."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -1286,7 +1326,7 @@ def build_context(config: Config, console) -> WorkerContext:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
             task = progress.add_task("DeepMamba forecasts (once for every trial)", total=len(market.bar_times))
-            values, description = neural_per_bar(config, market,
+            values, description = neural_per_bar(config, market, forecaster,
                                                  progress=lambda done, total: progress.update(task, completed=done,
                                                                                               total=total))
         neural = (values, description) if values is not None else None
@@ -1344,7 +1384,7 @@ def execute(settings: OptimizerSettings, context: WorkerContext, study: Study, e
             searches.append(search)
             if out_of_sample is not None:
                 best = search.best
-                outcome = executor.submit(search.overrides, (out_of_sample.start, out_of_sample.stop)).result()
+                outcome = executor.submit(search.overrides, (out_of_sample.start, out_of_sample.stop), True).result()
                 fit = None if outcome["error"] else fitness(outcome["metrics"], spec.objective, 0, config.backtest.cash)
                 oos_returns.append(outcome["returns"])
                 walk_rows.append({
@@ -1360,6 +1400,7 @@ def execute(settings: OptimizerSettings, context: WorkerContext, study: Study, e
                     "is_sessions": _window_sessions(context.market.bar_times, in_sample),
                     "oos_sessions": _window_sessions(context.market.bar_times, out_of_sample),
                     "choice": dict(search.overrides),
+                    "oos_trades_frame": outcome.get("trades"),
                 })
     wall = time.perf_counter() - wall_started
     final = searches[-1]

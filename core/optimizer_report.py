@@ -62,7 +62,8 @@ def phases_frame(results: dict) -> pd.DataFrame:
 
 
 def walk_forward_frame(results: dict) -> pd.DataFrame:
-    rows = [{k: v for k, v in row.items() if not k.endswith(("_returns", "_sessions")) and k != "choice"}
+    rows = [{k: v for k, v in row.items()
+             if not k.endswith(("_returns", "_sessions", "_frame")) and k != "choice"}
             | {f"choice.{k}": v for k, v in row["choice"].items()} for row in results["walk_forward"]]
     return pd.DataFrame(rows)
 
@@ -265,6 +266,18 @@ def write_results(folder: Path, config, settings, results: dict) -> dict:
                "trials": results["trial_count"], "new_trials": results["new_trials"],
                "seconds": results["seconds"], "trials_per_second": results["trials_per_second"],
                "executor": results["executor"], "statistics": stats.to_dict(orient="records")}
+    # trades.csv: the trades of the optimizer's choice — out of sample, window by window, under
+    # walk-forward (what trading the method would have done); else the best configuration's
+    # trades over the period that chose it (in-sample).
+    chosen_trades = None
+    if walk is not None:
+        frames = [row["oos_trades_frame"].assign(window=row["window"]) for row in results["walk_forward"]
+                  if row.get("oos_trades_frame") is not None]
+        chosen_trades = pd.concat(frames, ignore_index=True) if frames else None
+    elif results.get("best_equity") is not None:
+        chosen_trades = results["best_equity"].get("trades")
+    if chosen_trades is not None:
+        put("trades.csv", chosen_trades.to_csv(index=False))
     if walk is not None:
         put("walk_forward.csv", walk.to_csv(index=False))
         put("oos_equity.csv", stitched.rename_axis("session").reset_index().to_csv(index=False))

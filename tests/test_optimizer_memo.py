@@ -14,7 +14,7 @@ import core.optimizer as optimizer
 from core.backtest_engine import run_backtest
 from core.config import Config
 from core.engine import CandidateMemo
-from core.market import BarWindow, QuotePathMemo
+from core.market import BarWindow, MarketMemo
 from core.market_data import bar_features, load_market
 
 BASE = Config().override({
@@ -55,7 +55,7 @@ def market():
 
 
 def test_trials_through_the_memos_equal_fresh_standalone_runs(market):
-    memo_quotes = QuotePathMemo(market)
+    memo_quotes = MarketMemo(market)
     runs = []
     for overrides in TRIALS:
         config = BASE.override(overrides)
@@ -81,7 +81,7 @@ def test_the_per_bar_driver_through_the_memos_gives_the_same_trades(market):
     memo = optimizer.candidate_memo(config, market, features)
     warm = run_backtest(config.override({"backtest.engine": "fast"}), market, features=features, candidates=memo)
     assert len(memo.by_time) > 0
-    through_memo = run_backtest(config, QuotePathMemo(market), features=features, candidates=memo)
+    through_memo = run_backtest(config, MarketMemo(market), features=features, candidates=memo)
     pd.testing.assert_frame_equal(through_memo.trades, warm.trades)
     assert through_memo.rejections == warm.rejections
 
@@ -116,7 +116,7 @@ def test_memos_are_keyed_by_what_a_candidate_reads(market):
 
 
 def test_quote_path_memo_slices_are_what_a_fresh_request_gives(market):
-    memo = QuotePathMemo(market)
+    memo = MarketMemo(market)
     bar = 2_000
     expiry = market.expirations_at(bar, 20, 45)[0]
     chain = market.slice_at(bar, 20, 45, expiry=expiry)
@@ -139,7 +139,7 @@ def test_a_window_of_the_memo_market_equals_a_window_of_the_market(market):
     features = bar_features(config, market)
     window = (n // 3, n)
     plain = run_backtest(config, BarWindow(market, *window), features=features.window(*window))
-    memo = run_backtest(config, BarWindow(QuotePathMemo(market), *window), features=features.window(*window),
+    memo = run_backtest(config, BarWindow(MarketMemo(market), *window), features=features.window(*window),
                         candidates=optimizer.candidate_memo(config, market, features))
     _same_run(memo, plain)
     assert len(plain.trades) > 0
