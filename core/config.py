@@ -850,6 +850,10 @@ class Config(BaseModel):
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
                 temp_file.write(text)
+            # mkstemp makes the file private (0600); the user's umask decides, as for any file.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temp_name, 0o666 & ~umask)
             os.replace(temp_name, path)
         except BaseException:
             Path(temp_name).unlink(missing_ok=True)

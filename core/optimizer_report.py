@@ -341,7 +341,8 @@ def summary_html(config, settings, results: dict, phases: pd.DataFrame, stats: p
         "<p class='note'>Option chains and intraday bars are SYNTHETIC (Black–Scholes on a VIX-anchored surface); "
         "fills are bid/ask-aware with fees. A winner chosen from many trials is biased upwards: read the deflated "
         "Sharpe ratio and PBO below before trusting it.</p>",
-        "<h2>Best configuration</h2>",
+        "<h2>Configuration to trade next: the last window's choice</h2>" if results["walk_forward"]
+        else "<h2>Best configuration</h2>",
         _table_html(pd.DataFrame([{"setting": k, "value": _short(v)} for k, v in results["best_overrides"].items()])),
         "<p>Saved as <code>best_config.yaml</code>: <code>python core/main.py --config best_config.yaml</code></p>",
     ]
