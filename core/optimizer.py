@@ -1361,7 +1361,7 @@ def execute(settings: OptimizerSettings, context: WorkerContext, study: Study, e
     trial_seconds = 0.0
     wall_started = time.perf_counter()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} trials"),
-                  _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
+                  _rate_column(), TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:
         tasks: dict = {}
 
         def on_phase(window, phase):
@@ -1429,19 +1429,18 @@ def _window_sessions(bar_times: pd.DatetimeIndex, window: Window | None) -> pd.D
     return pd.DatetimeIndex(pd.unique(times.tz_localize(None).normalize()))
 
 
-class _RateColumn:
-    """Trials per second over the task so far (rich's own speed column shows bytes)."""
+def _rate_column():
+    """A rich progress column: trials per second over the task so far (rich's own speed column
+    shows bytes). Built on first use so that importing this module does not import rich."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
 
-    def __new__(cls):
-        from rich.progress import ProgressColumn
-        from rich.text import Text
+    class RateColumn(ProgressColumn):
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            return Text("  … /s" if speed is None else f"{speed:5.1f}/s")
 
-        class RateColumn(ProgressColumn):
-            def render(self, task):
-                speed = task.finished_speed or task.speed
-                return Text("  … /s" if speed is None else f"{speed:5.1f}/s")
-
-        return RateColumn()
+    return RateColumn()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -347,6 +347,13 @@ def summary_html(config, settings, results: dict, phases: pd.DataFrame, stats: p
         "<p>Saved as <code>best_config.yaml</code>: <code>python core/main.py --config best_config.yaml</code></p>",
     ]
     summary = results.get("summary", {})
+    for search in results["searches"]:
+        best = search.best
+        if best is not None and best.fitness is None:
+            where = "" if search.window is None else f" in {esc(search.window.label)}"
+            parts.append(f"<p class='note'>No configuration{where} reached the minimum of {spec.min_trades} trades "
+                         f"(the most was {best.metrics.get('trade_count')}): the choice is the one with the most "
+                         f"trades, not a fitness winner. Give a longer period or a lower --min-trades.</p>")
     if walk is not None:
         parts += ["<h2>Walk-forward: in-sample vs out-of-sample</h2>",
                   _table_html(walk[[c for c in walk.columns if not c.startswith("choice.")]]),
@@ -409,6 +416,13 @@ def print_summary(console, settings, results: dict, written: dict) -> None:
         console.print(f"base configuration (before the search): net {_fmt(base.get('net_profit'))}, max drawdown "
                       f"{_fmt(base.get('max_drawdown'))}, trades {base.get('trade_count')}, fitness "
                       f"{_fmt(base.get('fitness'))}")
+    for search in results["searches"]:
+        best = search.best
+        if best is not None and best.fitness is None:
+            where = "" if search.window is None else f" in {search.window.label}"
+            console.print(f"[bold yellow]no configuration{where} reached --min-trades {settings.spec.min_trades} "
+                          f"(the most was {best.metrics.get('trade_count')}): the choice is the one with the most "
+                          f"trades, not a fitness winner; give a longer period or a lower --min-trades[/bold yellow]")
     console.print(f"DSR {_fmt(stats.get('dsr'))}, PBO {_fmt(stats.get('pbo'))} over {stats.get('n_trials', 0)} trials; "
                   f"{results['trial_count']:,} trials, {results['trials_per_second']:.2f} trials/s "
                   f"({results['executor']}); chains are SYNTHETIC")
