@@ -75,8 +75,13 @@ def daily_returns(equity: pd.Series, starting_cash: float) -> pd.Series:
     """Simple returns between the last equity of consecutive exchange sessions; the first session
     is measured against ``starting_cash``. Indexed by session date."""
     equity = _check_equity(equity)
-    session_dates = equity.index.tz_convert(_EXCHANGE_TZ).date
-    session_close = equity.groupby(session_dates).last()
+    # The last bar of each session, found on integer day keys: the index is sorted and every
+    # value finite (checked above), so this is groupby(date).last() without building a Python
+    # date per bar (the optimizer calls it for every trial).
+    day_ns = equity.index.tz_convert(_EXCHANGE_TZ).tz_localize(None).normalize().as_unit("ns").asi8
+    last = np.flatnonzero(np.r_[day_ns[1:] != day_ns[:-1], True])
+    dates = pd.DatetimeIndex(day_ns[last]).date
+    session_close = pd.Series(equity.to_numpy()[last], index=pd.Index(dates, dtype=object), name=equity.name)
     previous = session_close.shift(1)
     previous.iloc[0] = float(starting_cash)
     return session_close / previous - 1.0

@@ -363,6 +363,7 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     its bars [start, stop)). Returns its metrics, daily returns (one per session of the range),
     the seconds it took and, on request, the daily closing equity; ``error`` for an invalid
     combination of settings."""
+    from analytics.performance import daily_returns
     from core.backtest_engine import run_backtest
     from core.market import BarWindow
     from core.market_data import bar_features
@@ -386,12 +387,11 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
         features = features.window(*window)
     result = run_backtest(config, market, features=features, candidates=candidates)
     equity = result.equity["equity"]
-    closes = _session_closes(equity)
-    returns = closes / np.r_[config.backtest.cash, closes[:-1]] - 1.0
+    returns = daily_returns(equity, config.backtest.cash).to_numpy(dtype=np.float64)
     metrics = {name: result.metrics.get(name) for name in METRIC_COLUMNS}
     outcome = {"metrics": metrics, "returns": returns, "seconds": time.perf_counter() - started, "error": None}
     if with_equity:
-        outcome["equity"] = closes
+        outcome["equity"] = _session_closes(equity)
         outcome["trades"] = result.trades
     return outcome
 
@@ -404,6 +404,7 @@ GATE_ONLY_FILTERS = frozenset({"iv_rank_min", "vix_threshold", "use_vix_gate", "
 CANDIDATE_FEATURES = ("regime", "skew_reference", "divergence_bias", "realized_vol")
 _MEMO_SIZE = 32
 _memos: dict = {}
+_digests: dict = {}                         # ids of candidate columns -> (the columns, their digest)
 
 
 def candidate_memo(config: Config, market, features):
@@ -420,13 +421,21 @@ def candidate_memo(config: Config, market, features):
     settings = json.dumps([config.strategy.model_dump(), filters, config.regime.model_dump(),
                            config.backtest.fill_model, config.backtest.fill_spread_fraction], sort_keys=True,
                           default=str)
-    digest = hashlib.blake2b(digest_size=16)
-    for name in CANDIDATE_FEATURES:
-        column = features.columns.get(name)
-        digest.update(name.encode())
-        if column is not None:
-            digest.update(np.ascontiguousarray(column).tobytes())
-    key = (id(market), digest.hexdigest(), settings)
+    columns = tuple(features.columns.get(name) for name in CANDIDATE_FEATURES)
+    ids = tuple(id(column) for column in columns)
+    known = _digests.pop(ids, None)
+    if known is None:
+        digest = hashlib.blake2b(digest_size=16)
+        for name, column in zip(CANDIDATE_FEATURES, columns):
+            digest.update(name.encode())
+            if column is not None:
+                digest.update(np.ascontiguousarray(column).tobytes())
+        # The columns are kept with their digest, so their ids are not reused while it is known.
+        known = (columns, digest.hexdigest())
+    _digests[ids] = known
+    while len(_digests) > _MEMO_SIZE:
+        _digests.pop(next(iter(_digests)))
+    key = (id(market), known[1], settings)
     memo = _memos.pop(key, None)
     if memo is None:
         # The memo holds the market whose id is in its key, so the id is never reused for other
