@@ -354,6 +354,8 @@ def summary_html(config, settings, results: dict, phases: pd.DataFrame, stats: p
             parts.append(f"<p class='note'>No configuration{where} reached the minimum of {spec.min_trades} trades "
                          f"(the most was {best.metrics.get('trade_count')}): the choice is the one with the most "
                          f"trades, not a fitness winner. Give a longer period or a lower --min-trades.</p>")
+    for note in flat_phases(results):
+        parts.append(f"<p class='note'>{esc(note)}</p>")
     if walk is not None:
         parts += ["<h2>Walk-forward: in-sample vs out-of-sample</h2>",
                   _table_html(walk[[c for c in walk.columns if not c.startswith("choice.")]]),
@@ -390,6 +392,21 @@ def summary_html(config, settings, results: dict, phases: pd.DataFrame, stats: p
     return "\n".join(parts)
 
 
+def flat_phases(results: dict) -> list[str]:
+    """Phases whose trials all gave the same value: their settings did not act on this data (for
+    example the fuzzy weights when the risk budget caps every trade at one condor)."""
+    notes = []
+    for search in results["searches"]:
+        for outcome in search.phases:
+            values = {round(t.value, 12) for t in outcome.trials}
+            if len(outcome.trials) > 1 and len(values) == 1:
+                where = "" if search.window is None else f"{search.window.label}: "
+                notes.append(f"{where}phase {outcome.phase.number} ({outcome.phase.title}): all "
+                             f"{len(outcome.trials)} trials gave the same result, so its settings did not act here "
+                             f"(the earliest trial is kept)")
+    return notes
+
+
 def print_summary(console, settings, results: dict, written: dict) -> None:
     from rich.table import Table
 
@@ -416,6 +433,8 @@ def print_summary(console, settings, results: dict, written: dict) -> None:
         console.print(f"base configuration (before the search): net {_fmt(base.get('net_profit'))}, max drawdown "
                       f"{_fmt(base.get('max_drawdown'))}, trades {base.get('trade_count')}, fitness "
                       f"{_fmt(base.get('fitness'))}")
+    for note in flat_phases(results):
+        console.print(f"[yellow]{note}[/yellow]")
     for search in results["searches"]:
         best = search.best
         if best is not None and best.fitness is None:

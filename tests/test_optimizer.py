@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from core.optimizer import (
     INFEASIBLE,
+    SEED_PHASES,
     Parameter,
     Phase,
     PhaseOutcome,
@@ -653,3 +654,17 @@ def test_a_trial_cut_off_while_being_asked_is_run_whole_on_resume(tmp_path, writ
     assert len(again_for_cut) == 1
     assert set(again_for_cut[0].params) == {p.path for p in phase.parameters}
     assert outcome.overrides == max(complete, key=lambda t: (t.value, -t.number)).params
+
+
+def test_a_phase_whose_trials_all_tie_is_named():
+    from core.optimizer_report import flat_phases
+
+    def record(number, value):
+        return TrialRecord("full", 6, number, {"fuzzy.fuzzy_weight_rsi": 0.05 * number}, value, value,
+                           {"trade_count": 30}, np.zeros(3), 0.0)
+
+    phases = SEED_PHASES
+    tied = PhaseOutcome(phases[5], {}, 0.4, 0.4, [record(n, 0.4) for n in range(3)])
+    moving = PhaseOutcome(phases[0], {}, 0.5, 0.5, [record(0, 0.4), record(1, 0.5)])
+    notes = flat_phases({"searches": [SearchOutcome(None, {}, [moving, tied])]})
+    assert len(notes) == 1 and "phase 6" in notes[0] and "all 3 trials" in notes[0]
