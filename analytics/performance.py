@@ -71,9 +71,8 @@ def drawdown_series(equity: pd.Series, starting_cash: float | None = None) -> pd
     return pd.DataFrame({"peak": peak, "drawdown": drawdown, "drawdown_pct": drawdown / peak * 100.0})
 
 
-def daily_returns(equity: pd.Series, starting_cash: float) -> pd.Series:
-    """Simple returns between the last equity of consecutive exchange sessions; the first session
-    is measured against ``starting_cash``. Indexed by session date."""
+def session_closes(equity: pd.Series) -> pd.Series:
+    """The last equity of each exchange session, indexed by session date."""
     equity = _check_equity(equity)
     # The last bar of each session, found on integer day keys: the index is sorted and every
     # value finite (checked above), so this is groupby(date).last() without building a Python
@@ -81,7 +80,13 @@ def daily_returns(equity: pd.Series, starting_cash: float) -> pd.Series:
     day_ns = equity.index.tz_convert(_EXCHANGE_TZ).tz_localize(None).normalize().as_unit("ns").asi8
     last = np.flatnonzero(np.r_[day_ns[1:] != day_ns[:-1], True])
     dates = pd.DatetimeIndex(day_ns[last]).date
-    session_close = pd.Series(equity.to_numpy()[last], index=pd.Index(dates, dtype=object), name=equity.name)
+    return pd.Series(equity.to_numpy()[last], index=pd.Index(dates, dtype=object), name=equity.name)
+
+
+def daily_returns(equity: pd.Series, starting_cash: float) -> pd.Series:
+    """Simple returns between the last equity of consecutive exchange sessions; the first session
+    is measured against ``starting_cash``. Indexed by session date."""
+    session_close = session_closes(equity)
     previous = session_close.shift(1)
     previous.iloc[0] = float(starting_cash)
     return session_close / previous - 1.0

@@ -363,7 +363,7 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     its bars [start, stop)). Returns its metrics, daily returns (one per session of the range),
     the seconds it took and, on request, the daily closing equity; ``error`` for an invalid
     combination of settings."""
-    from analytics.performance import daily_returns
+    from analytics.performance import daily_returns, session_closes
     from core.backtest_engine import run_backtest
     from core.market import BarWindow
     from core.market_data import bar_features
@@ -391,7 +391,7 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     metrics = {name: result.metrics.get(name) for name in METRIC_COLUMNS}
     outcome = {"metrics": metrics, "returns": returns, "seconds": time.perf_counter() - started, "error": None}
     if with_equity:
-        outcome["equity"] = _session_closes(equity)
+        outcome["equity"] = session_closes(equity).to_numpy(dtype=np.float64)
         outcome["trades"] = result.trades
     return outcome
 
@@ -445,12 +445,6 @@ def candidate_memo(config: Config, market, features):
     while len(_memos) > _MEMO_SIZE:
         _memos.pop(next(iter(_memos)))
     return memo
-
-
-def _session_closes(equity: pd.Series) -> np.ndarray:
-    days = equity.index.tz_convert("America/New_York").tz_localize(None).normalize().asi8
-    last = np.r_[days[1:] != days[:-1], True]
-    return equity.to_numpy(dtype=np.float64)[last]
 
 
 METRIC_COLUMNS = ("net_profit", "max_drawdown", "max_drawdown_pct", "total_return_pct", "cagr_pct", "sharpe",

@@ -347,14 +347,7 @@ def summary_html(config, settings, results: dict, phases: pd.DataFrame, stats: p
         "<p>Saved as <code>best_config.yaml</code>: <code>python core/main.py --config best_config.yaml</code></p>",
     ]
     summary = results.get("summary", {})
-    for search in results["searches"]:
-        best = search.best
-        if best is not None and best.fitness is None:
-            where = "" if search.window is None else f" in {esc(search.window.label)}"
-            parts.append(f"<p class='note'>No configuration{where} reached the minimum of {spec.min_trades} trades "
-                         f"(the most was {best.metrics.get('trade_count')}): the choice is the one with the most "
-                         f"trades, not a fitness winner. Give a longer period or a lower --min-trades.</p>")
-    for note in flat_phases(results):
+    for note in infeasible_choices(results, spec.min_trades) + flat_phases(results):
         parts.append(f"<p class='note'>{esc(note)}</p>")
     if walk is not None:
         parts += ["<h2>Walk-forward: in-sample vs out-of-sample</h2>",
@@ -407,6 +400,20 @@ def flat_phases(results: dict) -> list[str]:
     return notes
 
 
+def infeasible_choices(results: dict, min_trades: int) -> list[str]:
+    """Searches where no configuration reached the minimum trade count: their choice is the one
+    with the most trades, not a fitness winner."""
+    notes = []
+    for search in results["searches"]:
+        best = search.best
+        if best is not None and best.fitness is None:
+            where = "" if search.window is None else f" in {search.window.label}"
+            notes.append(f"no configuration{where} reached --min-trades {min_trades} (the most was "
+                         f"{best.metrics.get('trade_count')}): the choice is the one with the most trades, not a "
+                         f"fitness winner; give a longer period or a lower --min-trades")
+    return notes
+
+
 def print_summary(console, settings, results: dict, written: dict) -> None:
     from rich.table import Table
 
@@ -433,15 +440,8 @@ def print_summary(console, settings, results: dict, written: dict) -> None:
         console.print(f"base configuration (before the search): net {_fmt(base.get('net_profit'))}, max drawdown "
                       f"{_fmt(base.get('max_drawdown'))}, trades {base.get('trade_count')}, fitness "
                       f"{_fmt(base.get('fitness'))}")
-    for note in flat_phases(results):
-        console.print(f"[yellow]{note}[/yellow]")
-    for search in results["searches"]:
-        best = search.best
-        if best is not None and best.fitness is None:
-            where = "" if search.window is None else f" in {search.window.label}"
-            console.print(f"[bold yellow]no configuration{where} reached --min-trades {settings.spec.min_trades} "
-                          f"(the most was {best.metrics.get('trade_count')}): the choice is the one with the most "
-                          f"trades, not a fitness winner; give a longer period or a lower --min-trades[/bold yellow]")
+    for note in infeasible_choices(results, settings.spec.min_trades) + flat_phases(results):
+        console.print(f"[bold yellow]{note}[/bold yellow]")
     console.print(f"DSR {_fmt(stats.get('dsr'))}, PBO {_fmt(stats.get('pbo'))} over {stats.get('n_trials', 0)} trials; "
                   f"{results['trial_count']:,} trials, {results['trials_per_second']:.2f} trials/s "
                   f"({results['executor']}); chains are SYNTHETIC")
