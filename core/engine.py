@@ -138,18 +138,19 @@ class RunCandidates:
     def put(self, bar: int, candidate) -> None:
         self._store[int(self._bar_ns[bar])] = candidate
 
-    def rejection(self, bar: int) -> str | None:
-        candidate = self._store.get(int(self._bar_ns[bar]))
-        return candidate if isinstance(candidate, str) else None
-
 
 class TradingEngine:
     """The iron-condor decision logic shared by every driver."""
 
     def __init__(self, config, portfolio: Portfolio, fill_model: FillModel, clock: BarClock,
-                 features=None, risk: RiskManager | None = None, candidates: RunCandidates | None = None):
+                 features=None, risk: RiskManager | None = None, candidates: RunCandidates | None = None,
+                 timestamps=None):
         self.config = config
         self.candidates = candidates
+        # Bar times as Timestamps by bar index (a run with ``candidates`` logs the sizing
+        # refusals of bars it does not step with them).
+        self._timestamps = timestamps
+        self._flat_refusals: dict[int, tuple] = {}
         self.portfolio = portfolio
         self.fill_model = fill_model
         self.clock = clock
@@ -433,15 +434,14 @@ class TradingEngine:
         if isinstance(candidate, str):
             return self._reject(candidate)
         choice, credit, context = candidate
+        if not credit_is_sufficient(credit, choice.width, config):
+            return self._reject("credit_below_minimum")
         context = dict(context)
         regime = context.pop("_regime")
-        confidence = float(features["confidence"]) if features else math.nan
-        proposal = _proposal(choice, credit, confidence if config.fuzzy.use_fuzzy else math.nan)
+        proposal = self._proposal(snapshot.bar_index, choice, credit)
         sizing = self.risk.size(proposal, book)
         if sizing.quantity < 1:
-            self._log_rejection(snapshot, sizing.reason, f"sized to 0 contracts: {sizing.explain()} (max loss "
-                                                         f"{proposal.max_loss:,.2f} per condor)", book.equity)
-            return self._reject(sizing.reason)
+            return self._refuse(snapshot.timestamp, snapshot.session_day, sizing, proposal, book.equity)
         if features:
             context.update(self._feature_context(features, regime))
         context.update(sizing=sizing.explain(), sizing_limit=sizing.reason, condor_delta=proposal.delta,
@@ -452,10 +452,11 @@ class TradingEngine:
                              context=context)
 
     def _entry_candidate(self, snapshot: MarketSnapshot, features):
-        """What this configuration would open at the bar before sizing: (condor, credit, context)
-        or the reason there is none. It depends only on the bar's chain and features and on the
-        strategy, filter, regime and fill settings, so runs that share those (an optimizer's
-        trials) can share it (``CandidateMemo``)."""
+        """What this configuration would open at the bar before the credit test and sizing:
+        (condor, credit, context) or the reason there is none. It depends only on the bar's chain
+        and features and on the strategy (but its minimum credit), filter, regime and fill
+        settings, so runs that share those (an optimizer's trials) can share it
+        (``CandidateMemo``)."""
         config = self.config
         strategy, filters = config.strategy, config.filters
         chain = snapshot.nearest_chain(strategy.dte_min, strategy.dte_max)
@@ -489,10 +490,9 @@ class TradingEngine:
                 problem = liquidity_problem(choice, filters.liquidity_max_spread_to_credit)
                 if problem is not None:
                     return problem
-        credit = open_credit_row(choice.bid, choice.ask, self.fill_model.fraction)
-        if not credit_is_sufficient(credit, choice.width, config):
-            return "credit_below_minimum"
-        return choice, credit, context
+        # The credit test (``strategy.min_credit_to_width``) is left to ``_entry_decision``: a memo
+        # then serves trials that differ only in the minimum credit.
+        return choice, open_credit_row(choice.bid, choice.ask, self.fill_model.fraction), context
 
     @staticmethod
     def _feature_context(features, regime: str) -> dict:
@@ -513,20 +513,32 @@ class TradingEngine:
         return IronCondor(expiration, snapshot.settlement_of(expiration), float(strikes[0]),
                           float(strikes[1]), float(strikes[2]), float(strikes[3]), quantity)
 
-    def _log_rejection(self, snapshot: MarketSnapshot, reason: str, detail: str, equity: float) -> None:
+    def _proposal(self, bar: int, choice: CondorChoice, credit: float) -> Proposal:
+        columns = self.feature_columns
+        confidence = float(columns["confidence"][bar]) if columns and self.config.fuzzy.use_fuzzy else math.nan
+        return _proposal(choice, credit, confidence)
+
+    def _refuse(self, timestamp: pd.Timestamp, session_day: int, sizing, proposal: Proposal, equity: float) -> None:
+        """An entry the risk manager sized to zero: counted and logged."""
+        self._log_rejection(timestamp, session_day, sizing.reason,
+                            f"sized to 0 contracts: {sizing.explain()} (max loss {proposal.max_loss:,.2f} per "
+                            f"condor)", equity)
+        return self._reject(sizing.reason)
+
+    def _log_rejection(self, timestamp: pd.Timestamp, session_day: int, reason: str, detail: str,
+                       equity: float) -> None:
         """A risk rejection into the event log; a repeat of the previous attempt's rejection in
         the same session extends that event (count, last time) instead of adding a row."""
         events = self.risk_events
         if events:
             last = events[-1]
             if (last.kind == "risk_rejection" and last.reason == reason
-                    and self._last_rejection_session == snapshot.session_day):
-                events[-1] = dataclasses.replace(last, count=last.count + 1, last_timestamp=snapshot.timestamp,
+                    and self._last_rejection_session == session_day):
+                events[-1] = dataclasses.replace(last, count=last.count + 1, last_timestamp=timestamp,
                                                  detail=detail, equity=equity)
                 return
-        events.append(RiskEvent(snapshot.timestamp, "risk_rejection", reason, detail, equity,
-                                last_timestamp=snapshot.timestamp))
-        self._last_rejection_session = snapshot.session_day
+        events.append(RiskEvent(timestamp, "risk_rejection", reason, detail, equity, last_timestamp=timestamp))
+        self._last_rejection_session = session_day
 
     def _reject(self, reason: str, count: int = 1) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + count
@@ -560,6 +572,7 @@ class TradingEngine:
             return None
         bars, days = self._open_window_bars, self._open_window_days
         memo = self.candidates
+        flat = self._flat_equity()
         index = int(np.searchsorted(bars, bar + 1))
         while index < bars.size:
             day = int(days[index])
@@ -568,13 +581,44 @@ class TradingEngine:
                 index = int(np.searchsorted(days, day + 1))
                 continue
             candidate = int(bars[index])
-            if memo is not None and memo.rejection(candidate) is not None:
-                # Known to have no condor (another run with the same candidate settings tried it):
-                # counted by ``skip`` like a gated bar, not stepped.
+            if memo is not None and self._known_outcome(candidate, flat) is not None:
+                # Known to open nothing (another run with the same candidate settings found its
+                # condor, or none): counted and logged by ``skip``, not stepped.
                 index += 1
                 continue
             return candidate
         return None
+
+    def _flat_equity(self) -> float | None:
+        """The equity of an account that holds nothing (no condor, no hedge shares): its cash,
+        the same at every bar until a fill; None when it holds something."""
+        portfolio = self.portfolio
+        if portfolio.open_positions or portfolio.hedge_shares:
+            return None
+        return portfolio.cash
+
+    def _known_outcome(self, bar: int, flat_equity: float | None):
+        """An entry attempt at ``bar`` that the memo shows opens nothing, without stepping the
+        bar: the rejection reason (str), or, on an account that holds nothing (``flat_equity``
+        its equity and cash, ``on_bar``'s book then), the sizing that refuses the memo's condor
+        with its proposal; None when the bar must be stepped (the candidate is unknown, or the
+        account holds positions whose marks move the book, or a condor would open)."""
+        candidate = self.candidates.get(bar)
+        if candidate is None or isinstance(candidate, str):
+            return candidate
+        choice, credit, _ = candidate
+        if not credit_is_sufficient(credit, choice.width, self.config):
+            return "credit_below_minimum"
+        if flat_equity is None or self._timestamps is None:
+            return None
+        known = self._flat_refusals.get(bar)
+        if known is not None and known[0] == flat_equity:
+            return known[1]
+        proposal = self._proposal(bar, choice, credit)
+        sizing = self.risk.size(proposal, Book(flat_equity, flat_equity))
+        refusal = (sizing, proposal) if sizing.quantity < 1 else None
+        self._flat_refusals[bar] = (flat_equity, refusal)
+        return refusal
 
     def _entries_blocked(self, staying: int) -> bool:
         """No entry can be tried on any later bar until a fill: the positions are at the cap, or
@@ -638,11 +682,11 @@ class TradingEngine:
 
     def _skip_known_rejections(self, bar: int, following: int) -> None:
         """The rejections of the window bars (gates passing) strictly between ``bar`` and
-        ``following`` that ``_next_entry_bar`` passed over because the memo knows they have no
-        condor."""
-        memo = self.candidates
-        if memo is None:
+        ``following`` that ``_next_entry_bar`` passed over because the memo shows they open
+        nothing: counted, and a sizing refusal logged, as ``on_bar`` would."""
+        if self.candidates is None:
             return
+        flat = self._flat_equity()
         bars, days = self._open_window_bars, self._open_window_days
         index = int(np.searchsorted(bars, bar + 1))
         stop = int(np.searchsorted(bars, following))
@@ -651,10 +695,15 @@ class TradingEngine:
             if self._session_closed_to_entries(day):
                 index = int(np.searchsorted(days, day + 1))
                 continue
-            reason = memo.rejection(int(bars[index]))
-            if reason is not None:
-                self._reject(reason)
+            skipped = int(bars[index])
+            outcome = self._known_outcome(skipped, flat)
+            if isinstance(outcome, str):
+                self._reject(outcome)
+            elif outcome is not None:
+                sizing, proposal = outcome
+                self._refuse(self._timestamps[skipped], day, sizing, proposal, flat)
             index += 1
+        self._flat_refusals.clear()
 
 
 def _proposal(choice: CondorChoice, credit: float, confidence: float) -> Proposal:

@@ -363,14 +363,18 @@ def test_tpe_sampler_searches_each_grid_s_range(tmp_path):
 #    kill -9 of the command is in tests/test_optimizer_cli.py)
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("sampler", ["grid", "tpe"])
 @pytest.mark.parametrize("workers", [1, 3])
-def test_a_crashed_phase_resumes_without_repeating_finished_trials(tmp_path, workers):
+def test_a_crashed_phase_resumes_without_repeating_finished_trials(tmp_path, workers, sampler):
     phase = Phase(1, "a", "A", (Parameter("exits.max_hold_days", (10, 14, 21, 30)),
                                 Parameter("exits.loss_close_multiple", (1.0, 1.5, 2.0, 2.5, 3.0))))
-    spec = SearchSpec(phases=(phase,), samples=12, min_trades=20, seed=11)
+    spec = SearchSpec(phases=(phase,), sampler=sampler, samples=12, trials=12, min_trades=20, seed=11)
     url = f"sqlite:///{tmp_path}/s.db"
     first = make_study(url, spec)
-    crashing = FakeExecutor(workers=workers, crash_after=7)
+    def value(overrides):           # TPE samples between the grid's values
+        return 100.0 * overrides["exits.max_hold_days"] - 50.0 * overrides["exits.loss_close_multiple"]
+
+    crashing = FakeExecutor(workers=workers, crash_after=7, value=value)
     try:
         with pytest.raises(Crash):
             phased_search(first, None, crashing)
@@ -382,11 +386,25 @@ def test_a_crashed_phase_resumes_without_repeating_finished_trials(tmp_path, wor
               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     left_running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     assert 0 < len(before) < 12
-    assert left_running, "the crash should leave trials running in the database"
+    finished_before = {params_key(p) for p, _, _ in before.values()}
+    # Submitted before the crash, its result never written.
+    lost = {params_key(c) for c in crashing.calls} - finished_before
+    if sampler == "grid":
+        # The run folder's grid study writes a trial only once it is finished: nothing is left
+        # running, and the points that were running are simply missing.
+        assert not left_running
+        assert lost, "the crash should cut off a submitted point"
+    else:
+        # Ask / tell: the asked trials stay running in the database until recovered.
+        # (the one asked for the submit that crashed among them).
+        assert left_running, "the crash should leave trials running in the database"
+        running = {params_key(t.params) for t in left_running}
+        assert lost <= running
+        lost = running
 
     # A new process on the same storage (a new connection, a new Study).
     again = make_study(url, spec, local=True)
-    resumed = FakeExecutor(workers=workers)
+    resumed = FakeExecutor(workers=workers, value=value)
     try:
         outcome = phased_search(again, None, resumed)
     finally:
@@ -400,13 +418,13 @@ def test_a_crashed_phase_resumes_without_repeating_finished_trials(tmp_path, wor
     for number, kept in before.items():
         assert after[number] == kept
     # The resumed executor was asked only for what was missing: no finished point again, the
-    # points left running (their results lost) run once more.
+    # points cut off (their results lost) run once more.
     assert len(resumed.calls) == 12 - len(before)
-    finished_before = {params_key(p) for p, _, _ in before.values()}
     assert not finished_before & {params_key(c) for c in resumed.calls}
-    assert {params_key(t.params) for t in left_running} <= {params_key(c) for c in resumed.calls}
+    assert lost <= {params_key(c) for c in resumed.calls}
     states = Counter(t.state for t in optuna.load_study(study_name="t-full-p1", storage=url).get_trials())
     assert states[TrialState.RUNNING] == 0 and states[TrialState.FAIL] == len(left_running)
+    assert states[TrialState.WAITING] == 0
     assert outcome.phases[0].reused == len(before)
     assert len(outcome.trials) == 12
 

@@ -36,6 +36,9 @@ TRIALS = [
     {"fuzzy.fuzzy_weight_mtf": 0.25, "fuzzy.fuzzy_weight_neural": 0.1},
     {"hedge.enable_hedge": True, "hedge.hedge_threshold": 0.05},
     {"risk.daily_drawdown_limit": 0.004, "risk.kill_switch_flatten": True},
+    {"strategy.min_credit_to_width": 0.2},            # the first trial's candidates, another credit test
+    {"risk.max_account_risk_per_trade": 0.002},       # sized to zero on every bar: nothing opens
+    {"risk.max_account_risk_per_trade": 0.004, "exits.profit_take_pct": 0.6},   # some sized to zero
     {},
 ]
 
@@ -98,6 +101,43 @@ def test_a_memo_known_rejection_is_skipped_and_still_counted(market):
     pd.testing.assert_frame_equal(second.trades, first.trades)
 
 
+class _CountingSteps:
+    def __init__(self, monkeypatch):
+        import core.backtest_engine as backtest_engine
+
+        self.count = 0
+        step = backtest_engine.BacktestSession.step
+
+        def counted(session, bar):
+            self.count += 1
+            return step(session, bar)
+
+        monkeypatch.setattr(backtest_engine.BacktestSession, "step", counted)
+
+
+@pytest.mark.parametrize("risk_per_trade", [0.002, 0.004])
+def test_sizing_refusals_on_an_account_holding_nothing_are_skipped_still_counted_and_logged(
+        market, monkeypatch, risk_per_trade):
+    # 0.2 % of $100k is below one condor's max loss on every bar; 0.4 % is above it on some.
+    config = BASE.override({"risk.max_account_risk_per_trade": risk_per_trade})
+    features = bar_features(config, market)
+    fresh = run_backtest(config, market, features=features)
+    memo = CandidateMemo()
+    run_backtest(config, market, features=features, candidates=memo)
+    steps = _CountingSteps(monkeypatch)
+    through_memo = run_backtest(config, market, features=features, candidates=memo)
+    refused = fresh.rejections.get("risk_budget", 0)
+    assert refused > 20, fresh.rejections
+    _same_run(through_memo, fresh)
+    assert (fresh.risk_events["reason"] == "risk_budget").any()
+    if risk_per_trade == 0.002:
+        assert len(fresh.trades) == 0
+        # Only the first bar and the end were stepped: each refusal was known from the memo.
+        assert steps.count < 5, steps.count
+    else:
+        assert len(fresh.trades) > 0
+
+
 def test_memos_are_keyed_by_what_a_candidate_reads(market):
     features = bar_features(BASE, market)
     memo = optimizer.candidate_memo(BASE, market, features)
@@ -108,6 +148,8 @@ def test_memos_are_keyed_by_what_a_candidate_reads(market):
     rebuilt = bar_features(psar, market)
     assert rebuilt is not features                                    # another table, same candidate columns
     assert optimizer.candidate_memo(psar, market, rebuilt) is memo
+    credit = BASE.override({"strategy.min_credit_to_width": 0.2})    # tested after the memo
+    assert optimizer.candidate_memo(credit, market, bar_features(credit, market)) is memo
     for changes in ({"strategy.wing_width_min": 10.0}, {"filters.vrp_threshold": 0.05},
                     {"filters.vix_threshold_low": 15.0}, {"regime.wing_scale_low_vol": 0.8},
                     {"backtest.fill_model": "mid"}):
