@@ -420,11 +420,7 @@ def candidate_memo(config: Config, market, features):
 
     from core.engine import CandidateMemo
 
-    filters = {k: v for k, v in config.filters.model_dump().items() if k not in GATE_ONLY_FILTERS}
-    strategy = {k: v for k, v in config.strategy.model_dump().items() if k not in AFTER_CANDIDATE_STRATEGY}
-    settings = json.dumps([strategy, filters, config.regime.model_dump(),
-                           config.backtest.fill_model, config.backtest.fill_spread_fraction], sort_keys=True,
-                          default=str)
+    settings = candidate_settings(config)
     columns = tuple(features.columns.get(name) for name in CANDIDATE_FEATURES)
     ids = tuple(id(column) for column in columns)
     known = _digests.pop(ids, None)
@@ -449,6 +445,24 @@ def candidate_memo(config: Config, market, features):
     while len(_memos) > _MEMO_SIZE:
         _memos.pop(next(iter(_memos)))
     return memo
+
+
+def candidate_settings(config: Config) -> str:
+    """The settings an entry candidate depends on, as one string (part of ``candidate_memo``'s
+    key)."""
+    filters = {k: v for k, v in config.filters.model_dump().items() if k not in GATE_ONLY_FILTERS}
+    strategy = {k: v for k, v in config.strategy.model_dump().items() if k not in AFTER_CANDIDATE_STRATEGY}
+    return json.dumps([strategy, filters, config.regime.model_dump(), config.backtest.fill_model,
+                       config.backtest.fill_spread_fraction], sort_keys=True, default=str)
+
+
+def trial_affinity(overrides: Mapping[str, Any]) -> str:
+    """What a trial's per-process memos are keyed by: its feature table's settings and its
+    candidate settings. Trials with the same affinity reuse each other's work in one process."""
+    from core.market_data import feature_key
+
+    config = _CONTEXT.config.override(dict(overrides))
+    return feature_key(config) + candidate_settings(config)
 
 
 METRIC_COLUMNS = ("net_profit", "max_drawdown", "max_drawdown_pct", "total_return_pct", "cagr_pct", "sharpe",
@@ -489,24 +503,56 @@ class InlineExecutor:
 
 
 class ProcessExecutor:
-    """A local process pool. Workers are forked after the parent has built the market, the
-    feature tables and μ_Mamba, so they inherit all of it (and numba's compiled code) instead of
-    rebuilding it per worker."""
+    """Local worker processes, one pool of one process each. Workers are forked after the parent
+    has built the market, the feature tables and μ_Mamba, so they inherit all of it (and numba's
+    compiled code) instead of rebuilding it per worker.
+
+    A trial goes to a worker that has already run one with its affinity (``trial_affinity``: the
+    same feature table and entry candidates, so it reuses that work) unless that worker has more
+    than one trial more waiting than the least busy one, or another worker is idle; otherwise to
+    the least busy worker. A phase that
+    changes the condor's structure (phase 2) then builds each structure's candidates in one
+    process, not in every one; a phase with one affinity spreads evenly."""
 
     def __init__(self, workers: int):
         import multiprocessing
 
         self.workers = workers
         self.name = f"process pool ({workers} workers)"
-        self._pool = futures.ProcessPoolExecutor(max_workers=workers,
-                                                 mp_context=multiprocessing.get_context("fork"),
-                                                 initializer=_worker_start)
+        context = multiprocessing.get_context("fork")
+        self._pools = [futures.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_worker_start)
+                       for _ in range(workers)]
+        self._busy = [0] * workers                   # trials submitted and not finished, per worker
+        self._seen: list[set] = [set() for _ in range(workers)]
+        self._lock = threading.Lock()
+
+    def _choose(self, affinity: str) -> int:
+        least = min(self._busy)
+        # One trial more than the least busy worker is worth waiting for; leaving a worker idle
+        # is not.
+        allowed = least + 1 if least > 0 else 0
+        known = [i for i in range(self.workers) if affinity in self._seen[i] and self._busy[i] <= allowed]
+        if known:
+            return min(known, key=lambda i: self._busy[i])
+        return self._busy.index(least)
 
     def submit(self, overrides, window=None, with_equity=False) -> futures.Future:
-        return self._pool.submit(evaluate, dict(overrides), window, with_equity)
+        affinity = trial_affinity(overrides) if self.workers > 1 else ""
+        with self._lock:
+            worker = self._choose(affinity)
+            self._busy[worker] += 1
+            self._seen[worker].add(affinity)
+        future = self._pools[worker].submit(evaluate, dict(overrides), window, with_equity)
+        future.add_done_callback(lambda _, worker=worker: self._finished(worker))
+        return future
+
+    def _finished(self, worker: int) -> None:
+        with self._lock:
+            self._busy[worker] -= 1
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _worker_start() -> None:
@@ -947,7 +993,7 @@ class Study:
         window_range = None if window is None else (window.start, window.stop)
         if on_trial is not None:
             on_trial(None, complete, target)
-        capacity = max(1, executor.workers) * 2
+        capacity = max(1, executor.workers) * 3
         submitted: dict[futures.Future, int] = {}
         results: dict[int, dict] = {}               # finished, waiting for earlier points to be written
         order = list(queue)

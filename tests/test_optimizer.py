@@ -374,7 +374,7 @@ def test_a_crashed_phase_resumes_without_repeating_finished_trials(tmp_path, wor
     def value(overrides):           # TPE samples between the grid's values
         return 100.0 * overrides["exits.max_hold_days"] - 50.0 * overrides["exits.loss_close_multiple"]
 
-    crashing = FakeExecutor(workers=workers, crash_after=7, value=value)
+    crashing = FakeExecutor(workers=workers, crash_after=10, value=value)   # past the first batch in flight
     try:
         with pytest.raises(Crash):
             phased_search(first, None, crashing)
@@ -686,3 +686,25 @@ def test_a_phase_whose_trials_all_tie_is_named():
     moving = PhaseOutcome(phases[0], {}, 0.5, 0.5, [record(0, 0.4), record(1, 0.5)])
     notes = flat_phases({"searches": [SearchOutcome(None, {}, [moving, tied])]})
     assert len(notes) == 1 and "phase 6" in notes[0] and "all 3 trials" in notes[0]
+
+
+def test_the_process_pool_sends_a_trial_where_its_affinity_was_seen_unless_that_leaves_a_worker_waiting():
+    from core.optimizer import ProcessExecutor
+
+    pool = ProcessExecutor(2)                 # no process starts before a submit
+    try:
+        pool._seen[1].add("structure A")
+        pool._busy[:] = [1, 2]
+        assert pool._choose("structure A") == 1          # one more waiting than the least busy: worth it
+        assert pool._choose("structure B") == 0          # new: the least busy worker
+        pool._busy[:] = [1, 3]
+        assert pool._choose("structure A") == 0          # two more waiting: not worth it
+        pool._busy[:] = [0, 1]
+        assert pool._choose("structure A") == 0          # never leave a worker idle
+        pool._seen[0].add("structure A")
+        pool._busy[:] = [2, 2]
+        assert pool._choose("structure A") == 0          # both know it: the first least busy
+        pool._busy[:] = [3, 2]
+        assert pool._choose("structure A") == 1
+    finally:
+        pool.close()
