@@ -576,14 +576,20 @@ def run_backtest(config, market: MarketData, features=None, progress=None, candi
     market and per set of settings it depends on. ``progress(bars_done)`` is called as it runs.
     ``candidates``: a ``core.engine.CandidateMemo`` shared with other runs of the same candidate
     settings (the optimizer's; same result, each bar's condor chosen once)."""
-    from analytics.performance import performance_metrics
-
     if features is None:
         from core.market_data import bar_features
         features = bar_features(config, market)
     result = DRIVERS[config.backtest.engine](config, market, progress=progress, features=features,
                                              candidates=candidates)
-    cash = config.backtest.cash
+    return run_result(config, result, dict(getattr(features, "description", {}) or {}))
+
+
+def run_result(config, result: BacktestResult, features_description: dict, cash: float | None = None) -> RunResult:
+    """A driver's result as tables and metrics (what ``run_backtest`` returns; the live driver
+    reports its day the same way). ``cash``: the starting cash (default the configuration's)."""
+    from analytics.performance import performance_metrics
+
+    cash = config.backtest.cash if cash is None else float(cash)
     trades = trades_frame(result.positions)
     equity = equity_frame(result, cash)
     metrics = performance_metrics(equity["equity"], trades, cash)
@@ -596,8 +602,7 @@ def run_backtest(config, market: MarketData, features=None, progress=None, candi
     if note:
         metrics["sizing_note"] = note
     return RunResult(config, trades, equity, metrics, dict(result.rejections), events, hedges, result.positions,
-                     result.engine, result.bars, result.seconds, result.analyzers,
-                     dict(getattr(features, "description", {}) or {}))
+                     result.engine, result.bars, result.seconds, result.analyzers, features_description)
 
 
 def risk_summary(events: pd.DataFrame, trades: pd.DataFrame, equity: pd.DataFrame, rejections: dict) -> dict:

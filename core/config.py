@@ -726,6 +726,25 @@ class SyntheticConfig(_Section):
         return self
 
 
+class LiveConfig(_Section):
+    """Paper / live trading on Alpaca (core/live.py): pacing, order pricing and guards."""
+
+    section_name: ClassVar[str] = "live"
+
+    poll_seconds: float = Field(15.0, gt=0.0, le=300.0, description="how often the broker's clock and new bars are read")
+    price_steps: int = Field(4, ge=1, le=20, description="attempts from mid to the natural price per order")
+    step_seconds: float = Field(20.0, ge=0.0, le=600.0, description="how long an attempt works before its cancel")
+    order_poll_seconds: float = Field(2.0, gt=0.0, le=60.0, description="how often a working order is read back")
+    max_orders_per_day: int = Field(10, ge=1, le=1000, description="orders sent per session, every attempt counted")
+    request_timeout: float = Field(10.0, gt=0.0, le=120.0, description="seconds before a request is abandoned")
+    breaker_failures: int = Field(5, ge=1, le=100, description="consecutive failed requests that open the circuit")
+    breaker_cooldown: float = Field(60.0, ge=0.0, le=3600.0, description="seconds the open circuit sends nothing")
+    max_breaker_trips: int = Field(3, ge=1, le=100, description="the run stops when the circuit has opened this often")
+    stock_feed: Literal["iex", "sip", "delayed_sip"] = "iex"
+    option_feed: Literal["indicative", "opra"] = "indicative"
+    warmup_sessions: int = Field(40, ge=5, le=400, description="sessions of bars the indicators warm up on")
+
+
 # --------------------------------------------------------------------------------------------
 # The whole configuration
 # --------------------------------------------------------------------------------------------
@@ -751,6 +770,7 @@ class Config(BaseModel):
     data_pipeline: DataPipelineConfig = Field(default_factory=DataPipelineConfig)
     mamba: MambaConfig = Field(default_factory=MambaConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    live: LiveConfig = Field(default_factory=LiveConfig)
 
     def __init__(self, **data: Any) -> None:
         # Sections also raise ConfigError from their own __init__ (pydantic calls a custom

@@ -153,22 +153,11 @@ class TradingEngine:
         self._flat_refusals: dict[int, tuple] = {}
         self.portfolio = portfolio
         self.fill_model = fill_model
-        self.clock = clock
         self.risk = risk if risk is not None else RiskManager(config)
         self.exit_rules = ExitRules.from_settings(config.exits, fill_model.fraction)
-        n = len(clock)
-        self.feature_columns = dict(features.columns) if features is not None else {}
-        if features is not None and len(features) < n:
-            raise ValueError(f"the feature table has {len(features)} bars, the run {n}")
-        # This configuration's Stage-2 gate code per bar (0 = every enabled gate passes).
-        self.gate_codes = (bar_gate_codes(features.columns, config)[:n] if features is not None
-                           else np.zeros(n, dtype=np.int8))
-        window = (clock_minutes(config.strategy.entry_window_start), clock_minutes(config.strategy.entry_window_end))
-        self._window = window
-        in_window = (clock.minute_of_day >= window[0]) & (clock.minute_of_day <= window[1])
-        self._open_window_bars = np.flatnonzero(in_window & (self.gate_codes == 0))
-        self._open_window_days = clock.session_day[self._open_window_bars]
-        self._gated_window_bars = np.flatnonzero(in_window & (self.gate_codes != 0))
+        self._window = (clock_minutes(config.strategy.entry_window_start),
+                        clock_minutes(config.strategy.entry_window_end))
+        self.extend(clock, features)
         self._entries_by_session: dict[int, int] = {}
         self._closing: set[int] = set()          # positions with a close decided, not yet filled
         self._entry_days: dict[int, int] = {}
@@ -180,6 +169,25 @@ class TradingEngine:
         self.risk_events: list[RiskEvent] = []
         self._last_rejection_session = -1
         self.last_rows: ConditionRows | None = None
+
+    def extend(self, clock: BarClock, features=None) -> None:
+        """Take the run's bars (``clock``) and feature table (``features``, at least as many
+        bars): at construction, and in a live run each time bars are added (the state — open
+        positions, entries per session, rejections, events — is kept). Earlier bars must be the
+        same bars as before."""
+        n = len(clock)
+        self.clock = clock
+        self.feature_columns = dict(features.columns) if features is not None else {}
+        if features is not None and len(features) < n:
+            raise ValueError(f"the feature table has {len(features)} bars, the run {n}")
+        # This configuration's Stage-2 gate code per bar (0 = every enabled gate passes).
+        self.gate_codes = (bar_gate_codes(features.columns, self.config)[:n] if features is not None
+                           else np.zeros(n, dtype=np.int8))
+        window = self._window
+        in_window = (clock.minute_of_day >= window[0]) & (clock.minute_of_day <= window[1])
+        self._open_window_bars = np.flatnonzero(in_window & (self.gate_codes == 0))
+        self._open_window_days = clock.session_day[self._open_window_bars]
+        self._gated_window_bars = np.flatnonzero(in_window & (self.gate_codes != 0))
 
     # ----------------------------------------------------------------------------- per bar
     def on_bar(self, snapshot: MarketSnapshot) -> list[TradeDecision]:

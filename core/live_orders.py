@@ -237,6 +237,22 @@ class OrderDesk:
         self.journal.order_update(cid, str(order["status"]), broker_order_id=str(order["id"]), filled_qty=qty,
                                   filled_avg_price=average, legs=legs)
 
+    def cancel_working(self) -> str:
+        """Cancel every order of this program the journal does not know the end of, and record
+        how each ended (Ctrl-C, a fault): nothing is left working that the journal does not know."""
+        count = 0
+        for row in self.journal.unresolved_orders():
+            order = self.broker.order_by_client_id(row["client_order_id"])
+            if order is None:
+                self.journal.order_update(row["client_order_id"], "not_placed")
+                continue
+            if order["status"] not in TERMINAL_ORDER_STATUSES:
+                self.broker.cancel(order["id"])
+                order = self._until_terminal(order["id"])
+                count += 1
+            self._record(row["client_order_id"], order)
+        return f"{count} working order(s) cancelled"
+
     # ---------------------------------------------------------------------------- at start
     def reconcile(self) -> list[str]:
         """Bring the journal up to date with the broker before trading: every order the journal

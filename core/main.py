@@ -8,7 +8,9 @@ Modes:
             `--mode backtest --use-optimizer` runs it too (the seed's command).
   data      what the embedded data is (sources, periods, what is synthetic) and the synthetic
             option chain a strategy would see at one bar.
-The live mode plugs in here as its capability lands.
+  live      paper-trade the strategy on Alpaca (core/live.py): the same engine and risk manager,
+            each condor one multi-leg order, a journal that makes restarts safe (`--alpaca` is the
+            seed's spelling; `--dry-run` decides and journals without sending).
 
 Errors in flags, configuration or data print one message and exit with status 2.
 """
@@ -89,7 +91,6 @@ SWITCH_FLAGS = (
 # user gets one clear line instead of "unrecognized arguments", then refused.
 NOT_YET_FLAGS = (
     ("--options-data", "a user option-chain file", "[user-data]"),
-    ("--alpaca", "Alpaca paper trading", "[live]"),
 )
 SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
 
@@ -128,10 +129,10 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=["backtest", "optimize", "data"], default="backtest",
+    parser.add_argument("--mode", choices=["backtest", "optimize", "data", "live"], default="backtest",
                         help="backtest: run the strategy and write a run folder; optimize: the 6-phase "
                              "optimizer; data: describe the embedded data and show a synthetic chain at one "
-                             "bar (default: backtest)")
+                             "bar; live: paper-trade on Alpaca (default: backtest)")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (partial files allowed)")
     run = parser.add_argument_group("backtest")
     for flag, kind, text in BACKTEST_FLAGS:
@@ -172,6 +173,19 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
     run.add_argument("--no-plot", action="store_true", help="skip the equity/drawdown PNG")
     from core.optimizer import add_arguments as add_optimizer_arguments
     add_optimizer_arguments(parser)
+    live = parser.add_argument_group("live mode (keys from APCA_API_KEY_ID / APCA_API_SECRET_KEY or --credentials; "
+                                      "endpoints from APCA_API_BASE_URL / APCA_API_DATA_URL)")
+    live.add_argument("--alpaca", action="store_true", help="the broker: Alpaca (the seed's spelling of --mode live)")
+    live.add_argument("--dry-run", action="store_true",
+                      help="decide and journal the orders it would send, send none")
+    live.add_argument("--max-bars", type=int, default=None, metavar="N", help="stop after N decision bars")
+    live.add_argument("--poll-seconds", type=float, default=None, metavar="S",
+                      help=f"how often the broker's clock is read (default: {config_defaults.live.poll_seconds})")
+    live.add_argument("--live-money", action="store_true",
+                      help="trade the live-money account (asks for a typed confirmation); paper otherwise")
+    live.add_argument("--credentials", metavar="FILE", default=None,
+                      help="JSON file with key_id and secret_key, outside the repository "
+                           "(default: ~/.config/condorbrain/alpaca.json when the variables are unset)")
     group = parser.add_argument_group("data mode")
     group.add_argument("--date", default="2015-08-24",
                        help="session to show the chain for (YYYY-MM-DD, 2001-01-02 … 2018-12-31)")
@@ -233,11 +247,28 @@ OPTIMIZER_DESTS = ("samples", "phases", "grid", "sampler", "trials", "objective"
                    "wf_mode", "no_sensitivity")
 
 
+LIVE_DESTS = ("alpaca", "dry_run", "max_bars", "poll_seconds", "live_money", "credentials")
+
+
 def _check_mode_flags(parser, args, optimize: bool) -> None:
-    """An optimizer flag outside the optimize mode, or a backtest-only flag inside it, would be
-    silently ignored: refuse it instead."""
+    """An optimizer flag outside the optimize mode, a live flag outside the live mode, or a
+    backtest-only flag inside either, would be silently ignored: refuse it instead."""
     from core.config import ConfigError
 
+    if args.alpaca and args.mode == "backtest" and not optimize:
+        args.mode = "live"                   # the seed's `--alpaca` alone
+    live_given = [name for name in LIVE_DESTS if getattr(args, name) != parser.get_default(name)]
+    if args.mode != "live" and live_given:
+        raise ConfigError(f"--{live_given[0].replace('_', '-')} is a live-mode flag: add --mode live")
+    if args.mode == "live":
+        if optimize:
+            raise ConfigError("--use-optimizer runs the optimizer, not the live driver: drop it (or use --mode optimize)")
+        if args.compare:
+            raise ConfigError("--compare is a backtest-mode ablation; the live driver does not run it (drop --compare)")
+        if args.max_bars is not None and args.max_bars < 1:
+            raise ConfigError(f"--max-bars {args.max_bars}: give at least 1")
+        if args.poll_seconds is not None and not args.poll_seconds > 0:
+            raise ConfigError(f"--poll-seconds {args.poll_seconds}: give a positive number of seconds")
     if args.mode == "data" and args.use_optimizer:
         raise ConfigError("--use-optimizer runs the optimizer: use it with --mode backtest (or --mode optimize)")
     if optimize:
@@ -492,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
         config = _load_config(args.config, _overrides(args))
         if args.mode == "data":
             return _run_data_mode(args, config)
+        if args.mode == "live":
+            from core.live import run as run_live
+            return run_live(args, config, argv)
         if optimize:
             from core.optimizer import run as run_optimizer
             return run_optimizer(args, config, argv)

@@ -307,6 +307,28 @@ class Portfolio:
         self.cash += fill.cash_flow
         return position
 
+    def close_part(self, position_id: int, fill: Fill) -> Position:
+        """Book a CLOSE fill for fewer units than the position holds (a live order that filled in
+        part): those units become a closed position of their own (same id, the entry fill's
+        fees shared pro rata), the rest stays open. A fill for every unit is ``close_position``."""
+        position = self._open_position_or_raise(position_id, "close_part")
+        held = position.condor.quantity
+        if not 1 <= fill.quantity < held:
+            raise ValueError(f"close_part({position_id}): {fill.quantity} of {held} units; use close_position "
+                             f"for all of them")
+        share = fill.quantity / held
+        entry = position.entry_fill
+        closed = dataclasses.replace(
+            position, condor=dataclasses.replace(position.condor, quantity=fill.quantity),
+            entry_fill=dataclasses.replace(entry, quantity=fill.quantity, fees=entry.fees * share),
+            exit_fill=dataclasses.replace(fill, position_id=position_id), notes=list(position.notes),
+            entry_context=dict(position.entry_context))
+        position.condor = dataclasses.replace(position.condor, quantity=held - fill.quantity)
+        position.entry_fill = dataclasses.replace(entry, quantity=held - fill.quantity, fees=entry.fees * (1 - share))
+        self.closed.append(closed)
+        self.cash += fill.cash_flow
+        return closed
+
     def trade_shares(self, fill: HedgeFill) -> None:
         """Book a hedge fill: shares change by ``fill.shares``, cash by its cash flow."""
         if not isinstance(fill.shares, (int, np.integer)) or fill.shares == 0:

@@ -59,7 +59,6 @@ def test_bad_risk_value_in_a_config_file(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args, flag", [
     (["--options-data", "x.csv"], "--options-data"),
-    (["--alpaca"], "--alpaca"),
 ])
 def test_capabilities_not_built_yet_are_refused_in_one_line(args, flag, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
