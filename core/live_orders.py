@@ -49,6 +49,10 @@ class DeskSettings:
     steps: int = 4                  # attempts from mid to the natural price
     step_seconds: float = 20.0      # how long an attempt may work before it is cancelled
     poll_seconds: float = 2.0       # how often a working order is read back
+    # After a submit with no answer, how long the broker is asked for the order by its client id
+    # before it is taken as never placed: a request that timed out here may still reach the
+    # broker a moment later.
+    uncertain_grace_seconds: float = 20.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +167,11 @@ class OrderDesk:
                 filled += qty
                 remaining -= qty
             step += 1
+        for qty, average in self._late_arrivals(intent.intent_id):
+            if qty:
+                total_value += (average or 0.0) * qty
+                filled += qty
+                remaining -= qty
         status = ("filled" if remaining <= 0 else "partially_filled" if filled > 0 else "unfilled")
         if filled == 0 and self.journal.intent(intent.intent_id)["status"] == "failed":
             status = "failed"
@@ -201,10 +210,12 @@ class OrderDesk:
             order = self.broker.submit_mleg(cid, legs, quantity, limit)
         except UncertainSubmit as error:
             self.event("order_uncertain", f"{cid}: {error}; looking it up by client id", "warning")
-            order = self.broker.order_by_client_id(cid)
+            order = self._look_up_late(cid)
             if order is None:
                 self.journal.order_update(cid, "not_placed", error=str(error))
-                self.event("order_not_placed", f"{cid}: the broker has no such order; it was not placed")
+                self.event("order_not_placed", f"{cid}: the broker has no such order after "
+                                               f"{self.settings.uncertain_grace_seconds:g} s; taken as not placed "
+                                               f"(looked up again before the intent ends and at the next start)")
                 return None
             self.event("order_found", f"{cid}: placed after all (broker id {order['id']}, {order['status']})")
         except BrokerError as error:
@@ -221,6 +232,35 @@ class OrderDesk:
         self._record(cid, order)
         self.event("order_sent", f"{cid}: {quantity} condor(s) at {limit:+.2f} ({order['status']})")
         return order
+
+    def _look_up_late(self, cid: str) -> dict | None:
+        """The order ``cid`` if the broker has it now or within the grace period, else None."""
+        deadline = self._clock() + self.settings.uncertain_grace_seconds
+        while True:
+            order = self.broker.order_by_client_id(cid)
+            if order is not None or self._clock() >= deadline:
+                return order
+            self._sleep(self.settings.poll_seconds)
+
+    def _late_arrivals(self, intent: str) -> list[tuple[int, float | None]]:
+        """Orders of ``intent`` taken as not placed that the broker has after all: each is
+        cancelled if still working and recorded; returns their (units filled, average price)."""
+        found = []
+        for row in self.journal.orders_of(intent):
+            if row["status"] != "not_placed":
+                continue
+            order = self.broker.order_by_client_id(row["client_order_id"])
+            if order is None:
+                continue
+            if order["status"] not in TERMINAL_ORDER_STATUSES:
+                self.broker.cancel(order["id"])
+                order = self._until_terminal(order["id"])
+            self._record(row["client_order_id"], order)
+            qty, average, _ = order_fills(order)
+            self.event("order_found", f"{row['client_order_id']}: reached the broker late ({order['status']}, "
+                                      f"{qty} filled); recorded", "warning")
+            found.append((qty, None if average is None else abs(average)))
+        return found
 
     def _until_terminal(self, order_id: str) -> dict:
         """Read a cancelled order back until the broker says it is done (it may pass through
@@ -276,6 +316,10 @@ class OrderDesk:
             self._record(cid, order)
             qty = order_fills(order)[0]
             done.append(f"{cid}: {order['status']} at the broker ({qty} filled)")
+        for row in self.journal._db.execute("SELECT intent_id FROM orders WHERE status = 'not_placed' "
+                                            "GROUP BY intent_id").fetchall():
+            for qty, _ in self._late_arrivals(row["intent_id"]):
+                done.append(f"{row['intent_id']}: an order taken as not placed reached the broker ({qty} filled)")
         for row in self.journal.working_intents():
             filled = sum(int(o["filled_qty"]) for o in self.journal.orders_of(row["intent_id"]))
             status = "filled" if filled >= int(row["quantity"]) else "partially_filled" if filled else "unfilled"
