@@ -207,13 +207,19 @@ class LiveSession:
         return done
 
     # ---------------------------------------------------------------------------- one bar
-    def step(self, bar: int) -> list[TradeDecision]:
-        """The decisions at ``bar`` (the bar that just closed) and their orders."""
+    def requests_made(self) -> int:
+        """HTTP requests so far, broker and data together."""
+        return self.broker.requests + getattr(self.feed, "requests", 0)
+
+    def step(self, bar: int, requests_before: int | None = None) -> list[TradeDecision]:
+        """The decisions at ``bar`` (the bar that just closed) and their orders. ``requests_before``:
+        the request count before the bar's data was fetched (for requests per bar)."""
         from core.engine import BarClock, TradingEngine
         from intelligence.features import FeatureRow
 
         started = time.perf_counter()
-        requests_before = self.broker.requests + getattr(self.feed, "requests", 0)
+        if requests_before is None:
+            requests_before = self.requests_made()
         features = self.features_of(self.feed)
         self.features_description = dict(getattr(features, "description", {}) or {})
         clock = BarClock.from_times(self.feed.bar_times)
@@ -234,7 +240,7 @@ class LiveSession:
         if first_order is not None:
             self.latencies.append(first_order)
         self._record(bar, snapshot)
-        self.requests.append(self.broker.requests + getattr(self.feed, "requests", 0) - requests_before)
+        self.requests.append(self.requests_made() - requests_before)
         return decisions
 
     def _snapshot(self, bar: int, clock, features) -> MarketSnapshot:
@@ -282,11 +288,11 @@ class LiveSession:
         if not execution.filled_qty:
             self.say(f"{action} of {_describe(condor)} {execution.status}")
             return
-        from core.execution import order_fees
+        from core.execution import CONDOR_RATIOS, order_fees
 
         filled = execution.filled_qty
         price = float(execution.average_price)
-        fees = float(order_fees(self.fees, filled, opening=opening))
+        fees = float(order_fees(self.fees, filled, CONDOR_RATIOS, opening))
         stamp = self.broker.clock()["timestamp"].tz_convert(EXCHANGE_TZ)
         if opening:
             condor = dataclasses.replace(condor, quantity=filled)
@@ -514,11 +520,12 @@ def run(args, config: Config, argv) -> int:
                     time.sleep(options.poll_seconds)
                     continue
                 closed_said = False
+                before = session.requests_made() - 1          # the clock read above belongs to this bar
                 bar = feed.refresh(clock["timestamp"])
                 if bar is None:
                     time.sleep(options.poll_seconds)
                     continue
-                session.step(bar)
+                session.step(bar, before)
                 bars += 1
                 write_report(session, options.out, argv)
                 console.print(session.status_line())

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alpaca_fake import Fault, FakeAlpaca
+from tests.alpaca_fake import Fault, FakeAlpaca
 from core.broker import AlpacaBroker, CircuitOpen, Credentials, Endpoints, LegOrder, RetryPolicy
 from core.dto import IronCondor, LegQuotes
 from core.journal import Intent, Journal, intent_id
