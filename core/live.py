@@ -382,24 +382,42 @@ def _quote_many(feed, bar, positions):
     return feed.quote_structures(bar, expirations, strikes)
 
 
-def live_features(config: Config, feed, forecaster=None):
+class NeuralPerBar:
+    """μ_Mamba per bar for a live run, each bar's value computed once, when the bar closes: the
+    value the engine knew then (the forecaster reads only a window ending at the bar), and one
+    window of inference per bar instead of the whole history every bar."""
+
+    def __init__(self, forecaster):
+        self.forecaster = forecaster
+        self.path = str(forecaster.path)
+        self._known: dict[int, float] = {}
+
+    def __call__(self, config: Config, inputs: Mapping) -> np.ndarray:
+        from core.market_data import neural_memberships
+
+        target = np.asarray(inputs["target"], dtype=np.int64)
+        missing = np.array([t for t in target.tolist() if t not in self._known], dtype=np.int64)
+        if missing.size:
+            values = neural_memberships(self.forecaster, inputs["base"], inputs["session_close_ns"],
+                                        inputs["daily_iv"], missing, config)
+            self._known.update(zip(missing.tolist(), np.asarray(values, dtype=float).tolist()))
+        return np.array([self._known[t] for t in target.tolist()], dtype=float)
+
+
+def live_features(config: Config, feed, neural: NeuralPerBar | None = None):
     """The feature table of every bar ``feed`` has: ``intelligence.features.compute_bar_features``
     on the feed's inputs, rebuilt each bar over the warm-up and the day (causal, so the rows of
-    earlier bars do not change). ``forecaster``: the DeepMamba checkpoint for μ_Mamba (None leaves
-    it neutral, as a backtest without the checkpoint does)."""
-    from core.market_data import neural_memberships
+    earlier bars do not change). ``neural``: μ_Mamba per bar from the DeepMamba checkpoint (None
+    leaves it neutral, as a backtest without the checkpoint does)."""
     from intelligence.features import compute_bar_features
 
     inputs = feed.feature_inputs()
-    neural = None
-    if forecaster is not None:
-        neural = neural_memberships(forecaster, inputs["base"], inputs["session_close_ns"], inputs["daily_iv"],
-                                    inputs["target"], config)
+    values = neural(config, inputs) if neural is not None else None
     features = compute_bar_features(config, inputs["base"], inputs["target"], feed.iv_index_bars().to_numpy(),
-                                    inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"], neural=neural,
+                                    inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"], neural=values,
                                     session_close_ns=inputs["session_close_ns"])
     features.description["data"] = feed.describe()
-    features.description["neural"] = str(forecaster.path) if forecaster is not None else "neutral (0.5)"
+    features.description["neural"] = neural.path if neural is not None else "neutral (0.5)"
     return features
 
 
@@ -435,6 +453,7 @@ def write_report(session: LiveSession, out: Path, argv) -> Path:
     run_info = {"command": "python core/main.py " + " ".join(argv), "engine": "live (Alpaca)",
                 "dry_run": session.options.dry_run, "bars": len(session.account_rows),
                 "decision_seconds_median": _median(session.decision_seconds),
+                "decision_seconds_max": max(session.decision_seconds) if session.decision_seconds else None,
                 "order_latency_seconds_median": _median(session.latencies),
                 "requests_per_bar_median": _median(session.requests),
                 "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
@@ -493,8 +512,9 @@ def run(args, config: Config, argv) -> int:
     desk = OrderDesk(broker, journal, DeskSettings(live.price_steps, live.step_seconds, live.order_poll_seconds),
                      underlying=config.backtest.underlying, log=log, stamp=lambda: now["stamp"])
     forecaster = load_configured_forecaster(config, explicit=False) if uses_neural(config) else None
+    neural = NeuralPerBar(forecaster) if forecaster is not None else None
     session = LiveSession(config, broker, feed, journal, desk, options,
-                          features_of=partial(live_features, config, forecaster=forecaster), say=console.print)
+                          features_of=partial(live_features, config, neural=neural), say=console.print)
     try:
         for line in session.start():
             console.print(f"[dim]start[/dim] {line}")
