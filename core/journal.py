@@ -275,6 +275,16 @@ class Journal:
                 held[leg["symbol"]] = held.get(leg["symbol"], 0) + signed
         return {symbol: qty for symbol, qty in held.items() if qty}
 
+    def entries_by_session(self) -> dict[int, int]:
+        """Condors opened (some units filled) per session, as days since 1970-01-01 of the
+        exchange date the intent was made: the engine's daily entry limit across restarts."""
+        out: dict[int, int] = {}
+        for row in self._db.execute("SELECT created_at FROM intents WHERE action = 'open' AND filled_qty > 0"):
+            day = pd.Timestamp(row["created_at"]).tz_convert("America/New_York").tz_localize(None).normalize()
+            key = int(day.value // 86_400_000_000_000)
+            out[key] = out.get(key, 0) + 1
+        return out
+
     def events(self) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM events ORDER BY id").fetchall()
 

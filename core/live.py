@@ -183,7 +183,8 @@ class LiveSession:
         """Reconcile, then rebuild the open condors and the cash from the journal and the account."""
         account = self.broker.account()
         check_account(account)
-        done = self.desk.reconcile()
+        self.desk.reconcile()                  # what it did is in the desk's log and the journal
+        done = []
         for position in self.journal.open_positions():
             expirations, strikes, calls = set(), [], []
             for leg in position["legs"]:
@@ -225,6 +226,8 @@ class LiveSession:
         clock = BarClock.from_times(self.feed.bar_times)
         if self.engine is None:
             self.engine = TradingEngine(self.config, self.portfolio, self.fill_model, clock, features, self.risk)
+            # Entries made before a restart count toward the daily limit.
+            self.engine._entries_by_session.update(self.journal.entries_by_session())
         else:
             self.engine.extend(clock, features)
         snapshot = self._snapshot(bar, clock, FeatureRow(self.engine.feature_columns, bar))
@@ -272,7 +275,7 @@ class LiveSession:
         quotes = snapshot.quote(condor)
         prices = unit_prices(quotes, opening)
         if self.options.dry_run:
-            self.journal.record_intent(intent)
+            self.journal.record_intent(intent, at=snapshot.timestamp)
             self.journal.intent_update(iid, "dry_run", 0)
             self.desk.event("dry_run", f"{iid}: would {action} {condor.quantity} condor(s) {[l.symbol for l in legs]} "
                                        f"from mid {prices.mid:.2f} toward {prices.natural:.2f} ({decision.reason})")

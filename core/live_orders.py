@@ -133,7 +133,7 @@ class OrderDesk:
         """Work ``intent`` to the end (filled, or every attempt spent); ``prices()`` gives the
         current unit prices before each attempt."""
         credit = intent.action == "open"
-        self.journal.record_intent(intent)
+        self.journal.record_intent(intent, at=self._stamp())
         filled_before = sum(int(row["filled_qty"]) for row in self.journal.orders_of(intent.intent_id))
         remaining = intent.quantity - filled_before
         attempt = len(self.journal.orders_of(intent.intent_id))

@@ -102,3 +102,74 @@ def test_a_dry_run_decides_and_journals_without_sending(session, capsys):
     intents = journal_rows(out, "SELECT action, status FROM intents")
     assert intents == [{"action": "open", "status": "dry_run"}]
     assert "dry run: would open" in text
+
+
+class Killed(BaseException):
+    """Stands in for the process being killed: nothing in the driver catches it."""
+
+
+def test_a_driver_killed_between_sending_an_order_and_recording_it_restarts_without_a_duplicate(
+        session, monkeypatch, capsys):
+    from core.broker import AlpacaBroker
+
+    fake, config, out = session
+    fake.fill_fraction = 1.0                     # the first attempt (at mid) fills
+    send = AlpacaBroker.submit_mleg
+
+    def send_then_die(self, *args, **kwargs):
+        send(self, *args, **kwargs)              # the broker has the order ...
+        raise Killed()                           # ... and the journal never hears the answer
+
+    monkeypatch.setattr(AlpacaBroker, "submit_mleg", send_then_die)
+    args = ["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--out", str(out)]
+    with pytest.raises(Killed):
+        main([*args, "--max-bars", "20"])
+    [order] = journal_rows(out, "SELECT client_order_id, status FROM orders")
+    assert order["status"] == "sending"
+    assert [o["status"] for o in fake.orders] == ["filled"] and any(fake.positions.values())
+
+    monkeypatch.setattr(AlpacaBroker, "submit_mleg", send)
+    capsys.readouterr()
+    status = main([*args, "--max-bars", "20"])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    assert f"reconcile {order['client_order_id']}: filled at the broker" in text   # reconciled at start
+    assert "open condor" in text and "from the journal" in text
+    opens = [o for o in fake.orders if str(o["client_order_id"]).startswith("cb-open")]
+    assert len(opens) == 1                                                      # never sent again
+    intents = journal_rows(out, "SELECT action, status FROM intents ORDER BY created_at")
+    assert intents[0] == {"action": "open", "status": "filled"}, text
+    assert all(i == {"action": "close", "status": "filled"} for i in intents[1:]), text
+    # The restored condor is managed: the journal's fills are the broker's positions.
+    from core.journal import Journal
+
+    journal = Journal(out / "journal.sqlite")
+    assert journal.expected_legs() == {s: q for s, q in fake.positions.items() if q}
+    journal.close()
+
+
+def test_ctrl_c_cancels_the_working_order_and_leaves_nothing_unknown(session, monkeypatch, capsys):
+    from core.broker import AlpacaBroker
+
+    fake, config, out = session
+    fake.fill_mode = "never"                     # the order keeps working
+    read = AlpacaBroker.order
+    calls = []
+
+    def read_then_interrupt(self, order_id):
+        calls.append(order_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt()            # Ctrl-C while the desk waits on a working order
+        return read(self, order_id)
+
+    monkeypatch.setattr(AlpacaBroker, "order", read_then_interrupt)
+    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "20",
+                   "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 130, text
+    assert "1 working order(s) cancelled" in text
+    ours = [o for o in fake.orders if str(o["client_order_id"]).startswith("cb-")]
+    assert ours and all(o["status"] == "canceled" for o in ours)
+    unresolved = journal_rows(out, "SELECT * FROM orders WHERE status NOT IN ('filled', 'canceled', 'expired', "
+                                   "'not_placed')")
+    assert unresolved == []
