@@ -743,6 +743,8 @@ class LiveConfig(_Section):
     stock_feed: Literal["iex", "sip", "delayed_sip"] = "iex"
     option_feed: Literal["indicative", "opra"] = "indicative"
     warmup_sessions: int = Field(40, ge=5, le=400, description="sessions of bars the indicators warm up on")
+    chain_strike_range: float = Field(0.15, gt=0.0, le=0.5,
+                                      description="the chain snapshot's strikes within this share of spot")
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,6 +175,7 @@ class LiveSession:
         self.latencies: list[float] = []              # seconds from the bar's data in hand to the first order sent
         self.decision_seconds: list[float] = []       # seconds from the bar's data in hand to the decisions
         self.requests: list[int] = []                 # broker + data requests per decision bar
+        self.data_seconds: list[float] = []           # seconds to fetch a bar's bars and chain snapshot
         self.starting_equity: float | None = None
         self.features_description: dict = {}
 
@@ -458,6 +459,7 @@ def write_report(session: LiveSession, out: Path, argv) -> Path:
                 "decision_seconds_median": _median(session.decision_seconds),
                 "decision_seconds_max": max(session.decision_seconds) if session.decision_seconds else None,
                 "order_latency_seconds_median": _median(session.latencies),
+                "data_fetch_seconds_median": _median(session.data_seconds),
                 "requests_per_bar_median": _median(session.requests),
                 "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
     description = {"source": "Alpaca (live)", "synthetic": False, **session.features_description.get("data", {})}
@@ -510,7 +512,8 @@ def run(args, config: Config, argv) -> int:
     stock, option = data_clients(credentials, endpoints, live.request_timeout)
     feed = AlpacaFeed(stock, option, underlying=config.backtest.underlying, stock_feed=live.stock_feed,
                       option_feed=live.option_feed, dte_min=config.strategy.dte_min, dte_max=config.strategy.dte_max,
-                      base_bar_minutes=config.mtf.base_bar_minutes, warmup_sessions=live.warmup_sessions)
+                      base_bar_minutes=config.mtf.base_bar_minutes, warmup_sessions=live.warmup_sessions,
+                      strike_range=live.chain_strike_range, request_timeout_s=live.request_timeout)
     now = {"stamp": None}
     desk = OrderDesk(broker, journal, DeskSettings(live.price_steps, live.step_seconds, live.order_poll_seconds),
                      underlying=config.backtest.underlying, log=log, stamp=lambda: now["stamp"])
@@ -531,6 +534,8 @@ def run(args, config: Config, argv) -> int:
         clock = broker.clock()
         now["stamp"] = clock["timestamp"]
         feed.warm_up(clock["timestamp"])
+        # The warm-up's features (and μ_Mamba over its history) now, not in the first bar's decision.
+        session.features_of(feed)
         while options.max_bars is None or bars < options.max_bars:
             try:
                 clock = broker.clock()
@@ -544,10 +549,12 @@ def run(args, config: Config, argv) -> int:
                     continue
                 closed_said = False
                 before = session.requests_made() - 1          # the clock read above belongs to this bar
+                fetch_started = time.perf_counter()
                 bar = feed.refresh(clock["timestamp"])
                 if bar is None:
                     time.sleep(options.poll_seconds)
                     continue
+                session.data_seconds.append(time.perf_counter() - fetch_started)
                 session.step(bar, before)
                 bars += 1
                 write_report(session, options.out, argv)

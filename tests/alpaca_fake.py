@@ -12,9 +12,41 @@ What the fake models
   ``set_time``. Sessions are NYSE regular hours from ``exchange_calendars`` (XNYS: holidays and
   13:00 early closes), plus the extra 13:00 closes named in ``half_days``.
 - **SPY.** A seeded random walk, one step per 5-minute regular-session bar (about 15 % annual
-  volatility) with a small overnight gap at each session's first bar. The path is anchored so that
-  the latest completed bar at the start time closes at ``spot``; ``history_days`` sessions of bars
-  precede it. ``fake.spot`` is always the latest completed close (or the value a test forced).
+  volatility) with a small overnight gap at each session's first bar: the MASTER path, from which
+  quotes, fills, ``fake.spot`` and every other bar size derive. It is anchored so that the latest
+  completed bar at the start time closes at ``spot``; ``history_days`` sessions (trading days) of
+  bars precede the start day and bound every timeframe, and the path runs on to the end of the
+  calendar. ``fake.spot`` is always the latest completed 5-minute close (or the value a test
+  forced); a 1-minute bar of the forming 5-minute bar may already have moved away from it.
+- **QQQ** (only with ``stocks=("SPY", "QQQ")``; the default fake serves SPY alone, so QQQ is
+  absent like any other symbol: tests/test_alpaca_feed.py relies on that). Its own seeded
+  stream: each 5-minute log return is 1.15 x SPY's (gaps and forced moves included) + independent
+  noise of 0.1 % (correlation about 0.75), anchored so that the bar completed at the start closes
+  at 0.85 x ``spot``. Bars only: no quotes, trades or options.
+- **Stock bars** (``/v2/stocks/bars``), regular session only, completed bars only for intraday
+  timeframes (start + width <= now):
+  ``5Min`` the master path. ``1Min``: five bars per 5-minute bar, deterministic (seeded by symbol
+  and session date, so any range gives the same bars): the first opens at the 5-minute open, the
+  last closes at its close, the closes between follow a Brownian bridge (clipped to the 5-minute
+  range), each minute opens at the previous close, every high/low lies inside the 5-minute
+  high/low and the minute nearest the 5-minute high (low) reaches it, volumes sum to the 5-minute
+  volume. ``10/15/20/30Min`` and ``1Hour``: the session's 5-minute bars in clock-aligned buckets
+  (Alpaca aligns bars to the clock: the 1Hour bar stamped 09:00 holds 09:30-10:00). ``1Day``: one
+  bar per session from its 5-minute bars (first open, extremes, last close, summed volume),
+  stamped at the session date's New York midnight in UTC (``2026-12-04T05:00:00Z``) like Alpaca;
+  sessions closed by now, plus - as Alpaca does - the session under way while it is open: its bar
+  so far, from the completed 5-minute bars and the completed minutes of the forming one (no bar
+  before its first minute is done). Trade counts are volume // 120 (summed when aggregated);
+  ``vw`` is (h + l + c) / 3 (volume-weighted when aggregated). Short units (``1T``, ``1H``,
+  ``1D``) are accepted; any other timeframe is a 422. ``symbols=SPY,QQQ`` answers
+  ``{"bars": {"QQQ": [...], "SPY": [...]}, "next_page_token": ...}``: symbols in sorted order, each
+  by time (``sort=desc``: newest first within a symbol), ``limit`` (<= 10000, default 1000) counting
+  bars across symbols, and the token naming the symbol and start time the next page begins with.
+  ``start``/``end`` are inclusive on the bar's stamp (default: today's midnight … now); ``feed``
+  may be iex, sip or delayed_sip (no SIP 15-minute restriction); ``adjustment`` and ``asof`` are
+  ignored. Bars are computed per request (numpy, vectorised) from the 5-minute arrays: a 900-day
+  history adds a few milliseconds to the build (the contract listing, ~0.2 s for a new seed, is
+  the bulk of it) and 40 sessions of minutes cost a few tens of milliseconds a page.
 - **Options.** SPY contracts listed once at construction: every trading day for 60 calendar days,
   strikes every $1 from 0.8x to 1.2x spot. Quotes are Black–Scholes (r = 4 %, q = 1.3 %) with a
   smooth put skew, iv = 0.16 x (1 - 2m + 8m^2), m = ln(K/S); the spread is max($0.01, 4 % of the
@@ -48,13 +80,14 @@ spread over the other legs; after rounding to cents the leftover cent(s) go on t
 Endpoints: ``/v2/clock``, ``/v2/account``, ``/v2/account/activities/FILL``, ``/v2/positions[/{symbol}]``,
 ``/v2/orders`` (POST, GET, DELETE), ``/v2/orders:by_client_order_id``, ``/v2/orders/{id}`` (GET,
 PATCH, DELETE), ``/v2/options/contracts[/{symbol_or_id}]``, ``/v1beta1/options/snapshots[/{underlying}]``,
-``/v1beta1/options/quotes/latest``, ``/v2/stocks/bars`` (5Min only), ``/v2/stocks/{trades,quotes}/latest``.
+``/v1beta1/options/quotes/latest``, ``/v2/stocks/bars``, ``/v2/stocks/{trades,quotes}/latest`` (SPY only).
 Anything else answers 404 (405 for a known path with another method). Keys are checked on every
 request (the ``APCA-API-*`` headers, or the data clients' ``use_basic_auth``).
 
 Not modelled: buying power and margin (``buying_power`` = ``options_buying_power`` = cash; use
 ``Fault(kind="reject")`` for an insufficient-buying-power answer), market-data subscriptions (no
-SIP 15-minute limit), ``pending_*`` statuses, trade streams, exercise and assignment before expiry.
+SIP 15-minute limit), extended-hours bars, split/dividend adjustment, ``pending_*`` statuses,
+trade streams, exercise and assignment before expiry.
 
 Thread safety: every request and every public method runs under one lock; an injected timeout
 sleeps outside it, so other requests are served meanwhile.
@@ -90,7 +123,12 @@ __all__ = ["FakeAlpaca", "Fault", "FAULT_KINDS"]
 
 NEW_YORK = "America/New_York"
 UNDERLYING = "SPY"
-BAR_MINUTES = 5
+PAIR_SYMBOL = "QQQ"
+STOCK_SYMBOLS = (UNDERLYING, PAIR_SYMBOL)  # the only stocks the fake can serve bars of
+BAR_MINUTES = 5                           # the master path's bar
+SUB_BARS = BAR_MINUTES                    # 1-minute bars in each 5-minute bar
+MINUTE_NS = 60 * 10**9
+BAR_NS = BAR_MINUTES * MINUTE_NS
 CONTRACT_MULTIPLIER = 100
 LISTED_DAYS = 60            # expirations listed for this many calendar days after the start
 CALENDAR_HORIZON_DAYS = 130  # the clock may run this far past the start (sessions and bars exist)
@@ -99,6 +137,12 @@ STRIKE_RANGE = (0.8, 1.2)   # listed strikes, as fractions of the start spot
 ANNUAL_VOL = 0.15
 STEP_VOL = ANNUAL_VOL / math.sqrt(252 * 78)  # one 5-minute step of a 78-bar session
 GAP_VOL = 0.003                              # overnight gap at each session's first bar
+QQQ_BETA = 1.15                              # QQQ's 5-minute log return = beta x SPY's + noise
+QQQ_NOISE = 0.001                            # the independent part, per 5-minute bar
+QQQ_PRICE_RATIO = 0.85                       # QQQ / SPY at the start time
+QQQ_STEP_VOL = math.hypot(QQQ_BETA * STEP_VOL, QQQ_NOISE)
+# Seeds of the random streams besides SPY's master path (np.random.default_rng([seed, tag, ...])).
+_STREAM_TAGS = {"QQQ": 2, "sub:SPY": 3, "sub:QQQ": 4}
 RATE, DIVIDEND_YIELD = 0.04, 0.013
 BASE_IV = 0.16
 YEAR_SECONDS = 365.0 * 86400.0
@@ -259,6 +303,112 @@ def _decode_page_token(token: str | None) -> int:
     raise _ApiError(400, 40010000, "invalid page_token")
 
 
+def _encode_bar_token(symbol: str, start_ns: int) -> str:
+    """A stock-bars page token: the symbol and start time of the first bar of the next page."""
+    return base64.urlsafe_b64encode(f"bar:{symbol}:{start_ns}".encode()).decode()
+
+
+def _decode_bar_token(token: str | None) -> tuple[str, int] | None:
+    if not token:
+        return None
+    try:
+        kind, symbol, number = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if kind == "bar" and symbol and number.lstrip("-").isdigit():
+            return symbol, int(number)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise _ApiError(400, 40010000, "invalid page_token")
+
+
+def _cents_array(values: np.ndarray) -> np.ndarray:
+    """``_cents`` of positive prices, element by element (the same float operations)."""
+    return np.floor(values * 100.0 + 0.5 + 1e-9) / 100.0
+
+
+_TIMEFRAME_TEXT = re.compile(r"([1-9][0-9]*)(Min|T|Hour|H|Day|D|Week|W|Month|M)")
+SERVED_TIMEFRAMES = "1Min, 5Min, 10Min, 15Min, 20Min, 30Min, 1Hour, 1Day"
+
+
+def _timeframe_minutes(text: str | None) -> int | None:
+    """Minutes per bar of a ``timeframe`` the fake serves (None: 1Day); 422 for any other. The
+    real API also takes the short units (``5T``, ``1H``, ``1D``); so does the fake."""
+    match = _TIMEFRAME_TEXT.fullmatch(text or "")
+    if match is not None:
+        amount, unit = int(match.group(1)), match.group(2)
+        if unit in ("Min", "T") and (amount == 1 or (amount % BAR_MINUTES == 0 and 60 % amount == 0)):
+            return amount
+        if unit in ("Hour", "H") and amount == 1:
+            return 60
+        if unit in ("Day", "D") and amount == 1:
+            return None
+    raise _ApiError(422, 42210000, f"the fake serves timeframe={SERVED_TIMEFRAMES} only, not {text!r}")
+
+
+@dataclass
+class _BarTable:
+    """Bars as columns: start time (UTC ns), prices (floats on the cent grid), volume, trade
+    count and an unrounded vwap (rounded to 4 places when written, as Python's ``round``)."""
+
+    t: np.ndarray
+    o: np.ndarray
+    h: np.ndarray
+    l: np.ndarray  # noqa: E741 - Alpaca's own field name
+    c: np.ndarray
+    v: np.ndarray
+    n: np.ndarray
+    vw: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def take(self, index) -> "_BarTable":
+        return _BarTable(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+    @staticmethod
+    def concat(tables: list["_BarTable"]) -> "_BarTable":
+        return _BarTable(*(np.concatenate([getattr(t, f.name) for t in tables])
+                           for f in dataclasses.fields(_BarTable)))
+
+    def aggregate(self, keys: np.ndarray, stamps: np.ndarray) -> "_BarTable":
+        """One bar per run of equal ``keys`` (the rows are in time order): first open, extreme
+        high and low, last close, summed volume and trade count, volume-weighted vwap; stamped
+        with ``stamps`` of the run's first row."""
+        if not len(self):
+            return self
+        first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        last = np.r_[first[1:], len(keys)] - 1
+        volume = np.add.reduceat(self.v, first)
+        return _BarTable(stamps[first], self.o[first], np.maximum.reduceat(self.h, first),
+                         np.minimum.reduceat(self.l, first), self.c[last], volume,
+                         np.add.reduceat(self.n, first),
+                         np.add.reduceat(self.vw * self.v, first) / np.maximum(volume, 1))
+
+    def json_rows(self) -> list[dict]:
+        stamps = np.datetime_as_string(self.t.astype("datetime64[ns]").astype("datetime64[s]"), unit="s")
+        return [{"t": f"{t}Z", "o": o, "h": h, "l": low, "c": c, "v": v, "n": n, "vw": round(vw, 4)}
+                for t, o, h, low, c, v, n, vw in zip(stamps.tolist(), self.o.tolist(), self.h.tolist(),
+                                                     self.l.tolist(), self.c.tolist(), self.v.tolist(),
+                                                     self.n.tolist(), self.vw.tolist())]
+
+
+def _empty_bar_table() -> _BarTable:
+    ints, floats = np.empty(0, dtype=np.int64), np.empty(0)
+    return _BarTable(ints, floats, floats, floats, floats, ints, ints, floats)
+
+
+@dataclass
+class _Path:
+    """One stock's 5-minute path: log closes, the log move open -> close of each bar (the rest
+    of a bar's log return is the gap from the previous close), wicks and volumes."""
+
+    log_close: np.ndarray
+    step: np.ndarray
+    wick_up: np.ndarray
+    wick_down: np.ndarray
+    volume: np.ndarray
+    step_vol: float
+
+
 # ---------------------------------------------------------------------------------------------
 # Internal records
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +552,8 @@ class _Sessions:
             i = index_of[day]
             self.closes[i] = min(self.closes[i], pd.Timestamp(f"{day} 13:00", tz=NEW_YORK))
         self.close_by_day = dict(zip(self.days, self.closes))
-        self._open_ns = np.array([ts.value for ts in self.opens], dtype=np.int64)
-        self._close_ns = np.array([ts.value for ts in self.closes], dtype=np.int64)
+        self.open_ns = self._open_ns = np.array([ts.value for ts in self.opens], dtype=np.int64)
+        self.close_ns = self._close_ns = np.array([ts.value for ts in self.closes], dtype=np.int64)
 
     def index_of_open_session(self, ts: pd.Timestamp) -> int | None:
         i = int(np.searchsorted(self._close_ns, ts.value, side="right"))  # first close > ts
@@ -528,11 +678,16 @@ class FakeAlpaca:
 
     def __init__(self, now="2026-12-07 09:30", spot: float = 600.0, seed: int = 0,
                  options_level: int = 3, cash: float = 100_000.0, key_id: str = "test-key",
-                 secret_key: str = "test-secret", half_days: Iterable = (), history_days: int = 30):
+                 secret_key: str = "test-secret", half_days: Iterable = (), history_days: int = 30,
+                 stocks: Iterable[str] = (UNDERLYING,)):
         if spot <= 0:
             raise ValueError("spot must be positive")
         if history_days < 0:
             raise ValueError("history_days must be >= 0")
+        stocks = tuple(dict.fromkeys(s.upper() for s in ([stocks] if isinstance(stocks, str) else stocks)))
+        if UNDERLYING not in stocks or not set(stocks) <= set(STOCK_SYMBOLS):
+            raise ValueError(f"stocks must include {UNDERLYING} and name only {STOCK_SYMBOLS}, got {stocks}")
+        self.stocks = stocks
         self._lock = threading.RLock()
         self._now = _as_new_york(now)
         self._start = self._now
@@ -545,7 +700,8 @@ class FakeAlpaca:
         self._fill_fraction = 0.5
 
         start_day = self._now.date()
-        history_span = timedelta(days=int(history_days * 7 / 5) + 15)
+        # ~252 sessions a year: 1.46 calendar days a session leaves room for holidays.
+        history_span = timedelta(days=int(history_days * 1.46) + 20)
         self._sessions = _Sessions(start_day - history_span,
                                    start_day + timedelta(days=CALENDAR_HORIZON_DAYS), half_days)
         self._build_price_path(spot, history_days)
@@ -655,7 +811,8 @@ class FakeAlpaca:
     @spot.setter
     def spot(self, value: float) -> None:
         """Force the current SPY price: quotes use it at once, and the path continues from it
-        (bars not yet completed are shifted; completed bars stay as served). Working orders are
+        (bars not yet completed are shifted, the forming 5-minute bar's minutes already served
+        too; completed 5-minute bars stay as served; QQQ follows x 1.15). Working orders are
         re-checked at the next ``advance``/``set_time``."""
         if value <= 0:
             raise ValueError("spot must be positive")
@@ -663,6 +820,7 @@ class FakeAlpaca:
             completed = self._completed_bars(self._now)
             self._log_close[completed:] += math.log(value) - math.log(self._spot_at(self._now))
             self._spot_pin = (completed, float(value))
+            self._qqq_log_close = None  # QQQ follows SPY's forced move (x beta)
 
     def quote(self, occ_symbol: str) -> tuple[float, float]:
         """(bid, ask) of a listed contract now; KeyError for an unknown symbol."""
@@ -733,14 +891,18 @@ class FakeAlpaca:
         sessions = self._sessions
         first = next(i for i, day in enumerate(sessions.days) if day >= self._start.date())
         first = max(0, first - history_days)
-        starts, first_bar = [], []
-        for open_ts, close_ts in zip(sessions.opens[first:], sessions.closes[first:]):
-            count = int((close_ts - open_ts) / pd.Timedelta(minutes=BAR_MINUTES))
-            starts.append(open_ts.value + np.arange(count, dtype=np.int64) * BAR_MINUTES * 60 * 10**9)
-            first_bar.append(np.arange(count) == 0)
-        self._bar_start_ns = np.concatenate(starts)
-        self._bar_end_ns = self._bar_start_ns + BAR_MINUTES * 60 * 10**9
-        is_first = np.concatenate(first_bar)
+        open_ns = sessions.open_ns[first:]
+        counts = (sessions.close_ns[first:] - open_ns) // BAR_NS
+        # The path's sessions (index 0 = the first history session) and where each one's bars begin.
+        self._path_days = sessions.days[first:]
+        self._session_first_bar = np.r_[0, np.cumsum(counts)]
+        self._bar_session = np.repeat(np.arange(len(counts)), counts)
+        within = np.arange(self._session_first_bar[-1]) - self._session_first_bar[self._bar_session]
+        self._bar_start_ns = open_ns[self._bar_session] + within * BAR_NS
+        self._bar_end_ns = self._bar_start_ns + BAR_NS
+        midnight = pd.DatetimeIndex(pd.to_datetime(self._path_days)).tz_localize(NEW_YORK)
+        self._session_midnight_ns = midnight.as_unit("ns").asi8  # Alpaca's stamp of a daily bar
+        is_first = within == 0
         is_first[0] = False  # nothing before the first bar to gap from
         count = len(self._bar_start_ns)
 
@@ -753,11 +915,13 @@ class FakeAlpaca:
         # Anchor: the latest bar completed at the start closes at `spot` (with no bar yet, `spot`
         # is the close of an imaginary bar before the first one).
         cumulative = np.cumsum(self._step + gap)
-        anchor_index = self._completed_bars(self._start)
-        anchor = cumulative[anchor_index - 1] if anchor_index else 0.0
+        self._anchor_index = self._completed_bars(self._start)
+        anchor = cumulative[self._anchor_index - 1] if self._anchor_index else 0.0
         self._log_close = math.log(spot) + cumulative - anchor
         self._spot_before_first_bar = float(spot)
         self._spot_pin: tuple[int, float] | None = None
+        self._qqq_draws: tuple[np.ndarray, ...] | None = None  # drawn at the first QQQ request
+        self._qqq_log_close: np.ndarray | None = None          # dropped when SPY's path is forced
 
     def _completed_bars(self, ts: pd.Timestamp) -> int:
         return int(np.searchsorted(self._bar_end_ns, ts.value, side="right"))
@@ -770,16 +934,81 @@ class FakeAlpaca:
             return self._spot_before_first_bar
         return _cents(math.exp(self._log_close[completed - 1]))
 
-    def _bar_json(self, i: int) -> dict:
-        close = math.exp(self._log_close[i])
-        open_ = close / math.exp(self._step[i])  # open = previous close (x overnight gap)
-        o, c = _cents(open_), _cents(close)
-        h = max(_cents(max(open_, close) * math.exp(self._wick_up[i])), o, c)
-        low = min(_cents(min(open_, close) * math.exp(-self._wick_down[i])), o, c)
-        volume = int(self._volume[i])
-        return {"t": _utc_text(pd.Timestamp(int(self._bar_start_ns[i]), tz="UTC"), 0),
-                "o": o, "h": h, "l": low, "c": c, "v": volume, "n": volume // 120,
-                "vw": round((h + low + c) / 3.0, 4)}
+    def _path(self, symbol: str) -> _Path:
+        """SPY's master path, or QQQ's: its own seeded stream on top of SPY's current path."""
+        if symbol == UNDERLYING:
+            return _Path(self._log_close, self._step, self._wick_up, self._wick_down, self._volume, STEP_VOL)
+        count = len(self._bar_start_ns)
+        if self._qqq_draws is None:
+            rng = np.random.default_rng([self._seed, _STREAM_TAGS["QQQ"]])
+            self._qqq_draws = (rng.standard_normal(count) * QQQ_NOISE,
+                               np.abs(rng.standard_normal(count)) * QQQ_STEP_VOL * 0.6,
+                               np.abs(rng.standard_normal(count)) * QQQ_STEP_VOL * 0.6,
+                               rng.integers(100_000, 700_000, count))
+        noise, wick_up, wick_down, volume = self._qqq_draws
+        if self._qqq_log_close is None:
+            # beta x SPY's 5-minute log returns (gaps and forced moves included) + noise, anchored
+            # at the start like SPY: the bar completed at the start closes at 0.85 x spot.
+            spy_return = np.diff(self._log_close, prepend=self._log_close[0] - self._step[0])
+            cumulative = np.cumsum(QQQ_BETA * spy_return + noise)
+            anchor = cumulative[self._anchor_index - 1] if self._anchor_index else 0.0
+            self._qqq_log_close = math.log(QQQ_PRICE_RATIO * self._spot_before_first_bar) + cumulative - anchor
+        return _Path(self._qqq_log_close, QQQ_BETA * self._step + noise, wick_up, wick_down, volume, QQQ_STEP_VOL)
+
+    def _five_minute_bars(self, symbol: str, lo: int, hi: int) -> _BarTable:
+        """The master path's bars ``lo … hi − 1`` of ``symbol``: open = previous close x the
+        overnight gap, wicks beyond the body, prices on the cent grid."""
+        path = self._path(symbol)
+        close = np.exp(path.log_close[lo:hi])
+        open_ = close / np.exp(path.step[lo:hi])
+        o, c = _cents_array(open_), _cents_array(close)
+        h = np.maximum(_cents_array(np.maximum(open_, close) * np.exp(path.wick_up[lo:hi])), np.maximum(o, c))
+        low = np.minimum(_cents_array(np.minimum(open_, close) * np.exp(-path.wick_down[lo:hi])), np.minimum(o, c))
+        volume = path.volume[lo:hi].astype(np.int64)
+        return _BarTable(self._bar_start_ns[lo:hi], o, h, low, c, volume, volume // 120, (h + low + c) / 3.0)
+
+    def _sub_bar_draws(self, symbol: str, lo: int, hi: int) -> np.ndarray:
+        """Random draws (5 normals, 15 uniforms) for each 5-minute bar ``lo … hi − 1``, seeded by
+        the symbol and the session date: the same whatever range a request asks for."""
+        tag = _STREAM_TAGS[f"sub:{symbol}"]
+        parts = []
+        for session in range(int(self._bar_session[lo]), int(self._bar_session[hi - 1]) + 1):
+            rng = np.random.default_rng([self._seed, tag, self._path_days[session].toordinal()])
+            bars = int(self._session_first_bar[session + 1] - self._session_first_bar[session])
+            parts.append(np.column_stack([rng.standard_normal((bars, SUB_BARS)), rng.random((bars, 3 * SUB_BARS))]))
+        offset = lo - int(self._session_first_bar[self._bar_session[lo]])
+        return np.concatenate(parts)[offset:offset + hi - lo]
+
+    def _one_minute_bars(self, symbol: str, lo: int, hi: int) -> _BarTable:
+        """Five 1-minute bars inside each 5-minute bar ``lo … hi − 1`` (module docstring)."""
+        if hi <= lo:
+            return _empty_bar_table()
+        five = self._five_minute_bars(symbol, lo, hi)
+        draws = self._sub_bar_draws(symbol, lo, hi)
+        count, rows = hi - lo, np.arange(hi - lo)
+        o5, h5, l5, c5 = (np.rint(x * 100.0).astype(np.int64)[:, None] for x in (five.o, five.h, five.l, five.c))
+        # Closes: a Brownian bridge from the open to the close (a minute's volatility), in cents.
+        sigma = five.o[:, None] * 100.0 * self._path(symbol).step_vol / math.sqrt(SUB_BARS)
+        walk = np.cumsum(draws[:, :SUB_BARS] * sigma, axis=1)
+        share = np.arange(1, SUB_BARS + 1) / SUB_BARS
+        close = np.rint(o5 + (c5 - o5) * share + walk - share * walk[:, -1:]).astype(np.int64)
+        close = np.clip(close, l5, h5)
+        close[:, -1] = c5[:, 0]
+        open_ = np.concatenate([o5, close[:, :-1]], axis=1)
+        top, bottom = np.maximum(open_, close), np.minimum(open_, close)
+        # Wicks: part of the room up to the 5-minute high / down to its low; the minute nearest
+        # the 5-minute high (low) reaches it.
+        high = top + np.floor(draws[:, SUB_BARS:2 * SUB_BARS] * (h5 - top) * 0.5).astype(np.int64)
+        low = bottom - np.floor(draws[:, 2 * SUB_BARS:3 * SUB_BARS] * (bottom - l5) * 0.5).astype(np.int64)
+        high[rows, np.argmax(top, axis=1)] = h5[:, 0]
+        low[rows, np.argmin(bottom, axis=1)] = l5[:, 0]
+        weights = 0.5 + draws[:, 3 * SUB_BARS:]
+        volume = np.floor(five.v[:, None] * weights / weights.sum(axis=1, keepdims=True)).astype(np.int64)
+        volume[rows, np.argmax(volume, axis=1)] += five.v - volume.sum(axis=1)
+        stamps = five.t[:, None] + np.arange(SUB_BARS, dtype=np.int64) * MINUTE_NS
+        o, h, low, c = (x.reshape(count * SUB_BARS) / 100.0 for x in (open_, high, low, close))
+        volume = volume.reshape(count * SUB_BARS)
+        return _BarTable(stamps.reshape(count * SUB_BARS), o, h, low, c, volume, volume // 120, (h + low + c) / 3.0)
 
     # ----- contracts and quotes ----------------------------------------------------------------
 
@@ -1579,9 +1808,7 @@ class FakeAlpaca:
 
     def _get_stock_bars(self, request: _Request) -> _Reply:
         query = request.query
-        if query.get("timeframe") != f"{BAR_MINUTES}Min":
-            raise _ApiError(422, 42210000, f"the fake serves timeframe={BAR_MINUTES}Min only, "
-                                           f"not {query.get('timeframe')!r}")
+        minutes = _timeframe_minutes(query.get("timeframe"))
         if query.get("feed") not in (None, "iex", "sip", "delayed_sip"):
             raise _ApiError(400, 40010000, f"invalid feed: {query['feed']}")
         sort = query.get("sort", "asc")
@@ -1594,19 +1821,75 @@ class FakeAlpaca:
         start = self._parse_time(query["start"], "start") if "start" in query else self._now.normalize()
         end = self._parse_time(query["end"], "end") if "end" in query else self._now
         limit = self._int_param(query, "limit", 1000, 1, 10_000)
-        if UNDERLYING not in symbols:
-            return _json_reply(200, {"bars": {}, "next_page_token": None})
-        completed = self._completed_bars(self._now)  # only bars that have ended by now
-        first = int(np.searchsorted(self._bar_start_ns, start.value, side="left"))
-        last = min(int(np.searchsorted(self._bar_start_ns, end.value, side="right")), completed)
-        indices = list(range(first, max(first, last)))
-        if sort == "desc":
-            indices.reverse()
-        offset = _decode_page_token(query.get("page_token"))
-        page = indices[offset:offset + limit]
-        token = _encode_page_token(offset + limit) if offset + limit < len(indices) else None
-        bars = {UNDERLYING: [self._bar_json(i) for i in page]} if page else {}
-        return _json_reply(200, {"bars": bars, "next_page_token": token})
+        token = _decode_bar_token(query.get("page_token"))
+        # Symbols in sorted order, each by time; `limit` counts bars across symbols, and the token
+        # names the symbol and start time of the first bar the next page begins with.
+        bars: dict[str, list] = {}
+        taken, next_token = 0, None
+        for symbol in sorted(set(symbols) & set(self.stocks)):
+            if token is not None and symbol < token[0]:
+                continue
+            table = self._bars(symbol, minutes, start.value, end.value)
+            order = np.arange(len(table)) if sort == "asc" else np.arange(len(table))[::-1]
+            if token is not None and symbol == token[0]:
+                stamps = table.t[order]
+                order = order[stamps >= token[1]] if sort == "asc" else order[stamps <= token[1]]
+            if not len(order):
+                continue
+            if taken == limit:
+                next_token = _encode_bar_token(symbol, int(table.t[order[0]]))
+                break
+            page = order[:limit - taken]
+            bars[symbol] = table.take(page).json_rows()
+            taken += len(page)
+            if len(page) < len(order):
+                next_token = _encode_bar_token(symbol, int(table.t[order[len(page)]]))
+                break
+        return _json_reply(200, {"bars": bars, "next_page_token": next_token})
+
+    def _bars(self, symbol: str, minutes: int | None, start_ns: int, end_ns: int) -> _BarTable:
+        """Every bar of ``symbol`` that Alpaca would answer now for a timeframe (``minutes``, None:
+        1Day) and a start/end (inclusive, on the bar's stamp), in time order."""
+        now_ns = self._now.value
+        starts = self._bar_start_ns
+        completed = self._completed_bars(self._now)
+        if minutes == BAR_MINUTES:
+            lo = int(np.searchsorted(starts, start_ns, side="left"))
+            hi = min(int(np.searchsorted(starts, end_ns, side="right")), completed)
+            return self._five_minute_bars(symbol, lo, max(lo, hi))
+        if minutes == 1:
+            # The 5-minute bars holding a minute in range, the one forming now included.
+            lo = int(np.searchsorted(starts, start_ns - (SUB_BARS - 1) * MINUTE_NS, side="left"))
+            hi = min(int(np.searchsorted(starts, end_ns, side="right")), completed + 1, len(starts))
+            table = self._one_minute_bars(symbol, lo, hi)
+            keep = (table.t >= start_ns) & (table.t <= end_ns) & (table.t + MINUTE_NS <= now_ns)
+            return table.take(keep)
+        if minutes is not None:
+            # Clock-aligned buckets of the session's 5-minute bars, as Alpaca aligns its bars:
+            # the 1Hour bar stamped 09:00 holds 09:30-10:00. Only buckets that have ended.
+            width = minutes * MINUTE_NS
+            lo = int(np.searchsorted(starts, start_ns - start_ns % width, side="left"))
+            hi = min(int(np.searchsorted(starts, end_ns - end_ns % width + width, side="left")), completed)
+            five = self._five_minute_bars(symbol, lo, max(lo, hi))
+            bucket = five.t - five.t % width
+            table = five.aggregate(bucket, bucket)
+            keep = (table.t >= start_ns) & (table.t <= end_ns) & (table.t + width <= now_ns)
+            return table.take(keep)
+        # 1Day: the sessions stamped (New York midnight) in range; a session under way is its bar
+        # so far (completed 5-minute bars and the completed minutes of the forming one).
+        first = int(np.searchsorted(self._session_midnight_ns, start_ns, side="left"))
+        last = int(np.searchsorted(self._session_midnight_ns, end_ns, side="right"))
+        if last <= first:
+            return _empty_bar_table()
+        lo = int(self._session_first_bar[first])
+        hi = min(int(self._session_first_bar[last]), completed)
+        tables = [self._five_minute_bars(symbol, lo, max(lo, hi))]
+        if lo <= completed < self._session_first_bar[last]:
+            forming = self._one_minute_bars(symbol, completed, completed + 1)
+            tables.append(forming.take(forming.t + MINUTE_NS <= now_ns))
+        table = _BarTable.concat(tables)
+        session = self._bar_session[np.searchsorted(starts, table.t, side="right") - 1]
+        return table.aggregate(session, self._session_midnight_ns[session])
 
     def _spy_symbols(self, query: dict) -> bool:
         symbols = [s for s in query.get("symbols", "").split(",") if s]

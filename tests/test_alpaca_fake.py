@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 
+import numpy as np
 import pandas as pd
 import pytest
 import requests
@@ -410,6 +412,316 @@ def test_bars_are_seeded():
             return list(bars_df(StockHistoricalDataClient(KEY, SECRET, url_override=fake.url),
                                 start=ny("2026-12-01"))["close"])
     assert closes(1) == closes(1) != closes(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stock bars: timeframes, QQQ, several symbols, history
+# ---------------------------------------------------------------------------------------------
+
+ONE_MINUTE = TimeFrame(1, TimeFrameUnit.Minute)
+NS_PER_MINUTE = 60 * 10**9
+
+
+@pytest.fixture
+def pair_fake():
+    """SPY and QQQ, 30 sessions of history, the clock at 11:02:30 on a Monday (mid-bar)."""
+    with FakeAlpaca(now=ny("2026-12-07 11:02:30"), spot=600.0, seed=4, history_days=30,
+                    stocks=("SPY", "QQQ")) as server:
+        yield server
+        assert server.server_errors == []
+
+
+def pair_bars(fake, timeframe, symbols=("SPY", "QQQ"), raw_data=False, **kwargs) -> dict[str, pd.DataFrame]:
+    """{symbol: frame indexed by the bar's start (UTC)} through alpaca-py's own client."""
+    client = StockHistoricalDataClient(KEY, SECRET, url_override=fake.url, raw_data=raw_data)
+    request = StockBarsRequest(symbol_or_symbols=list(symbols), timeframe=timeframe, feed="iex", **kwargs)
+    response = client.get_stock_bars(request)
+    if raw_data:
+        return response
+    frame = response.df
+    return {symbol: frame.loc[symbol] for symbol in frame.index.get_level_values(0).unique()}
+
+
+def test_five_minute_bars_keep_their_values():
+    # The 5-minute master path, pinned: the JSON of every bar served at the start of the default
+    # fixture, as written before 1-minute/daily bars and QQQ were added.
+    with FakeAlpaca(now=START, spot=600.0, seed=0, history_days=30, stocks=("SPY", "QQQ")) as fake:
+        collected, token = [], None
+        while True:
+            params = {"symbols": "SPY", "timeframe": "5Min", "start": "2026-01-01T00:00:00Z", "limit": 1000}
+            if token:
+                params["page_token"] = token
+            body = raw(fake, "GET", "/v2/stocks/bars", params=params).json()
+            collected += body["bars"]["SPY"]
+            token = body["next_page_token"]
+            if token is None:
+                break
+    assert len(collected) == 29 * 78 + 42
+    assert zlib.crc32(json.dumps(collected, separators=(",", ":")).encode()) == 1728173567
+
+
+def test_one_minute_bars_aggregate_exactly_to_the_five_minute_bars(pair_fake):
+    start, end = ny("2026-11-25 09:30"), ny("2026-12-07 12:00")
+    minutes = pair_bars(pair_fake, ONE_MINUTE, start=start, end=end)
+    fives = pair_bars(pair_fake, FIVE_MINUTES, start=start, end=end)
+    for symbol in ("SPY", "QQQ"):
+        one, five = minutes[symbol], fives[symbol]
+        bucket = one.index.floor("5min")
+        # Every completed 5-minute bar has its five minutes; the forming 11:00 bar has 11:00 and 11:01.
+        assert set(bucket) - set(five.index) == {ny("2026-12-07 11:00")}
+        assert (one.index[-2:].tz_convert(NEW_YORK).strftime("%H:%M") == ["11:00", "11:01"]).all()
+        whole = one[bucket.isin(five.index)]
+        groups = whole.groupby(whole.index.floor("5min"))
+        assert (groups.size() == 5).all() and groups.size().index.equals(five.index)
+        assert (groups["open"].first() == five["open"]).all()
+        assert (groups["close"].last() == five["close"]).all()
+        assert (groups["high"].max() == five["high"]).all()
+        assert (groups["low"].min() == five["low"]).all()
+        assert (groups["volume"].sum() == five["volume"]).all()
+        # Inside each minute: high/low around open and close, and inside the 5-minute range.
+        assert (one["high"] >= one[["open", "close"]].max(axis=1)).all()
+        assert (one["low"] <= one[["open", "close"]].min(axis=1)).all()
+        parent = five.reindex(whole.index.floor("5min"))
+        assert (whole["high"].to_numpy() <= parent["high"].to_numpy()).all()
+        assert (whole["low"].to_numpy() >= parent["low"].to_numpy()).all()
+        assert (one["volume"] > 0).all() and one["vwap"].notna().all()
+        assert (one["close"] * 100).round(6).mod(1).eq(0).all()            # on the cent grid
+        # Within the 5 minutes the path moves (a bridge, not a straight line) and opens where it closed.
+        inner = whole.index.to_series().diff() == pd.Timedelta(minutes=1)
+        assert (whole["open"][inner] == whole["close"].shift(1)[inner]).all()
+        assert whole["close"].nunique() > 0.8 * len(five) * 2
+    # Seeded and independent of the range asked for.
+    again = pair_bars(pair_fake, ONE_MINUTE, symbols=("SPY",), start=ny("2026-12-01 10:03"), end=ny("2026-12-01 10:21"))
+    assert again["SPY"].equals(minutes["SPY"].loc[ny("2026-12-01 10:03"):ny("2026-12-01 10:21")])
+    with FakeAlpaca(now=pair_fake.now, spot=600.0, seed=4, history_days=30, stocks=("SPY", "QQQ")) as twin:
+        assert pair_bars(twin, ONE_MINUTE, start=start, end=end)["QQQ"].equals(minutes["QQQ"])
+
+
+def test_daily_bars_are_the_sessions_five_minute_bars(pair_fake):
+    body = raw(pair_fake, "GET", "/v2/stocks/bars", params={
+        "symbols": "SPY", "timeframe": "1Day", "start": "2026-11-20T00:00:00Z"}).json()
+    stamps = [bar["t"] for bar in body["bars"]["SPY"]]
+    # Stamped at the session date's New York midnight, in UTC (05:00Z in winter); no weekends,
+    # no Thanksgiving; the session under way (Monday, open) is there with its bar so far.
+    assert stamps[:5] == ["2026-11-20T05:00:00Z", "2026-11-23T05:00:00Z", "2026-11-24T05:00:00Z",
+                          "2026-11-25T05:00:00Z", "2026-11-27T05:00:00Z"]
+    assert stamps[-2:] == ["2026-12-04T05:00:00Z", "2026-12-07T05:00:00Z"]
+    daily = pair_bars(pair_fake, TimeFrame.Day, start=ny("2026-11-20"))
+    fives = pair_bars(pair_fake, FIVE_MINUTES, start=ny("2026-11-20"))
+    minutes = pair_bars(pair_fake, ONE_MINUTE, start=ny("2026-12-07"))
+    for symbol in ("SPY", "QQQ"):
+        five = fives[symbol]
+        day_of = five.index.tz_convert(NEW_YORK).normalize()
+        groups = five.groupby(day_of)
+        expected = pd.DataFrame({"open": groups["open"].first(), "high": groups["high"].max(),
+                                 "low": groups["low"].min(), "close": groups["close"].last(),
+                                 "volume": groups["volume"].sum()})
+        got = daily[symbol]
+        assert got.index.tz_convert(NEW_YORK).equals(expected.index)
+        done = got.iloc[:-1]
+        assert (done[expected.columns].to_numpy() == expected.iloc[:-1].to_numpy()).all()
+        assert groups.size().loc[ny("2026-11-27")] == 42                   # the 13:00 early close
+        # Monday so far: its completed minutes (11:00 and 11:01 of the forming 5-minute bar too).
+        today, one = got.iloc[-1], minutes[symbol]
+        assert today["open"] == one["open"].iloc[0] and today["close"] == one["close"].iloc[-1]
+        assert today["high"] == one["high"].max() and today["low"] == one["low"].min()
+        assert today["volume"] == one["volume"].sum()
+        # Daily closes are prices the 5-minute bars had: one per session, from `start` on.
+        assert got.index.min() == ny("2026-11-20")
+
+
+def test_fifteen_minute_and_hour_bars_are_clock_aligned_session_aggregates(pair_fake):
+    start = ny("2026-12-04 00:00")
+    fives = pair_bars(pair_fake, FIVE_MINUTES, symbols=("QQQ",), start=start)["QQQ"]
+    for timeframe, width in ((TimeFrame(15, TimeFrameUnit.Minute), "15min"), (TimeFrame.Hour, "1h")):
+        bars = pair_bars(pair_fake, timeframe, symbols=("QQQ",), start=start)["QQQ"]
+        groups = fives.groupby(fives.index.floor(width))
+        complete = groups.size().index[groups.size().index + pd.Timedelta(width) <= pair_fake.now]
+        assert bars.index.equals(complete)
+        assert (bars["open"] == groups["open"].first().loc[complete]).all()
+        assert (bars["high"] == groups["high"].max().loc[complete]).all()
+        assert (bars["low"] == groups["low"].min().loc[complete]).all()
+        assert (bars["close"] == groups["close"].last().loc[complete]).all()
+        assert (bars["volume"] == groups["volume"].sum().loc[complete]).all()
+    hours = pair_bars(pair_fake, TimeFrame.Hour, symbols=("QQQ",), start=start)["QQQ"].index.tz_convert(NEW_YORK)
+    # Friday 09:00 (09:30-10:00) … 15:00; Monday 09:00 and 10:00 (11:00 is still forming).
+    assert list(hours.strftime("%a %H:%M")) == [f"Fri {h:02d}:00" for h in range(9, 16)] + ["Mon 09:00", "Mon 10:00"]
+    quarter = pair_bars(pair_fake, TimeFrame(15, TimeFrameUnit.Minute), symbols=("QQQ",), start=ny("2026-12-07"))
+    assert quarter["QQQ"].index[-1] == ny("2026-12-07 10:45")
+
+
+def test_qqq_has_its_own_path_correlated_with_spy(pair_fake):
+    fives = pair_bars(pair_fake, FIVE_MINUTES, start=ny("2026-10-01"))
+    spy, qqq = fives["SPY"]["close"], fives["QQQ"]["close"]
+    assert spy.index.equals(qqq.index) and len(spy) > 2000
+    # Anchored at the start (11:02:30): the bar completed then closes at 600 and 0.85 x 600.
+    assert spy.loc[ny("2026-12-07 10:55")] == 600.0 and qqq.loc[ny("2026-12-07 10:55")] == 510.0
+    r_spy, r_qqq = np.diff(np.log(spy.to_numpy())), np.diff(np.log(qqq.to_numpy()))
+    beta = np.cov(r_qqq, r_spy)[0, 1] / np.var(r_spy, ddof=1)
+    assert 0.6 < np.corrcoef(r_spy, r_qqq)[0, 1] < 0.9                 # correlated, not a copy
+    assert 1.0 < beta < 1.3
+    assert not np.allclose(qqq.to_numpy() / spy.to_numpy(), 0.85, atol=1e-3)
+    # Only SPY and QQQ exist: other symbols are simply absent, as on Alpaca.
+    params = {"timeframe": "1Day", "start": "2026-12-01T00:00:00Z"}
+    body = raw(pair_fake, "GET", "/v2/stocks/bars", params={**params, "symbols": "SPY,XYZ,QQQ"}).json()
+    assert list(body["bars"]) == ["QQQ", "SPY"]
+    body = raw(pair_fake, "GET", "/v2/stocks/bars", params={**params, "symbols": "XYZ"}).json()
+    assert body == {"bars": {}, "next_page_token": None}
+    # Forcing SPY's price moves QQQ's forming bars (x beta) and leaves its completed bars alone.
+    before = pair_bars(pair_fake, FIVE_MINUTES, symbols=("QQQ",), start=ny("2026-12-07"))["QQQ"]
+    pair_fake.spot = pair_fake.spot * 1.01
+    pair_fake.advance(minutes=5)
+    after = pair_bars(pair_fake, FIVE_MINUTES, symbols=("QQQ",), start=ny("2026-12-07"))["QQQ"]
+    assert after.iloc[:-1].equals(before) and after["close"].iloc[-1] > 1.005 * before["close"].iloc[-1]
+
+
+def test_qqq_is_served_only_when_asked_for(fake, stocks):
+    response = stocks.get_stock_bars(StockBarsRequest(symbol_or_symbols=["SPY", "QQQ"], timeframe=TimeFrame.Day,
+                                                      start=ny("2026-11-01")))
+    assert set(response.data) == {"SPY"}
+    with pytest.raises(ValueError, match="stocks"):
+        FakeAlpaca(now=START, stocks=("QQQ",))
+    with pytest.raises(ValueError, match="stocks"):
+        FakeAlpaca(now=START, stocks=("SPY", "IWM"))
+
+
+def test_two_symbols_page_through_the_sdk_once_each(pair_fake):
+    start = ny("2026-11-06 09:30")                       # 2 x 7,712 minutes: more than one page
+    both = pair_bars(pair_fake, ONE_MINUTE, raw_data=True, start=start)
+    pages = [q for m, p, q, b, s in pair_fake.requests if p == "/v2/stocks/bars"]
+    assert len(pages) == 2 and pages[0]["limit"] == "10000" and "page_token" in pages[1]
+    for symbol in ("SPY", "QQQ"):
+        alone = pair_bars(pair_fake, ONE_MINUTE, symbols=(symbol,), raw_data=True, start=start)[symbol]
+        assert both[symbol] == alone                      # everything once, in time order
+        # 19 full sessions, the 13:00 close after Thanksgiving, Monday's 09:30 … 11:01.
+        assert len({bar["t"] for bar in alone}) == len(alone) == 19 * 390 + 210 + 92
+    # A total limit through the SDK: it asks for what is left (reference §7).
+    limited = pair_bars(pair_fake, ONE_MINUTE, raw_data=True, start=start, limit=12_000)
+    assert len(limited["QQQ"]) == len(both["QQQ"]) and len(limited["SPY"]) == 12_000 - len(both["QQQ"])
+    assert limited["SPY"] == both["SPY"][:len(limited["SPY"])]
+    # By hand: QQQ before SPY, the token continues where the page stopped (mid-symbol and at a
+    # symbol's end), and `limit` counts bars across symbols; descending sorts each symbol by time.
+    for sort in ("asc", "desc"):
+        seen, token, sizes = [], None, []
+        while True:
+            params = {"symbols": "SPY,QQQ", "timeframe": "1Day", "start": "2026-11-02T00:00:00Z",
+                      "limit": 7, "sort": sort}
+            if token:
+                params["page_token"] = token
+            body = raw(pair_fake, "GET", "/v2/stocks/bars", params=params).json()
+            sizes.append(sum(len(bars) for bars in body["bars"].values()))
+            seen += [(symbol, bar["t"]) for symbol, bars in body["bars"].items() for bar in bars]
+            token = body["next_page_token"]
+            if token is None:
+                break
+        sessions = 25                                     # 2026-11-02 … 2026-12-07 (today so far)
+        assert sizes == [7, 7, 7, 7, 7, 7, 7, 1] and len(set(seen)) == len(seen) == 2 * sessions
+        assert [symbol for symbol, _ in seen] == ["QQQ"] * sessions + ["SPY"] * sessions
+        times = [t for symbol, t in seen if symbol == "SPY"]
+        assert times == sorted(times, reverse=sort == "desc")
+    bad = raw(pair_fake, "GET", "/v2/stocks/bars", params={"symbols": "SPY", "timeframe": "1Day", "page_token": "x"})
+    assert bad.status_code == 400
+
+
+FRIDAY_LAST = ("12-04 15:59", "12-04 15:55", "12-04 15:45", "12-04 15:00")
+
+
+@pytest.mark.parametrize("now, newest, last_day", [
+    ("12-07 09:30", FRIDAY_LAST, "12-04"),                                  # Monday's open: nothing yet
+    ("12-07 09:31", ("12-07 09:30", *FRIDAY_LAST[1:]), "12-07"),            # one minute done
+    ("12-07 10:02:30", ("12-07 10:01", "12-07 09:55", "12-07 09:45", "12-07 09:00"), "12-07"),
+    ("12-07 10:05", ("12-07 10:04", "12-07 10:00", "12-07 09:45", "12-07 09:00"), "12-07"),
+    ("12-07 16:30", ("12-07 15:59", "12-07 15:55", "12-07 15:45", "12-07 15:00"), "12-07"),
+    ("12-05 12:00", FRIDAY_LAST, "12-04"),                                  # Saturday
+])
+def test_no_bar_ends_after_now(now, newest, last_day):
+    with FakeAlpaca(now=ny(f"2026-{now}"), seed=2, history_days=3, stocks=("SPY", "QQQ")) as fake:
+        for (text, width), expected in zip((("1Min", 1), ("5Min", 5), ("15Min", 15), ("1Hour", 60)), newest):
+            body = raw(fake, "GET", "/v2/stocks/bars", params={
+                "symbols": "SPY,QQQ", "timeframe": text, "start": "2026-12-01T00:00:00Z", "limit": 10000}).json()
+            for symbol in ("SPY", "QQQ"):
+                stamps = pd.to_datetime([bar["t"] for bar in body["bars"][symbol]])
+                assert (stamps + pd.Timedelta(minutes=width) <= fake.now).all(), (text, symbol)
+                assert stamps[-1] == ny(f"2026-{expected}"), (text, symbol)     # the newest that has ended
+        daily = raw(fake, "GET", "/v2/stocks/bars", params={
+            "symbols": "SPY", "timeframe": "1Day", "start": "2026-12-01T00:00:00Z"}).json()["bars"]["SPY"]
+        # Today's bar exists once a minute of the session is done; before that Friday is the last.
+        assert pd.Timestamp(daily[-1]["t"]) == ny(f"2026-{last_day} 00:00")
+        if fake.now.hour == 16:
+            fives = raw(fake, "GET", "/v2/stocks/bars", params={
+                "symbols": "SPY", "timeframe": "5Min", "start": "2026-12-07T00:00:00Z"}).json()["bars"]["SPY"]
+            assert len(fives) == 78 and daily[-1]["c"] == fives[-1]["c"] == fake.spot
+
+
+def test_history_bounds_every_timeframe():
+    with FakeAlpaca(now=START, seed=1, history_days=3, stocks=("SPY", "QQQ")) as fake:
+        # Three sessions before Monday 2026-12-07: Wed 12-02, Thu 12-03, Fri 12-04.
+        for text in ("1Min", "5Min", "15Min", "1Hour", "1Day"):
+            body = raw(fake, "GET", "/v2/stocks/bars", params={
+                "symbols": "SPY,QQQ", "timeframe": text, "start": "2026-01-01T00:00:00Z", "limit": 10000}).json()
+            for symbol in ("SPY", "QQQ"):
+                days = pd.to_datetime([bar["t"] for bar in body["bars"][symbol]]).tz_convert(NEW_YORK).date
+                assert sorted(set(days)) == [pd.Timestamp(d).date() for d in ("2026-12-02", "2026-12-03",
+                                                                               "2026-12-04")], text
+    began = time.perf_counter()
+    with FakeAlpaca(now=START, seed=1, history_days=900, stocks=("SPY", "QQQ")) as fake:
+        built = time.perf_counter() - began
+        client = StockHistoricalDataClient(KEY, SECRET, url_override=fake.url, raw_data=True)
+        daily = client.get_stock_bars(StockBarsRequest(symbol_or_symbols=["SPY", "QQQ"], timeframe=TimeFrame.Day,
+                                                       start=ny("2020-01-01")))
+        assert len(daily["SPY"]) == len(daily["QQQ"]) == 900
+        began = time.perf_counter()
+        minutes = client.get_stock_bars(StockBarsRequest(symbol_or_symbols="SPY", timeframe=ONE_MINUTE,
+                                                         start=ny("2026-10-09 09:30")))["SPY"]
+        fetched = time.perf_counter() - began
+        assert len(minutes) == 39 * 390 + 210                  # 40 sessions, one of them 09:30-13:00
+        pages = [q for m, p, q, b, s in fake.requests if q.get("timeframe") == "1Min"]
+        assert len(pages) == 2
+    # Large histories are cheap: generated lazily and vectorised (typically ~0.2 s and ~0.2 s).
+    assert built < 1.0 and fetched < 1.0
+
+
+def test_timeframes_the_fake_does_not_serve_are_422(pair_fake):
+    for text in ("1Week", "2Min", "7Min", "2Hour", "1Month", "5min", ""):
+        reply = raw(pair_fake, "GET", "/v2/stocks/bars", params={"symbols": "SPY", "timeframe": text})
+        assert reply.status_code == 422, text
+        assert reply.json()["message"].startswith("the fake serves timeframe=1Min, 5Min"), text
+    for text in ("1T", "5T", "30Min", "1H", "1D"):               # the real API's short units too
+        reply = raw(pair_fake, "GET", "/v2/stocks/bars", params={"symbols": "SPY", "timeframe": text,
+                                                                 "start": "2026-12-04T00:00:00Z"})
+        assert reply.status_code == 200 and reply.json()["bars"]["SPY"], text
+
+
+def test_the_feeds_default_path_warms_up_against_the_fake():
+    """``AlpacaFeed(stock, option)`` as the live driver builds it: 1-minute base bars, 1Day bars of
+    SPY and QQQ over 1,200 calendar days (enough for the GARCH proxy), ``Config()`` features."""
+    from core.config import Config
+    from data_factory.alpaca_feed import AlpacaFeed
+    from intelligence.features import compute_bar_features
+
+    with FakeAlpaca(now=ny("2026-12-07 11:02:30"), spot=600.0, seed=8, history_days=900,
+                    stocks=("SPY", "QQQ")) as fake:
+        stock = StockHistoricalDataClient(KEY, SECRET, url_override=fake.url)
+        option = OptionHistoricalDataClient(KEY, SECRET, url_override=fake.url)
+        feed = AlpacaFeed(stock, option)
+        defaults = (feed.base_bar_minutes, feed.pair, feed.daily_source, feed.proxy_history_days)
+        assert defaults == (1, "QQQ", "daily", 1200)
+        feed.warm_up(fake.now)
+        asked = [(q["timeframe"], q["symbols"]) for m, p, q, b, s in fake.requests]
+        assert asked == [("1Min", "SPY"), ("1Min", "SPY"), ("1Day", "SPY,QQQ")]      # two minute pages
+        assert len(feed.sessions) == 41 and feed.bar_times[-1] == ny("2026-12-07 11:00")
+        assert feed.describe()["counts"]["filled_bars"] == 0
+        inputs = feed.feature_inputs()
+        assert inputs["base"].index[-1] == ny("2026-12-07 11:00")       # the forming minute is not served
+        assert inputs["daily_pair"].index[-1] == pd.Timestamp("2026-12-04")
+        assert "garch" in feed.describe()["iv_index"]["proxy_sources"]
+        features = compute_bar_features(Config(), inputs["base"], inputs["target"], feed.iv_index_bars().to_numpy(),
+                                        inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"],
+                                        session_close_ns=inputs["session_close_ns"])
+        assert len(features) == len(feed.bar_times)
+        for column in ("rsi", "adx", "mtf_consensus", "iv_rank", "divergence_z"):
+            assert np.isfinite(features.columns[column][-1]), column
+        assert features.columns["close"][-1] == fake.spot
 
 
 # ---------------------------------------------------------------------------------------------

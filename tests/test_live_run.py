@@ -5,7 +5,6 @@ in the backtest's format. The fake's clock moves five minutes each time the driv
 session takes seconds."""
 from __future__ import annotations
 
-import functools
 import json
 import sqlite3
 import time
@@ -14,23 +13,24 @@ import pandas as pd
 import pytest
 
 import core.live as live
-import data_factory.alpaca_feed as alpaca_feed
 from core.main import main
 from tests.alpaca_fake import FakeAlpaca
 
 NY = "America/New_York"
-# The imitation serves 5-minute bars of SPY only: the feed and the MTF layer run on a 5-minute base.
+# The feed's default path (1-minute base bars, daily bars, the QQQ pair); a narrower chain than
+# the default keeps a bar's snapshot to a few pages; a tight stop closes the condor within hours.
 CONFIG = """
-live: {poll_seconds: 0.01, step_seconds: 0.2, order_poll_seconds: 0.02, price_steps: 3, warmup_sessions: 20}
+live: {poll_seconds: 0.01, step_seconds: 0.2, order_poll_seconds: 0.02, price_steps: 3, warmup_sessions: 20,
+       chain_strike_range: 0.06}
 exits: {loss_close_multiple: 0.1, dte_exit: 0}
 strategy: {dte_min: 7, dte_max: 30}
-mtf: {base_bar_minutes: 5, timeframes: [5, 15, 30]}
 """
 
 
 @pytest.fixture
 def session(tmp_path, monkeypatch):
-    fake = FakeAlpaca(now=pd.Timestamp("2026-12-07 09:20", tz=NY), spot=600.0, seed=5, history_days=60)
+    fake = FakeAlpaca(now=pd.Timestamp("2026-12-07 09:20", tz=NY), spot=600.0, seed=5, history_days=900,
+                      stocks=("SPY", "QQQ"))
     fake.start()
     for name, value in {"APCA_API_KEY_ID": "test-key", "APCA_API_SECRET_KEY": "test-secret",
                         "APCA_API_BASE_URL": fake.url, "APCA_API_DATA_URL": fake.url}.items():
@@ -47,8 +47,6 @@ def session(tmp_path, monkeypatch):
             fake.advance(minutes=5)
 
     monkeypatch.setattr(live, "time", BrokerPacedTime())
-    monkeypatch.setattr(alpaca_feed, "AlpacaFeed", functools.partial(alpaca_feed.AlpacaFeed, pair=None,
-                                                                     daily_source="intraday", strike_range=0.06))
     config = tmp_path / "live.yaml"
     config.write_text(CONFIG)
     yield fake, config, tmp_path / "live"
@@ -63,7 +61,7 @@ def journal_rows(out, sql):
 
 def test_a_live_session_opens_manages_and_closes_a_condor_as_one_order_each_way(session, capsys):
     fake, config, out = session
-    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "20",
+    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "78",
                    "--out", str(out)])
     text = capsys.readouterr().out
     assert status == 0, text
@@ -85,11 +83,11 @@ def test_a_live_session_opens_manages_and_closes_a_condor_as_one_order_each_way(
     assert trades.loc[0, "credit"] == pytest.approx(-float([o for o in opens if o["status"] == "filled"][0]
                                                          ["filled_avg_price"]))
     equity = pd.read_csv(report / "equity.csv")
-    assert len(equity) == 20
+    assert len(equity) == 78                                                   # the whole session
     run = json.loads((report / "run.json").read_text())
     assert run["engine"] == "live (Alpaca)" and run["requests_per_bar_median"] <= 10
     assert (report / "report.html").is_file()
-    assert "open condors 1" in text and "done: 20 bar(s)" in text
+    assert "open condors 1" in text and "done: 78 bar(s)" in text
 
 
 def test_a_dry_run_decides_and_journals_without_sending(session, capsys):
