@@ -1,10 +1,12 @@
 """AlpacaFeed (data_factory.alpaca_feed) against the local Alpaca imitation (tests.alpaca_fake).
 
-The fake serves 5-minute SPY bars only (no 1Day bars, no QQQ), so the feeds built on it use
-``base_bar_minutes=5``, ``daily_source="intraday"`` and ``pair=None``, and their feature table a
-configuration with 5-minute MTF timeframes. The default path (1-minute base bars, Alpaca's 1Day
-bars, the QQQ pair, ``Config()`` defaults) runs on ``MinuteBars``, a small stand-in stock client
-that answers ``get_stock_bars`` the way alpaca-py does with ``raw_data=True``.
+Most tests here build the feed on 5-minute bars (``base_bar_minutes=5``,
+``daily_source="intraday"``, ``pair=None``) with a configuration of 5-minute MTF timeframes: that
+path is fast and exercises everything but the default inputs. The default path (1-minute base
+bars, Alpaca's 1Day bars, the QQQ pair, ``Config()`` defaults) is tested here on ``MinuteBars``, a
+small stand-in stock client that answers ``get_stock_bars`` the way alpaca-py does with
+``raw_data=True`` (late and forming bars, extended hours), and against the fake itself in
+tests/test_alpaca_fake.py and tests/test_live_run.py.
 """
 from __future__ import annotations
 
