@@ -497,16 +497,21 @@ def run(args, config: Config, argv) -> int:
     endpoints = endpoints_from_env(live_money=options.live_money)
     if options.live_money:
         confirm_live_money()
-    options.out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(options.out / "journal.sqlite")
 
     def log(kind: str, message: str) -> None:
         console.print(f"[dim]{kind}[/dim] {message}")
 
     broker = AlpacaBroker(credentials, endpoints, timeout=live.request_timeout,
                           policy=RetryPolicy(breaker_failures=live.breaker_failures,
-                                             breaker_cooldown=live.breaker_cooldown),
-                          log=lambda kind, message: journal.event(kind, message, "warning"))
+                                             breaker_cooldown=live.breaker_cooldown), log=log)
+    # The account before anything is written: a run that cannot trade leaves no run folder.
+    try:
+        check_account(broker.account())
+    except BrokerError as error:
+        raise BrokerSetupError(f"the Alpaca account could not be read at {endpoints.trading_url}: {error}") from None
+    options.out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(options.out / "journal.sqlite")
+    broker._log = lambda kind, message: (journal.event(kind, message, "warning"), log(kind, message))
     from data_factory.alpaca_feed import AlpacaFeed
 
     stock, option = data_clients(credentials, endpoints, live.request_timeout)

@@ -171,3 +171,13 @@ def test_ctrl_c_cancels_the_working_order_and_leaves_nothing_unknown(session, mo
     unresolved = journal_rows(out, "SELECT * FROM orders WHERE status NOT IN ('filled', 'canceled', 'expired', "
                                    "'not_placed')")
     assert unresolved == []
+
+
+def test_an_account_without_options_approval_is_refused_before_anything_is_sent(session, capsys):
+    fake, config, out = session
+    fake.options_level = 2
+    status = main(["--mode", "live", "--config", str(config), "--max-bars", "3", "--out", str(out)])
+    captured = capsys.readouterr()
+    errors = [line for line in (captured.out + captured.err).splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1 and "options level is 2" in errors[0], captured
+    assert fake.orders == [] and not out.exists()                    # nothing sent, no run folder
