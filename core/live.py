@@ -282,12 +282,6 @@ class LiveSession:
                                        f"from mid {prices.mid:.2f} toward {prices.natural:.2f} ({decision.reason})")
             self.say(f"dry run: would {action} {condor.quantity} × {_describe(condor)} ({decision.reason})")
             return
-        sent_orders = self.journal.orders_sent_on(snapshot.timestamp)
-        if sent_orders >= self.config.live.max_orders_per_day:
-            self.desk.event("order_limit", f"{iid}: not sent — {sent_orders} orders today reach "
-                                           f"live.max_orders_per_day ({self.config.live.max_orders_per_day})",
-                            "warning")
-            return
         execution = self.desk.execute(intent, lambda: prices)
         if not execution.filled_qty:
             self.say(f"{action} of {_describe(condor)} {execution.status}")
@@ -520,7 +514,9 @@ def run(args, config: Config, argv) -> int:
                       base_bar_minutes=config.mtf.base_bar_minutes, warmup_sessions=live.warmup_sessions,
                       strike_range=live.chain_strike_range, request_timeout_s=live.request_timeout)
     now = {"stamp": None}
-    desk = OrderDesk(broker, journal, DeskSettings(live.price_steps, live.step_seconds, live.order_poll_seconds),
+    desk = OrderDesk(broker, journal, DeskSettings(live.price_steps, live.step_seconds, live.order_poll_seconds,
+                                                   uncertain_grace_seconds=2 * live.request_timeout,
+                                                   max_orders_per_day=live.max_orders_per_day),
                      underlying=config.backtest.underlying, log=log, stamp=lambda: now["stamp"])
     forecaster = load_configured_forecaster(config, explicit=False) if uses_neural(config) else None
     neural = NeuralPerBar(forecaster) if forecaster is not None else None

@@ -53,6 +53,8 @@ class DeskSettings:
     # before it is taken as never placed: a request that timed out here may still reach the
     # broker a moment later.
     uncertain_grace_seconds: float = 20.0
+    # Orders (every attempt counts) per session, in the broker's time; None: no cap.
+    max_orders_per_day: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +154,10 @@ class OrderDesk:
                 self.event("order_refused", f"{intent.intent_id}: {error} (mid {quote.mid:.2f}, natural "
                                             f"{quote.natural:.2f})", "warning")
                 break
+            if self._order_cap_reached():
+                self.event("order_limit", f"{intent.intent_id}: attempt {attempt} not sent — today's orders reach "
+                                          f"live.max_orders_per_day ({self.settings.max_orders_per_day})", "warning")
+                break
             try:
                 outcome = self._attempt(intent, attempt, remaining, limit)
             except _Rejected:
@@ -200,6 +206,10 @@ class OrderDesk:
         self._record(cid, order)
         qty, average, _ = order_fills(order)
         return qty, (abs(average) if average is not None else None)
+
+    def _order_cap_reached(self) -> bool:
+        cap, now = self.settings.max_orders_per_day, self._stamp()
+        return cap is not None and now is not None and self.journal.orders_sent_on(now) >= cap
 
     def submit(self, cid: str, intent: Intent, quantity: int, limit: float) -> dict | None:
         """Send the journalled order ``cid``; whatever the answer, the journal ends up with what

@@ -297,3 +297,15 @@ def test_repeated_api_failures_open_the_circuit(fake):
         broker.clock()
     sent = [r for r in fake.requests if r[1] == "/v2/clock"]
     assert len(sent) == 5
+
+
+def test_the_daily_order_cap_counts_every_attempt(fake, tmp_path):
+    fake.fill_mode = "never"
+    journal = Journal(tmp_path / "j.sqlite")
+    desk = OrderDesk(make_broker(fake), journal, DeskSettings(steps=4, step_seconds=0.05, poll_seconds=0.01,
+                                                              max_orders_per_day=2), stamp=lambda: fake.now)
+    intent, _ = open_intent(fake)
+    done = desk.execute(intent, lambda: prices_of(fake, intent.legs, True))
+    assert done.status == "unfilled" and len(orders_of(fake, intent.intent_id)) == 2
+    assert any(e.startswith("order_limit") for e in events(desk)), events(desk)
+    journal.close()
