@@ -737,6 +737,8 @@ class LiveConfig(_Section):
     order_poll_seconds: float = Field(2.0, gt=0.0, le=60.0, description="how often a working order is read back")
     max_orders_per_day: int = Field(10, ge=1, le=1000, description="orders sent per session, every attempt counted")
     request_timeout: float = Field(10.0, gt=0.0, le=120.0, description="seconds before a request is abandoned")
+    retry_base_wait: float = Field(0.5, ge=0.0, le=60.0,
+                                   description="seconds before the first retry of a failed read (doubling after)")
     breaker_failures: int = Field(5, ge=1, le=100, description="consecutive failed requests that open the circuit")
     breaker_cooldown: float = Field(60.0, ge=0.0, le=3600.0, description="seconds the open circuit sends nothing")
     max_breaker_trips: int = Field(3, ge=1, le=100, description="the run stops when the circuit has opened this often")

@@ -34,6 +34,7 @@ from core.broker import AlpacaBroker, BrokerError, BrokerSetupError, CircuitOpen
 from core.config import Config, ConfigError
 from core.dto import Action, Fill, IronCondor, LegQuotes, MarketSnapshot, TradeDecision
 from core.journal import Intent, Journal, Leg, intent_id
+from data_factory.errors import DataError
 from core.live_orders import DeskSettings, OrderDesk, UnitPrices
 
 EXCHANGE_TZ = "America/New_York"
@@ -496,7 +497,7 @@ def run(args, config: Config, argv) -> int:
         console.print(f"[dim]{kind}[/dim] {message}")
 
     broker = AlpacaBroker(credentials, endpoints, timeout=live.request_timeout,
-                          policy=RetryPolicy(breaker_failures=live.breaker_failures,
+                          policy=RetryPolicy(base_wait=live.retry_base_wait, breaker_failures=live.breaker_failures,
                                              breaker_cooldown=live.breaker_cooldown), log=log)
     # The account before anything is written: a run that cannot trade leaves no run folder.
     try:
@@ -530,6 +531,7 @@ def run(args, config: Config, argv) -> int:
     mode = "DRY RUN (no order is sent)" if options.dry_run else ("LIVE MONEY" if endpoints.live_money else "paper")
     console.print(f"CondorBrain live: {mode}; trading {endpoints.trading_url}; journal {journal.path}")
     bars = 0
+    failures = 0                           # polls in a row that failed
     closed_said = False
     try:
         clock = broker.clock()
@@ -567,12 +569,27 @@ def run(args, config: Config, argv) -> int:
                 journal.event("circuit_open", str(error), "error")
                 console.print(f"[yellow]{error}[/yellow]")
                 time.sleep(max(options.poll_seconds, live.breaker_cooldown))
+            except (BrokerError, DataError) as error:
+                # A request that failed after its retries: the bar is skipped and the next poll
+                # tries again; the circuit breaker ends a run whose API keeps failing. A refusal
+                # (4xx other than 429: keys revoked, a bad request) ends it at once.
+                status = getattr(error, "status", None)
+                if status is not None and 400 <= status < 500 and status != 429:
+                    raise
+                failures += 1
+                if failures > live.breaker_failures * live.max_breaker_trips:
+                    raise LiveError(f"{failures} polls in a row failed; last: {error}") from None
+                journal.event("api_error", str(error), "error")
+                console.print(f"[yellow]{error}[/yellow]")
+                time.sleep(options.poll_seconds)
+            else:
+                failures = 0
     except KeyboardInterrupt:
         stopped = desk.cancel_working()
         write_report(session, options.out, argv) if session.account_rows else None
         console.print(f"stopped by Ctrl-C; {stopped}; journal {journal.path}")
         return 130
-    except (LiveError, BrokerError) as error:
+    except (LiveError, BrokerError, DataError) as error:
         journal.event("stopped", str(error), "error")
         try:
             console.print(desk.cancel_working())

@@ -181,3 +181,29 @@ def test_an_account_without_options_approval_is_refused_before_anything_is_sent(
     errors = [line for line in (captured.out + captured.err).splitlines() if "error:" in line]
     assert status == 2 and len(errors) == 1 and "options level is 2" in errors[0], captured
     assert fake.orders == [] and not out.exists()                    # nothing sent, no run folder
+
+
+def test_an_api_that_keeps_failing_stops_the_run_with_exit_1(session, monkeypatch, capsys):
+    from tests.alpaca_fake import Fault
+
+    fake, config, out = session
+    config.write_text(CONFIG.replace("price_steps: 3,", "price_steps: 3, breaker_failures: 2, breaker_cooldown: 0, "
+                                                       "max_breaker_trips: 2, retry_base_wait: 0.01,"))
+    advance = fake.advance
+
+    def advance_then_fail(minutes=5):
+        advance(minutes=minutes)
+        if fake.now >= pd.Timestamp("2026-12-07 10:00", tz=NY) and not fake.pending_faults:
+            fake.inject(Fault("GET", "/v2/clock", "503", times=1000))       # the API goes down at 10:00
+
+    monkeypatch.setattr(fake, "advance", advance_then_fail)
+    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--out", str(out)])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert status == 1, text
+    # Each failed poll is skipped and logged; after breaker_failures × max_breaker_trips in a row
+    # the run stops (with a cool-down the open circuit itself would stop it: tests/test_broker_setup).
+    assert "error: 5 polls in a row failed; last: clock: HTTP 503" in text
+    events = journal_rows(out, "SELECT kind FROM events")
+    assert {"api_error", "stopped"} <= {e["kind"] for e in events}
+    assert (out / "report" / "trades.csv").is_file()                   # the report of the bars before it
