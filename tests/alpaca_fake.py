@@ -698,6 +698,9 @@ class FakeAlpaca:
         self._last_equity = float(cash)
         self._fill_mode = "auto"
         self._fill_fraction = 0.5
+        # Minutes the clock moves after each answered GET /v2/clock (None: only advance() moves
+        # it): paces a driver running in another process, one clock read per poll.
+        self.clock_step: float | None = None
 
         start_day = self._now.date()
         # ~252 sessions a year: 1.46 calendar days a session leaves room for holidays.
@@ -1153,6 +1156,8 @@ class FakeAlpaca:
         with self._lock:
             self._requests.append((method, path, dict(query), logged_body,
                                    None if reply is None else reply.status))
+        if self.clock_step and method == "GET" and path == "/v2/clock" and reply is not None and reply.status == 200:
+            self.advance(minutes=self.clock_step)
         return reply
 
     def _authorized(self, headers) -> bool:

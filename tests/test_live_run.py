@@ -207,3 +207,63 @@ def test_an_api_that_keeps_failing_stops_the_run_with_exit_1(session, monkeypatc
     events = journal_rows(out, "SELECT kind FROM events")
     assert {"api_error", "stopped"} <= {e["kind"] for e in events}
     assert (out / "report" / "trades.csv").is_file()                   # the report of the bars before it
+
+
+def test_a_driver_process_killed_while_its_order_is_on_the_wire_restarts_without_a_duplicate(tmp_path):
+    """A real SIGKILL of `core/main.py --mode live` while its order request is still on its way
+    (the broker holds the request 3 s, then places the order): the journal says `sending`, the
+    broker has the order. The restarted driver finds it by client id and never sends it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.alpaca_fake import Fault
+
+    root = Path(__file__).resolve().parent.parent
+    fake = FakeAlpaca(now=pd.Timestamp("2026-12-07 09:20", tz=NY), spot=600.0, seed=5, history_days=900,
+                      stocks=("SPY", "QQQ"))
+    fake.start()
+    try:
+        fake.clock_step = 5                       # each clock read of the driver moves the market on
+        fake.fill_fraction = 1.0
+        fake.inject(Fault("POST", "/v2/orders", "timeout", delay=3.0))
+        config = tmp_path / "live.yaml"
+        config.write_text(CONFIG)
+        out = tmp_path / "live"
+        env = {**os.environ, "APCA_API_KEY_ID": "test-key", "APCA_API_SECRET_KEY": "test-secret",
+               "APCA_API_BASE_URL": fake.url, "APCA_API_DATA_URL": fake.url}
+        args = [sys.executable, "core/main.py", "--mode", "live", "--config", str(config), "--no-gates",
+                "--no-neural", "--poll-seconds", "0.01", "--out", str(out)]
+        log = open(tmp_path / "first.log", "w")
+        driver = subprocess.Popen([*args, "--max-bars", "40"], cwd=root, env=env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 120
+        while True:                               # until the order is journalled as being sent
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no order journalled in 120 s"
+            if (out / "journal.sqlite").exists() and journal_rows(out, "SELECT 1 FROM orders WHERE status = 'sending'"):
+                break
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        log.close()
+        assert journal_rows(out, "SELECT status FROM orders") == [{"status": "sending"}]
+        deadline = time.monotonic() + 10
+        while not [o for o in fake.orders if o["status"] == "filled"]:      # the held request goes through
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+        again = subprocess.run([*args, "--max-bars", "10"], cwd=root, env=env, capture_output=True, text=True,
+                               timeout=300)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "filled at the broker" in again.stdout
+        opens = [o for o in fake.orders if str(o["client_order_id"]).startswith("cb-open")]
+        assert len(opens) == 1                                               # never sent twice
+        from core.journal import Journal
+
+        journal = Journal(out / "journal.sqlite")
+        assert journal.expected_legs() == {s: q for s, q in fake.positions.items() if q} != {}
+        journal.close()
+    finally:
+        fake.stop()
