@@ -112,17 +112,6 @@ class LiveChainSlice(ChainSlice):
     synthetic = False
     european = False
 
-    def select(self, mask) -> "LiveChainSlice":
-        columns = {f.name: getattr(self, f.name)[mask] for f in fields(self)
-                   if isinstance(getattr(self, f.name), np.ndarray)}
-        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in columns}
-        return LiveChainSlice(**scalars, **columns)
-
-    def to_frame(self) -> pd.DataFrame:
-        frame = ChainSlice.to_frame(self)   # (no zero-argument super() in a slots dataclass)
-        frame.attrs.update(synthetic=False, european=False)
-        return frame
-
 
 @dataclass
 class _Update:

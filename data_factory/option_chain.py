@@ -140,7 +140,7 @@ class ChainSlice:
         columns = {f.name: getattr(self, f.name)[mask] for f in fields(self)
                    if isinstance(getattr(self, f.name), np.ndarray)}
         scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in columns}
-        return ChainSlice(**scalars, **columns)
+        return type(self)(**scalars, **columns)
 
     def to_frame(self) -> pd.DataFrame:
         """Long-format DataFrame (one row per contract) with the OptionQuote columns; not for hot loops."""
@@ -153,7 +153,7 @@ class ChainSlice:
             "rho": self.rho, "iv_conf": self.iv_conf, "quote_age_s": self.quote_age_s,
             "underlying_price": self.spot,
         })
-        frame.attrs.update(synthetic=True, european=True, iv_index=self.iv_index)
+        frame.attrs.update(synthetic=self.synthetic, european=self.european, iv_index=self.iv_index)
         return frame
 
 

@@ -160,6 +160,10 @@ def test_refresh_adds_exactly_one_bar_with_a_chain(live):
     assert feed.spot_bars().iloc[-1] == live["spot"]
     chain = feed.slice_at(position)
     assert chain.synthetic is False and chain.european is False
+    # A sub-slice and the frame keep saying the quotes are real and American.
+    part = chain.select(chain.is_call)
+    assert type(part) is type(chain) and part.synthetic is False and len(part) == int(chain.is_call.sum())
+    assert chain.to_frame().attrs["synthetic"] is False and chain.to_frame().attrs["european"] is False
     assert chain.quote_time == feed.bar_times[-1] and chain.spot == live["spot"]
     assert len(chain) > 0
     # ChainSlice order: expiration, then calls before puts, then strike ascending.
