@@ -39,6 +39,7 @@ from core.live_orders import DeskSettings, OrderDesk, UnitPrices
 
 EXCHANGE_TZ = "America/New_York"
 LIVE_MONEY_CONFIRMATION = "I ACCEPT REAL MONEY RISK"
+LIVE_FEES = "alpaca"
 # The leg order of the engine's condors (core.dto.IronCondor): long put, short put, short call,
 # long call; an open buys the longs and sells the shorts.
 _OPEN_SIDES = ("buy", "sell", "sell", "buy")
@@ -166,7 +167,9 @@ class LiveSession:
         self.features_of = features_of or partial(live_features, config)
         self.say = say or (lambda line: None)
         self.fill_model = FillModel.from_config(config.backtest)
-        self.fees = fee_schedule(config.backtest.fees)
+        # The broker's fees (no commission on options at Alpaca, regulatory fees per contract),
+        # whatever backtest.fees says: a live fill pays what the broker charges.
+        self.fees = fee_schedule(LIVE_FEES)
         self.risk = RiskManager(config)
         self.portfolio = Portfolio(config.backtest.cash)
         self.engine = None
@@ -458,7 +461,7 @@ def write_report(session: LiveSession, out: Path, argv) -> Path:
                 "requests_per_bar_median": _median(session.requests),
                 "written_at": pd.Timestamp.now(tz="UTC").isoformat()}
     description = {"source": "Alpaca (live)", "synthetic": False, **session.features_description.get("data", {})}
-    write_run(staging, config_dict=session.config, data_description=description, trades=result.trades,
+    write_run(staging, config_dict=live_report_config(session), data_description=description, trades=result.trades,
               equity=result.equity, metrics=result.metrics, run_info=run_info,
               plot=bool(session.config.backtest.plot) and len(result.equity) > 1)
     if target.exists():
@@ -466,6 +469,24 @@ def write_report(session: LiveSession, out: Path, argv) -> Path:
     os.rename(staging, target)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def live_report_config(session: LiveSession) -> dict:
+    """The configuration as the live report shows it: the session's dates, the account's
+    starting equity, the broker's fills and fees (the backtest's fill model and seed do not
+    apply to live fills)."""
+    config = session.config.to_dict()
+    backtest = dict(config["backtest"])
+    if session.bar_stamps:
+        backtest["start"] = session.bar_stamps[0].date()
+        backtest["end"] = session.bar_stamps[-1].date()
+    backtest.update(engine="live (Alpaca)", fees=f"{LIVE_FEES} (the broker's)",
+                    fill_model="the broker's (one multi-leg limit order per condor, stepped mid → natural)",
+                    cash=session.starting_equity if session.starting_equity is not None else backtest["cash"])
+    for key in ("fill_spread_fraction", "fill_on_next_bar", "seed", "samples"):
+        backtest.pop(key, None)
+    config["backtest"] = backtest
+    return config
 
 
 def _median(values) -> float | None:

@@ -655,7 +655,8 @@ def title_lines(config_dict: Mapping[str, Any], data_description: Mapping[str, A
     period = data_description.get("period") if isinstance(data_description.get("period"), Mapping) else {}
     start = to_plain(backtest.get("start", period.get("start", "")))
     end = to_plain(backtest.get("end", period.get("end", "")))
-    title = f"{underlying} iron condor backtest, {start} … {end}".strip()
+    kind = "live session" if str(backtest.get("engine", "")).startswith("live") else "backtest"
+    title = f"{underlying} iron condor {kind}, {start} … {end}".strip()
     subtitle_parts = [f"Data: {data_label(data_description, underlying or None)}"]
     if backtest.get("engine") is not None:
         subtitle_parts.append(f"engine {backtest['engine']}")
