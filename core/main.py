@@ -265,6 +265,15 @@ def _check_mode_flags(parser, args, optimize: bool) -> None:
             raise ConfigError("--use-optimizer runs the optimizer, not the live driver: drop it (or use --mode optimize)")
         if args.compare:
             raise ConfigError("--compare is a backtest-mode ablation; the live driver does not run it (drop --compare)")
+        # Flags that shape a backtest's replay, not a live run (the broker fills, charges its fees
+        # and sets the cash; the period is today): refused rather than ignored.
+        replay = {"engine": "--engine", "fill_model": "--fill-model", "fill_next_bar": "--fill-next-bar",
+                  "fees": "--fees", "seed": "--seed", "bt_start": "--bt-start", "bt_end": "--bt-end",
+                  "bt_cash": "--bt-cash", "bt_samples": "--bt-samples"}
+        for dest, flag in replay.items():
+            if getattr(args, dest, None) not in (None, False):
+                raise ConfigError(f"{flag} shapes a backtest's replay; a live run uses the broker's fills, fees and "
+                                  f"cash and today's bars: drop {flag}")
         if args.max_bars is not None and args.max_bars < 1:
             raise ConfigError(f"--max-bars {args.max_bars}: give at least 1")
         if args.poll_seconds is not None and not args.poll_seconds > 0:

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import pytest
 
-from cli_helpers import run_failing
+from core.main import main
+
+
+def run_failing(args, tmp_path, capsys):
+    """The CLI in-process in ``tmp_path``: (status, the 'error:' lines, all output), after checking
+    that nothing was created there (no run folder, no journal)."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    status = main([*args, "--out", str(tmp_path / "live")])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "something was left behind"
+    return status, [line for line in text.splitlines() if "error:" in line], text
 
 KEYS = {"APCA_API_KEY_ID": "AKTEST", "APCA_API_SECRET_KEY": "s3cr3t-value"}
 
@@ -32,6 +43,8 @@ def clean_env(monkeypatch, tmp_path, tmp_path_factory):
     (KEYS, ["--mode", "live", "--enable-hedge"], "share hedges are not traded live"),
     (KEYS, ["--mode", "live", "--max-bars", "0"], "--max-bars 0"),
     (KEYS, ["--mode", "live", "--use-optimizer"], "--use-optimizer"),
+    (KEYS, ["--mode", "live", "--fees", "ibkr"], "--fees shapes a backtest"),
+    (KEYS, ["--mode", "live", "--bt-start", "2018-01-02"], "--bt-start shapes a backtest"),
     (KEYS, ["--dry-run"], "--dry-run is a live-mode flag"),
     (KEYS, ["--mode", "optimize", "--max-bars", "3"], "--max-bars is a live-mode flag"),
 ])
