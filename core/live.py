@@ -569,10 +569,10 @@ def run(args, config: Config, argv) -> int:
                         console.print(f"market closed at {clock['timestamp']:%Y-%m-%d %H:%M %Z}; next open "
                                       f"{clock['next_open']:%Y-%m-%d %H:%M %Z}")
                         closed_said = True
-                    # Until a minute before the open, at most 15 minutes at a time (the broker's
-                    # clock is read again after each wait).
+                    # Until a minute before the open, at most 60 polls' worth at a time (15 minutes
+                    # at the default poll; the broker's clock is read again after each wait).
                     until_open = (clock["next_open"] - clock["timestamp"]).total_seconds() - 60.0
-                    time.sleep(min(max(options.poll_seconds, until_open), 900.0))
+                    time.sleep(min(max(options.poll_seconds, until_open), 60.0 * options.poll_seconds))
                     continue
                 closed_said = False
                 before = session.requests_made() - 1          # the clock read above belongs to this bar
