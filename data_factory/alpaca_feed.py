@@ -819,6 +819,15 @@ class AlpacaFeed:
             },
             "counts": dict(self._counts),
             "requests": self.requests,
+            # What a report's data box lists (core.report.synthetic_items reads these flags).
+            "proxies": [
+                {"proxy": True, "description": "IV index of bars without a chain snapshot and the daily IV "
+                                               "history: a GARCH / realised-vol proxy from the underlying's "
+                                               "daily closes, not a VIX"},
+                {"assumption": True, "description": "IV and Greeks solved with European Black-Scholes-Merton "
+                                                    "where the vendor sent none",
+                 "why": f"{self.underlying} options are American"},
+            ],
         }
 
     # ------------------------------------------------------------------------------------------

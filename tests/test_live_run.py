@@ -86,7 +86,8 @@ def test_a_live_session_opens_manages_and_closes_a_condor_as_one_order_each_way(
     assert len(equity) == 78                                                   # the whole session
     run = json.loads((report / "run.json").read_text())
     assert run["engine"] == "live (Alpaca)" and run["requests_per_bar_median"] <= 10
-    assert (report / "report.html").is_file()
+    html = (report / "report.html").read_text()
+    assert "GARCH / realised-vol proxy" in html and "European Black-Scholes" in html    # the data box says so
     assert "open condors 1" in text and "done: 78 bar(s)" in text
 
 
