@@ -51,7 +51,7 @@ from core.execution import (
     round_fee_up,
     settlement_fill,
 )
-from core.market import MarketData, require_market_data
+from core.market import MarketData, condor_leg_quotes, nearest_expiry_slice, require_market_data
 from core.portfolio import Portfolio, account_marks
 from intelligence.features import MEMBERSHIP_COLUMNS, FeatureRow
 from risk.risk_manager import RiskManager
@@ -140,9 +140,7 @@ class BacktestSession:
 
     # ------------------------------------------------------------------------------- market view
     def quote(self, bar: int, condor: IronCondor) -> LegQuotes:
-        path = self.market.quote_contracts(bar, bar + 1, condor.expiration, condor.strikes, condor.is_call)
-        return LegQuotes(path.bid[0], path.ask[0], path.mid[0], path.delta[0], path.gamma[0],
-                         path.vega[0], path.theta[0])
+        return condor_leg_quotes(self.market, bar, condor)
 
     def quote_many(self, bar: int, positions: list[Position]):
         key = tuple(p.position_id for p in positions)
@@ -161,12 +159,7 @@ class BacktestSession:
         return self.market.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
 
     def nearest_chain(self, bar: int, dte_min: int, dte_max: int):
-        # Quotes of the nearest expiry only: the condor and the skew read nothing else, and an
-        # entry attempt that sizing refuses is repeated bar after bar.
-        expirations = self.market.expirations_at(bar, dte_min, dte_max)
-        if len(expirations) == 0:
-            return self.market.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
-        return self.market.slice_at(bar, dte_min=dte_min, dte_max=dte_max, expiry=expirations[0])
+        return nearest_expiry_slice(self.market, bar, dte_min, dte_max)
 
     def snapshot(self, bar: int) -> MarketSnapshot:
         return MarketSnapshot(

@@ -36,6 +36,7 @@ from core.dto import Action, Fill, IronCondor, LegQuotes, MarketSnapshot, TradeD
 from core.journal import Intent, Journal, Leg, intent_id
 from data_factory.errors import DataError
 from core.live_orders import DeskSettings, OrderDesk, UnitPrices
+from core.market import condor_leg_quotes, nearest_expiry_slice
 
 EXCHANGE_TZ = "America/New_York"
 LIVE_MONEY_CONFIRMATION = "I ACCEPT REAL MONEY RISK"
@@ -64,11 +65,13 @@ def occ_symbol(underlying: str, expiration, is_call: bool, strike: float) -> str
 
 def parse_occ(symbol: str, underlying: str) -> tuple[dt.date, bool, float]:
     """(expiration, is_call, strike) of an OCC symbol on ``underlying``; ValueError otherwise."""
-    tail = symbol[len(underlying):]
-    if not (symbol.startswith(underlying) and len(tail) == 15 and tail[:6].isdigit() and tail[6] in "CP"
-            and tail[7:].isdigit()):
+    from data_factory.alpaca_feed import parse_occ_symbol
+
+    parsed = parse_occ_symbol(symbol)
+    if parsed is None or parsed[0] != underlying:
         raise ValueError(f"{symbol!r} is not an OCC option symbol on {underlying}")
-    return dt.datetime.strptime(tail[:6], "%y%m%d").date(), tail[6] == "C", int(tail[7:]) / 1000.0
+    _, days, is_call, strike = parsed
+    return dt.date(1970, 1, 1) + dt.timedelta(days=days), is_call, strike
 
 
 def condor_legs(condor: IronCondor, underlying: str, action: str) -> tuple[Leg, ...]:
@@ -257,8 +260,8 @@ class LiveSession:
             timestamp=feed.bar_times[bar], bar_index=bar, session_day=int(clock.session_day[bar]),
             symbol=self.underlying, spot=float(feed.spot_bars().iloc[bar]),
             iv_index=float(feed.iv_index_bars().iloc[bar]),
-            chain=partial(_chain, feed, bar), nearest_chain=partial(_nearest_chain, feed, bar),
-            quote=partial(_quote, feed, bar), quote_many=partial(_quote_many, feed, bar),
+            chain=partial(_chain, feed, bar), nearest_chain=partial(nearest_expiry_slice, feed, bar),
+            quote=partial(condor_leg_quotes, feed, bar), quote_many=partial(_quote_many, feed, bar),
             settlement_of=feed.settlement_time, features=features)
 
     def _execute(self, decision: TradeDecision, snapshot: MarketSnapshot) -> None:
@@ -362,19 +365,6 @@ def _describe(condor: IronCondor) -> str:
 
 def _chain(feed, bar, dte_min=None, dte_max=None):
     return feed.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
-
-
-def _nearest_chain(feed, bar, dte_min=None, dte_max=None):
-    expirations = feed.expirations_at(bar, dte_min, dte_max)
-    if len(expirations) == 0:
-        return feed.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
-    return feed.slice_at(bar, dte_min=dte_min, dte_max=dte_max, expiry=expirations[0])
-
-
-def _quote(feed, bar, condor: IronCondor) -> LegQuotes:
-    path = feed.quote_contracts(bar, bar + 1, condor.expiration, condor.strikes, condor.is_call)
-    return LegQuotes(path.bid[0], path.ask[0], path.mid[0], path.delta[0], path.gamma[0], path.vega[0],
-                     path.theta[0])
 
 
 def _quote_many(feed, bar, positions):

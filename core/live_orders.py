@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from core.broker import AlpacaBroker, BrokerError, BrokerSetupError, LegOrder, UncertainSubmit
 from core.journal import CLIENT_ID_PREFIX, TERMINAL_ORDER_STATUSES, Intent, Journal
+from data_factory.alpaca_feed import parse_occ_symbol
 
 DUPLICATE_CLIENT_ID = 40010001     # Alpaca's code for a reused client_order_id (reference §11.4)
 CENT = 0.01
@@ -39,9 +40,8 @@ class _Rejected(Exception):
 
 def is_option_of(symbol: str, underlying: str) -> bool:
     """An OCC option symbol on ``underlying`` (root, yymmdd, C/P, 8-digit strike)."""
-    tail = symbol[len(underlying):]
-    return (symbol.startswith(underlying) and len(tail) == 15 and tail[:6].isdigit() and tail[6] in "CP"
-            and tail[7:].isdigit())
+    parsed = parse_occ_symbol(symbol)
+    return parsed is not None and parsed[0] == underlying
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,6 +98,25 @@ def structures_from_contracts(market: MarketData, bar: int, expirations: np.ndar
     return tuple(out)
 
 
+def nearest_expiry_slice(market: MarketData, bar: int, dte_min: int | None, dte_max: int | None):
+    """The chain at ``bar`` of the nearest expiry in the DTE range only (what the condor and the
+    skew read: an entry attempt the sizing refuses is repeated bar after bar), or the range's
+    whole (empty) slice when none is listed."""
+    expirations = market.expirations_at(bar, dte_min, dte_max)
+    if len(expirations) == 0:
+        return market.slice_at(bar, dte_min=dte_min, dte_max=dte_max)
+    return market.slice_at(bar, dte_min=dte_min, dte_max=dte_max, expiry=expirations[0])
+
+
+def condor_leg_quotes(market: MarketData, bar: int, condor):
+    """This bar's quotes and Greeks of a condor's four legs (``core.dto.LegQuotes``)."""
+    from core.dto import LegQuotes
+
+    path = market.quote_contracts(bar, bar + 1, condor.expiration, condor.strikes, condor.is_call)
+    return LegQuotes(path.bid[0], path.ask[0], path.mid[0], path.delta[0], path.gamma[0], path.vega[0],
+                     path.theta[0])
+
+
 def require_market_data(market: Any) -> MarketData:
     """``market`` if it implements the bar contract, else a TypeError naming what is missing."""
     if not isinstance(market, MarketData):
