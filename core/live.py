@@ -144,6 +144,32 @@ def check_account(account: Mapping) -> None:
                                f"order needs level 3 (options approval in the Alpaca dashboard)")
 
 
+def check_delta_band(chain, config: Config) -> None:
+    """The start-up check on a chain snapshot: the nearest expiry in the DTE window must list a put
+    and a call with |delta| inside the short-strike band and a bid. A chain without one can never
+    open a condor (the engine would reject every bar as no_put/no_call_in_delta_band), so the run
+    is refused with a ConfigError naming what the chain does hold."""
+    from strategies.options_strategy import Rejection, choose_iron_condor
+
+    strategy = config.strategy
+    nearest = chain.expiration.min()
+    choice = choose_iron_condor(chain.select(chain.expiration == nearest), config, expiration=nearest)
+    if not isinstance(choice, Rejection) or choice.reason not in ("no_put_in_delta_band", "no_call_in_delta_band"):
+        return
+    side = "put" if choice.reason == "no_put_in_delta_band" else "call"
+    rows = (chain.expiration == nearest) & (chain.is_call == (side == "call")) & np.isfinite(chain.delta)
+    held = np.abs(chain.delta[rows])
+    span = (f"|delta| {held.min():.3f} … {held.max():.3f} over {int(rows.sum())} {side}s" if held.size
+            else f"no {side} with a delta")
+    raise ConfigError(
+        f"no {side} in the short-strike delta band at start: the chain at {chain.quote_time:%Y-%m-%d %H:%M} "
+        f"(spot {chain.spot:.2f}, nearest expiry {np.datetime_as_string(nearest)} in DTE "
+        f"{strategy.dte_min} … {strategy.dte_max}) has {span}, none with a bid inside "
+        f"strategy.target_short_delta_low … high = {strategy.target_short_delta_low:g} … "
+        f"{strategy.target_short_delta_high:g}; widen the band, the DTE window or live.chain_strike_range "
+        f"(strikes within ±{config.live.chain_strike_range:.0%} of spot are fetched). No order was sent.")
+
+
 # ----------------------------------------------------------------------------------------------
 # The session
 # ----------------------------------------------------------------------------------------------
@@ -479,6 +505,14 @@ def live_report_config(session: LiveSession) -> dict:
     return config
 
 
+def _journal_has_open_positions(path: Path) -> bool:
+    journal = Journal(path)
+    try:
+        return bool(journal.open_positions())
+    finally:
+        journal.close()
+
+
 def _median(values) -> float | None:
     return float(np.median(values)) if len(values) else None
 
@@ -515,9 +549,6 @@ def run(args, config: Config, argv) -> int:
         check_account(broker.account())
     except BrokerError as error:
         raise BrokerSetupError(f"the Alpaca account could not be read at {endpoints.trading_url}: {error}") from None
-    options.out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(options.out / "journal.sqlite")
-    broker._log = lambda kind, message: (journal.event(kind, message, "warning"), log(kind, message))
     from data_factory.alpaca_feed import AlpacaFeed
 
     stock, option = data_clients(credentials, endpoints, live.request_timeout)
@@ -525,6 +556,25 @@ def run(args, config: Config, argv) -> int:
                       option_feed=live.option_feed, dte_min=config.strategy.dte_min, dte_max=config.strategy.dte_max,
                       base_bar_minutes=config.mtf.base_bar_minutes, warmup_sessions=live.warmup_sessions,
                       strike_range=live.chain_strike_range, request_timeout_s=live.request_timeout)
+    # History and one chain snapshot before anything is written, too: a run whose data cannot be
+    # read, or whose chain holds no short strike in the delta band, leaves no run folder.
+    journal_path = options.out / "journal.sqlite"
+    try:
+        clock = broker.clock()
+        feed.warm_up(clock["timestamp"])
+        chain = feed.probe_chain()
+    except BrokerError as error:
+        raise BrokerSetupError(f"the broker's clock could not be read at start: {error}") from None
+    try:
+        check_delta_band(chain, config)
+    except ConfigError as error:
+        if not (journal_path.exists() and _journal_has_open_positions(journal_path)):
+            raise
+        # A restart with condors open: they are still managed; new entries wait for the band.
+        log("start", f"warning: {error}")
+    options.out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(journal_path)
+    broker._log = lambda kind, message: (journal.event(kind, message, "warning"), log(kind, message))
     now = {"stamp": None}
     desk = OrderDesk(broker, journal, DeskSettings(live.price_steps, live.step_seconds, live.order_poll_seconds,
                                                    uncertain_grace_seconds=2 * live.request_timeout,
@@ -545,9 +595,7 @@ def run(args, config: Config, argv) -> int:
     failures = 0                           # polls in a row that failed
     closed_said = False
     try:
-        clock = broker.clock()
         now["stamp"] = clock["timestamp"]
-        feed.warm_up(clock["timestamp"])
         # The warm-up's features (and μ_Mamba over its history) now, not in the first bar's decision.
         session.features_of(feed)
         while options.max_bars is None or bars < options.max_bars:

@@ -667,7 +667,8 @@ def open_storage(url: str):
     if sqlite:
         # A trial is about twenty small transactions (Optuna writes each parameter on its own);
         # with SQLite's default journal each one waits for the disk, and the parent's bookkeeping
-        # (~38 ms a trial) then takes CPU from the workers. Write-ahead logging with NORMAL sync
+        # then takes CPU from the workers (TPE and shared studies pay it per trial; a local grid
+        # writes its finished points with add_trial). Write-ahead logging with NORMAL sync
         # keeps the database consistent after a crash (a power cut may lose the last trials,
         # which a resume runs again).
         from sqlalchemy import event

@@ -346,6 +346,15 @@ class AlpacaFeed:
         self._commit(now_ns, update, chain=chain, daily=daily)
         return len(self._close_ns) - 1
 
+    def probe_chain(self) -> LiveChainSlice:
+        """A chain snapshot taken now for the newest warm-up bar (its close as the spot), recorded
+        nowhere: the start-up check that the DTE window and the delta band hold contracts at all,
+        before the first decision bar. Raises ``DataError`` as a bar's snapshot would."""
+        if self._now_ns is None or not len(self._close_ns):
+            raise RuntimeError("call warm_up before probe_chain")
+        chain, _lag, _counts = self._snapshot(int(self._close_ns[-1]), float(self._ohlcv[-1, 3]), self._now_ns)
+        return chain
+
     # ------------------------------------------------------------------------------------------
     def _regular_completed(self, bars: pd.DataFrame, now_ns: int) -> pd.DataFrame:
         """The bars that are complete at ``now`` and inside a regular session, re-indexed by their

@@ -184,6 +184,22 @@ def test_an_account_without_options_approval_is_refused_before_anything_is_sent(
     assert fake.orders == [] and not out.exists()                    # nothing sent, no run folder
 
 
+def test_a_chain_with_no_short_strike_in_the_delta_band_is_refused_at_start(session, capsys):
+    fake, config, out = session
+    # Strikes within ±2% of spot at 7-30 DTE: every put is far above |delta| 0.02.
+    config.write_text(CONFIG.replace("chain_strike_range: 0.06", "chain_strike_range: 0.02").replace(
+        "strategy: {dte_min: 7, dte_max: 30}",
+        "strategy: {dte_min: 7, dte_max: 30, target_short_delta_low: 0.01, target_short_delta_high: 0.02}"))
+    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "3",
+                   "--out", str(out)])
+    captured = capsys.readouterr()
+    errors = [line for line in (captured.out + captured.err).splitlines() if "error:" in line]
+    assert status == 2 and len(errors) == 1, captured
+    assert "no put in the short-strike delta band at start" in errors[0]
+    assert "0.01 … 0.02" in errors[0] and "|delta| 0." in errors[0]        # says what the chain does hold
+    assert fake.orders == [] and not out.exists()                    # nothing sent, no run folder
+
+
 def test_an_api_that_keeps_failing_stops_the_run_with_exit_1(session, monkeypatch, capsys):
     from tests.alpaca_fake import Fault
 
