@@ -211,6 +211,11 @@ class LiveSession:
         self.data_seconds: list[float] = []           # seconds to fetch a bar's bars and chain snapshot
         self.starting_equity: float | None = None
         self.features_description: dict = {}
+        # The last complete quotes of each open condor (engine position id -> (7, 4) array) and
+        # the positions whose quotes at the current bar are missing (marked at those instead).
+        self._last_quotes: dict[int, np.ndarray] = {}
+        self.stale_positions: set[int] = set()
+        self.stale_marks = 0                          # position-bars marked at an earlier quote
 
     # ---------------------------------------------------------------------------- start
     def start(self) -> list[str]:
@@ -245,6 +250,11 @@ class LiveSession:
     def requests_made(self) -> int:
         """HTTP requests so far, broker and data together."""
         return self.broker.requests + getattr(self.feed, "requests", 0)
+
+    def held_symbols(self) -> list[str]:
+        """The OCC symbols of every leg of the condors open now (the feed quotes them each bar)."""
+        return [leg.symbol for position in self.portfolio.open_positions.values()
+                for leg in condor_legs(position.condor, self.underlying, "open")]
 
     def step(self, bar: int, requests_before: int | None = None) -> list[TradeDecision]:
         """The decisions at ``bar`` (the bar that just closed) and their orders. ``requests_before``:
@@ -287,8 +297,38 @@ class LiveSession:
             symbol=self.underlying, spot=float(feed.spot_bars().iloc[bar]),
             iv_index=float(feed.iv_index_bars().iloc[bar]),
             chain=partial(_chain, feed, bar), nearest_chain=partial(nearest_expiry_slice, feed, bar),
-            quote=partial(condor_leg_quotes, feed, bar), quote_many=partial(_quote_many, feed, bar),
+            quote=partial(condor_leg_quotes, feed, bar), quote_many=partial(self._quote_many_carried, bar),
             settlement_of=feed.settlement_time, features=features)
+
+    def _quote_many_carried(self, bar: int, positions):
+        """The open condors' quotes at ``bar``; a condor with a leg the snapshot did not quote
+        (the vendor dropped it for a bar) is marked at its last complete quotes instead of NaN,
+        until its settlement, and listed in ``stale_positions`` so no order is priced from them."""
+        from data_factory.option_chain import StructureQuotes
+
+        quotes = _quote_many(self.feed, bar, positions)
+        table = np.stack(quotes)                                   # (7, k, 4)
+        stamp = self.feed.bar_times[bar]
+        for k, position in enumerate(positions):
+            key = position.position_id
+            if np.isfinite(table[:3, k]).all():
+                self._last_quotes[key] = table[:, k].copy()
+                if key in self.stale_positions:
+                    self.stale_positions.discard(key)
+                    self.journal.event("quotes_back", f"{_describe(position.condor)}: quoted again at {stamp}")
+                continue
+            last = self._last_quotes.get(key)
+            if last is None or stamp >= position.condor.settlement:
+                continue
+            table[:, k] = last
+            self.stale_marks += 1
+            if key not in self.stale_positions:
+                self.stale_positions.add(key)
+                message = (f"{_describe(position.condor)}: no complete quote at {stamp}; marked at its last quotes, "
+                           f"no order is priced until it is quoted again")
+                self.journal.event("stale_quote", message, "warning")
+                self.say(f"[yellow]{message}[/yellow]")
+        return StructureQuotes(*table)
 
     def _execute(self, decision: TradeDecision, snapshot: MarketSnapshot) -> None:
         opening = decision.action is Action.OPEN
@@ -308,6 +348,12 @@ class LiveSession:
                         {k: v for k, v in (decision.context or {}).items() if _plain(v)})
         quotes = snapshot.quote(condor)
         prices = unit_prices(quotes, opening)
+        if not (math.isfinite(prices.mid) and math.isfinite(prices.natural)):
+            # Never an order priced from a missing quote: the decision comes again next bar.
+            message = f"{action} of {_describe(condor)} deferred: no complete quote at {snapshot.timestamp}"
+            self.journal.event("deferred", message, "warning")
+            self.say(f"[yellow]{message}[/yellow]")
+            return
         if self.options.dry_run:
             self.journal.record_intent(intent, at=snapshot.timestamp)
             self.journal.intent_update(iid, "dry_run", 0)
@@ -615,6 +661,7 @@ def run(args, config: Config, argv) -> int:
                 closed_said = False
                 before = session.requests_made() - 1          # the clock read above belongs to this bar
                 fetch_started = time.perf_counter()
+                feed.track(session.held_symbols())
                 bar = feed.refresh(clock["timestamp"])
                 if bar is None:
                     time.sleep(options.poll_seconds)

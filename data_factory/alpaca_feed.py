@@ -211,6 +211,12 @@ class AlpacaFeed:
         self._proxy_source = pd.Series(dtype=object)
         self._chains: dict[int, LiveChainSlice] = {}
         self._chain_rows: dict[int, dict] = {}
+        # Contracts held (track()): quoted each bar even outside the chain request's DTE window
+        # and strike range, in a slice of their own so the entry chain and the IV index are the
+        # chain request's alone.
+        self._tracked: tuple[str, ...] = ()
+        self._held: dict[int, LiveChainSlice] = {}
+        self._held_rows: dict[int, dict] = {}
         self._chain_iv: dict[int, float] = {}
         self._daily_checked_through = None
         self._snapshot_lag_s: dict[int, float] = {}
@@ -312,6 +318,18 @@ class AlpacaFeed:
         self._commit(now_ns, update, chain=None, daily=(daily, pair, daily_through))
         return len(self._close_ns)
 
+    def track(self, symbols) -> None:
+        """The OCC symbols of the contracts held now. Each bar's snapshot quotes those the chain
+        request did not return (a condor whose DTE fell below ``dte_min``, or whose strikes the
+        spot left behind the strike range) with one more request, so an open position is always
+        marked and can be closed."""
+        symbols = tuple(sorted(set(symbols)))
+        for symbol in symbols:
+            contract = parse_occ_symbol(symbol)
+            if contract is None or contract[0] != self.underlying:
+                raise ValueError(f"track: {symbol!r} is not an OCC symbol of a {self.underlying} option")
+        self._tracked = symbols
+
     def refresh(self, now) -> int | None:
         """Fetch the base bars completed since the last call; when trading bars have closed, add
         them, take the chain snapshot for the newest and return its position, else None (and no
@@ -333,10 +351,11 @@ class AlpacaFeed:
         fetched = self._fetch_bars([self.underlying], self.base_bar_minutes, start_ns, now_ns,
                                    f"{self.base_bar_minutes}-minute")[self.underlying]
         update = self._step(now_ns, self._regular_completed(fetched, now_ns))
-        chain = None
+        chain = held = None
         if update.ready_ns:
             spot = float(update.base["close"].iloc[-1])
             chain = self._snapshot(update.ready_ns[-1], spot, now_ns)
+            held = self._held_snapshot(update.ready_ns[-1], spot, chain[0])
         if not update.ready_ns:
             self._pending = update.pending
             self._now_ns = now_ns
@@ -344,6 +363,8 @@ class AlpacaFeed:
                 self._merge_daily(*daily, now_ns)
             return None
         self._commit(now_ns, update, chain=chain, daily=daily)
+        if held is not None:
+            self._held[len(self._close_ns) - 1] = held
         return len(self._close_ns) - 1
 
     def probe_chain(self) -> LiveChainSlice:
@@ -602,8 +623,30 @@ class AlpacaFeed:
         chain, counts = self._chain_slice(snapshots, close_ns, spot, session, what)
         return chain, (now_ns - close_ns) / 1e9, counts
 
+    def _held_snapshot(self, close_ns: int, spot: float, chain: LiveChainSlice) -> LiveChainSlice | None:
+        """Quotes of the tracked contracts the chain snapshot lacks (one request), or None."""
+        from alpaca.data.requests import OptionSnapshotRequest
+
+        if not self._tracked:
+            return None
+        present = set(_row_keys(chain))
+        missing = []
+        for symbol in self._tracked:
+            _root, expiry_day, is_call, strike = parse_occ_symbol(symbol)
+            if (expiry_day, round(strike * 1000), is_call) not in present:
+                missing.append(symbol)
+        if not missing:
+            return None
+        what = f"option snapshots of the {len(missing)} held contract(s) outside the chain request ({', '.join(missing)})"
+        request = OptionSnapshotRequest(symbol_or_symbols=missing, feed=self.option_feed)
+        snapshots = self._call(what, self.option_client.get_option_snapshot, request)
+        held, _counts = self._chain_slice(snapshots, close_ns, spot, _local_date(close_ns), what, any_dte=True)
+        return held
+
     def _chain_slice(self, snapshots: dict, close_ns: int, spot: float, session: pd.Timestamp,
-                     what: str) -> tuple[LiveChainSlice, dict]:
+                     what: str, any_dte: bool = False) -> tuple[LiveChainSlice | None, dict]:
+        """The slice of a snapshot reply: contracts in the feed's DTE window (``any_dte``: every
+        contract, None when none is live), DataError when none is."""
         session_day = int(session.value // _NS_PER_DAY)
         counts = dict.fromkeys(("malformed_symbols", "foreign_roots", "duplicate_contracts", "vendor_iv_rows",
                                 "computed_iv_rows", "no_iv_rows", "no_quote_rows"), 0)
@@ -619,7 +662,7 @@ class AlpacaFeed:
                 counts["foreign_roots"] += 1
                 continue
             dte = expiry_day - session_day
-            if not self.dte_min <= dte <= self.dte_max:
+            if not any_dte and not self.dte_min <= dte <= self.dte_max:
                 continue
             key = (expiry_day, round(strike * 1000), is_call)
             if key in seen:
@@ -636,6 +679,8 @@ class AlpacaFeed:
             # An expiration that is not a session (a malformed symbol that parsed) has no settlement.
             counts["malformed_symbols"] += sum(1 for row in parsed if row[0] not in settle_ns)
             parsed = [row for row in parsed if settle_ns.get(row[0], close_ns) > close_ns]
+        if not parsed and any_dte:
+            return None, counts
         if not parsed:
             raise DataError(f"Alpaca {what} returned no contract in the DTE window {self.dte_min} … {self.dte_max} "
                             f"({len(snapshots)} snapshots)")
@@ -703,11 +748,23 @@ class AlpacaFeed:
     def _rows(self, bar: int) -> dict:
         rows = self._chain_rows.get(bar)
         if rows is None:
-            chain = self._chains[bar]
-            strike_milli = np.round(chain.strike * 1000).astype(np.int64)
-            keys = zip(chain.expiration.astype(np.int64).tolist(), strike_milli.tolist(), chain.is_call.tolist())
-            rows = self._chain_rows[bar] = {key: row for row, key in enumerate(keys)}
+            rows = self._chain_rows[bar] = {key: row for row, key in enumerate(_row_keys(self._chains[bar]))}
         return rows
+
+    def _quote_of(self, bar: int, key: tuple) -> tuple | None:
+        """The quote row of contract ``key`` (expiry day, strike × 1000, is_call) at ``bar``: from
+        the chain snapshot, else from the held contracts' snapshot; None when neither has it."""
+        row = self._rows(bar).get(key)
+        if row is not None:
+            return _quote_row(self._chains[bar], row)
+        held = self._held.get(bar)
+        if held is None:
+            return None
+        rows = self._held_rows.get(bar)
+        if rows is None:
+            rows = self._held_rows[bar] = {k: r for r, k in enumerate(_row_keys(held))}
+        row = rows.get(key)
+        return None if row is None else _quote_row(held, row)
 
     def _check_bar(self, bar: int) -> None:
         if not 0 <= bar < len(self._close_ns):
@@ -763,28 +820,26 @@ class AlpacaFeed:
         out = np.full((7, bar_stop - bar_start, strikes.size), np.nan)
         keys = [(day, int(round(k * 1000)), bool(c)) for k, c in zip(strikes.tolist(), is_call.tolist())]
         for b, bar in enumerate(range(bar_start, bar_stop)):
-            chain = self._chain(bar)
-            rows = self._rows(bar)
+            self._chain(bar)
             for leg, key in enumerate(keys):
-                row = rows.get(key)
-                if row is not None:
-                    out[:, b, leg] = _quote_row(chain, row)
+                quote = self._quote_of(bar, key)
+                if quote is not None:
+                    out[:, b, leg] = quote
         return ContractPath(bar_start, self._close_ns[bar_start:bar_stop].copy(),
                             self._ohlcv[bar_start:bar_stop, 3].copy(), *out)
 
     def quote_structures(self, bar: int, expirations, strikes) -> StructureQuotes:
         """Quotes of k four-leg structures (long put, short put, short call, long call) at one bar
         with a snapshot: arrays (k, 4), NaN for contracts missing from it."""
-        chain = self._chain(bar)
-        rows = self._rows(bar)
+        self._chain(bar)
         strikes = np.asarray(strikes, dtype=float)
         days = np.asarray(expirations, dtype="datetime64[D]").astype(np.int64)
         out = np.full((7, strikes.shape[0], 4), np.nan)
         for k, day in enumerate(days.tolist()):
             for leg in range(4):
-                row = rows.get((day, int(round(strikes[k, leg] * 1000)), leg >= 2))
-                if row is not None:
-                    out[:, k, leg] = _quote_row(chain, row)
+                quote = self._quote_of(bar, (day, int(round(strikes[k, leg] * 1000)), leg >= 2))
+                if quote is not None:
+                    out[:, k, leg] = quote
         return StructureQuotes(*out)
 
     def settlement_time(self, expiration) -> pd.Timestamp:
@@ -934,6 +989,12 @@ def _stamp_ns(value) -> int:
     if stamp.tzinfo is None:
         stamp = stamp.tz_localize("UTC")
     return int(stamp.tz_convert("UTC").as_unit("ns").value)
+
+
+def _row_keys(chain: ChainSlice):
+    """(expiry day, strike × 1000, is_call) of each row: a contract's key across slices."""
+    strike_milli = np.round(chain.strike * 1000).astype(np.int64)
+    return zip(chain.expiration.astype(np.int64).tolist(), strike_milli.tolist(), chain.is_call.tolist())
 
 
 def _quote_row(chain: ChainSlice, row: int) -> tuple:

@@ -251,6 +251,44 @@ def test_quote_contracts_and_structures_read_the_snapshot(live):
         feed.slice_at(position + 1)
 
 
+def test_held_contracts_outside_the_chain_request_are_quoted_with_one_more_request():
+    """A condor held past the chain window (DTE below dte_min, strikes beyond the strike range)
+    is still marked: track() names its legs, and each bar's snapshot quotes them."""
+    with FakeAlpaca(now=START, spot=600.0, seed=3, history_days=12) as fake:
+        feed = fake_feed(fake, warmup_sessions=5)
+        feed.warm_up(fake.now)
+        today = pd.Timestamp(START).date()
+        parsed = [(s, parse_occ_symbol(s)) for s in fake.contract_symbols]
+        near = min(day for _s, (_r, day, _c, _k) in parsed if day - pd.Timestamp(today).value // 86_400_000_000_000 >= 1)
+        held = {}
+        for symbol, (_root, day, is_call, strike) in parsed:       # DTE < 20 and a strike 8% away
+            if day == near and ((not is_call and strike in (540.0, 550.0)) or (is_call and strike in (650.0, 660.0))):
+                held[(is_call, strike)] = symbol
+        assert len(held) == 4, held
+        fake.advance(minutes=5)
+        before = feed.requests
+        untracked = feed.refresh(fake.now)
+        chain_requests = feed.requests - before
+        strikes = np.array([[540.0, 550.0, 650.0, 660.0]])
+        expiry = np.array([near], dtype="datetime64[D]")
+        assert np.isnan(feed.quote_structures(untracked, expiry, strikes).mid).all()   # outside the request
+        feed.track(held.values())
+        fake.advance(minutes=5)
+        before = feed.requests
+        position = feed.refresh(fake.now)
+        assert feed.requests - before == chain_requests + 1              # one request for the four
+        quotes = feed.quote_structures(position, expiry, strikes)
+        assert np.isfinite(quotes.mid).all() and np.isfinite(quotes.delta).all()
+        assert (quotes.bid <= quotes.ask).all()
+        path = feed.quote_contracts(position, position + 1, expiry[0], strikes[0], CONDOR_IS_CALL)
+        assert np.array_equal(path.mid[0], quotes.mid[0])
+        # The entry chain and its expirations are the chain request's alone.
+        assert near not in feed.expirations_at(position).astype(np.int64)
+        assert (feed.slice_at(position).dte >= 20).all()
+        with pytest.raises(ValueError, match="not an OCC symbol of a SPY option"):
+            feed.track(["QQQ261218C00500000"])
+
+
 def test_settlement_time_follows_the_exchange_calendar(live):
     feed = live["feed"]
     assert feed.settlement_time("2026-12-18") == pd.Timestamp("2026-12-18 16:00", tz=NY)

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -89,6 +90,69 @@ def test_a_live_session_opens_manages_and_closes_a_condor_as_one_order_each_way(
     html = (report / "report.html").read_text()
     assert "GARCH / realised-vol proxy" in html and "European Black-Scholes" in html    # the data box says so
     assert "open condors 1" in text and "done: 78 bar(s)" in text
+
+
+def test_a_condor_held_overnight_past_the_chain_window_is_marked_and_closed(session, capsys):
+    """Opened Monday at 3 DTE (the window is 3 … 5), held overnight: on Tuesday its DTE (2) is
+    below the chain request's window, so its legs are quoted by the held-contract snapshot; the
+    DTE exit closes it as one order at Tuesday's first bar."""
+    fake, config, out = session
+    config.write_text(CONFIG.replace("exits: {loss_close_multiple: 0.1, dte_exit: 0}",
+                                     "exits: {loss_close_multiple: 5.0, profit_take_pct: 0.99, dte_exit: 2}")
+                      .replace("strategy: {dte_min: 7, dte_max: 30}", "strategy: {dte_min: 3, dte_max: 5}"))
+    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "80",
+                   "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    intents = journal_rows(out, "SELECT action, status, reason, created_at FROM intents ORDER BY created_at")
+    assert [(i["action"], i["status"]) for i in intents] == [("open", "filled"), ("close", "filled")], intents
+    assert intents[1]["reason"] == "dte_exit"
+    assert pd.Timestamp(intents[1]["created_at"]).tz_convert(NY).date() == pd.Timestamp("2026-12-08").date()
+    assert {s: q for s, q in fake.positions.items() if q} == {}
+    equity = pd.read_csv(out / "report" / "equity.csv")
+    assert len(equity) == 80 and equity["equity"].notna().all()           # marked every bar, overnight too
+
+
+def test_a_held_leg_missing_from_the_snapshot_is_marked_at_its_last_quote_and_no_order_is_priced_from_it(
+        session, monkeypatch, capsys):
+    from data_factory.alpaca_feed import AlpacaFeed
+
+    fake, config, out = session
+    structures, contracts = AlpacaFeed.quote_structures, AlpacaFeed.quote_contracts
+    gap = {"start": None, "times": set()}
+
+    def blanked(quotes, bar):
+        if gap["start"] is not None and gap["start"] <= bar < gap["start"] + 6:
+            quotes.bid[..., 2] = quotes.ask[..., 2] = quotes.mid[..., 2] = np.nan    # the short call vanishes
+        return quotes
+
+    def quote_structures(self, bar, expirations, strikes):
+        if gap["start"] is None:
+            gap["start"] = bar + 1                           # from the bar after the condor opened
+        if gap["start"] <= bar < gap["start"] + 6:
+            gap["times"].add(self.bar_times[bar])
+        return blanked(structures(self, bar, expirations, strikes), bar)
+
+    def quote_contracts(self, bar_start, bar_stop, expiration, strikes, is_call):
+        return blanked(contracts(self, bar_start, bar_stop, expiration, strikes, is_call), bar_start)
+
+    monkeypatch.setattr(AlpacaFeed, "quote_structures", quote_structures)
+    monkeypatch.setattr(AlpacaFeed, "quote_contracts", quote_contracts)
+    status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "24",
+                   "--out", str(out)])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    assert gap["start"] is not None and "no complete quote" in text and "marked at its last quotes" in text
+    equity = pd.read_csv(out / "report" / "equity.csv")
+    assert len(equity) == 24 and equity["equity"].notna().all()
+    events = journal_rows(out, "SELECT kind FROM events")
+    assert [e["kind"] for e in events].count("stale_quote") == 1 and any(e["kind"] == "quotes_back" for e in events)
+    close_orders = [o for o in fake.orders if str(o["client_order_id"]).startswith("cb-close")]
+    gap_window = (min(gap["times"]), max(gap["times"]) + pd.Timedelta(minutes=4))
+    assert len(gap["times"]) == 6
+    created = pd.to_datetime([i["created_at"] for i in journal_rows(out, "SELECT created_at FROM intents")], utc=True)
+    assert not ((created >= gap_window[0]) & (created <= gap_window[1])).any()     # nothing sent in the gap
+    assert all(float(o["limit_price"]) > 0 for o in close_orders)   # every close was priced from real quotes
 
 
 def test_a_dry_run_decides_and_journals_without_sending(session, capsys):
@@ -198,6 +262,23 @@ def test_a_chain_with_no_short_strike_in_the_delta_band_is_refused_at_start(sess
     assert "no put in the short-strike delta band at start" in errors[0]
     assert "0.01 … 0.02" in errors[0] and "|delta| 0." in errors[0]        # says what the chain does hold
     assert fake.orders == [] and not out.exists()                    # nothing sent, no run folder
+
+
+def test_a_restart_with_a_condor_open_manages_it_even_when_the_band_is_empty(session, capsys):
+    fake, config, out = session
+    fake.fill_fraction = 1.0
+    args = ["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--out", str(out)]
+    assert main([*args, "--max-bars", "6"]) == 0
+    assert any(fake.positions.values())                              # a condor is open
+    config.write_text(CONFIG.replace("chain_strike_range: 0.06", "chain_strike_range: 0.02").replace(
+        "strategy: {dte_min: 7, dte_max: 30}",
+        "strategy: {dte_min: 7, dte_max: 30, target_short_delta_low: 0.01, target_short_delta_high: 0.02}"))
+    capsys.readouterr()
+    status = main([*args, "--max-bars", "2"])
+    text = capsys.readouterr().out
+    assert status == 0, text
+    assert "warning: no put in the short-strike delta band at start" in text
+    assert "from the journal" in text and "open condors 1" in text  # still managed
 
 
 def test_an_api_that_keeps_failing_stops_the_run_with_exit_1(session, monkeypatch, capsys):
