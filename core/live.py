@@ -119,6 +119,12 @@ def refused_settings(config: Config) -> list[str]:
     problems = []
     if config.hedge.enable_hedge:
         problems.append("hedge.enable_hedge (--enable-hedge): share hedges are not traded live yet")
+    if config.exits.dte_exit == 0:
+        # Held to expiry, Alpaca exercises an in-the-money leg into shares and removes the
+        # expired contracts overnight: the broker's account then differs from the condor the
+        # engine settled, and the next start refuses to trade on the mismatch.
+        problems.append("exits.dte_exit = 0 (hold to expiry): a live condor must be closed before it expires "
+                        "(an in-the-money leg is exercised into shares at Alpaca); set exits.dte_exit to 1 or more")
     return problems
 
 

@@ -56,3 +56,13 @@ def test_the_live_mode_refuses_what_it_cannot_use_before_anything_is_sent(clean_
     assert status == 2, text
     assert len(errors) == 1 and expected in errors[0], text
     assert "Traceback" not in text and "s3cr3t-value" not in text   # the secret is never printed
+
+
+def test_holding_to_expiry_is_refused_live(clean_env, tmp_path, capsys):
+    for name, value in KEYS.items():
+        clean_env.setenv(name, value)
+    config = tmp_path.parent / f"{tmp_path.name}-expiry.yaml"        # outside tmp_path: nothing left there
+    config.write_text("exits: {dte_exit: 0}\n")
+    status, errors, text = run_failing(["--mode", "live", "--config", str(config)], tmp_path, capsys)
+    assert status == 2 and len(errors) == 1, text
+    assert "exits.dte_exit = 0 (hold to expiry)" in errors[0] and "exercised into shares" in errors[0]

@@ -23,7 +23,7 @@ NY = "America/New_York"
 CONFIG = """
 live: {poll_seconds: 0.01, step_seconds: 0.2, order_poll_seconds: 0.02, price_steps: 3, warmup_sessions: 20,
        chain_strike_range: 0.06}
-exits: {loss_close_multiple: 0.1, dte_exit: 0}
+exits: {loss_close_multiple: 0.1, dte_exit: 1}
 strategy: {dte_min: 7, dte_max: 30}
 """
 
@@ -97,7 +97,7 @@ def test_a_condor_held_overnight_past_the_chain_window_is_marked_and_closed(sess
     below the chain request's window, so its legs are quoted by the held-contract snapshot; the
     DTE exit closes it as one order at Tuesday's first bar."""
     fake, config, out = session
-    config.write_text(CONFIG.replace("exits: {loss_close_multiple: 0.1, dte_exit: 0}",
+    config.write_text(CONFIG.replace("exits: {loss_close_multiple: 0.1, dte_exit: 1}",
                                      "exits: {loss_close_multiple: 5.0, profit_take_pct: 0.99, dte_exit: 2}")
                       .replace("strategy: {dte_min: 7, dte_max: 30}", "strategy: {dte_min: 3, dte_max: 5}"))
     status = main(["--mode", "live", "--config", str(config), "--no-gates", "--no-neural", "--max-bars", "80",
