@@ -150,6 +150,11 @@ class BacktestConfig(_Section):
     samples: int = Field(0, ge=0, le=100_000_000, description="bars to replay; 0 = all")
     underlying: str = Field("SPY", min_length=1, max_length=10)
     options_data: str | None = Field(None, description="path to a user option-chain file; None = embedded")
+    # Where the user's option data has no IV/Greeks they are solved with this rate; the embedded
+    # risk-free series covers sessions up to 2019-01 and is used there when this is None.
+    risk_free_rate: float | None = Field(None, ge=-0.05, le=0.25,
+                                         description="annual continuously compounded rate for user option data "
+                                                     "after 2019-01 (None: required only if such data needs it)")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="seed of every synthetic step")
     engine: Literal["backtrader", "fast"] = "backtrader"
     # Position of a fill inside the bid/ask spread, measured from our favourable side:

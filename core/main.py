@@ -89,9 +89,7 @@ SWITCH_FLAGS = (
 )
 # Seed CLI-table flags that belong to capabilities not built yet: accepted by the parser so the
 # user gets one clear line instead of "unrecognized arguments", then refused.
-NOT_YET_FLAGS = (
-    ("--options-data", "a user option-chain file", "[user-data]"),
-)
+NOT_YET_FLAGS = ()
 SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
 
 
@@ -129,10 +127,11 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=["backtest", "optimize", "data", "live"], default="backtest",
+    parser.add_argument("--mode", choices=["backtest", "optimize", "data", "live", "ingest"], default="backtest",
                         help="backtest: run the strategy and write a run folder; optimize: the 6-phase "
                              "optimizer; data: describe the embedded data and show a synthetic chain at one "
-                             "bar; live: paper-trade on Alpaca (default: backtest)")
+                             "bar; live: paper-trade on Alpaca; ingest: load vendor option files into a chain "
+                             "store (default: backtest)")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (partial files allowed)")
     run = parser.add_argument_group("backtest")
     for flag, kind, text in BACKTEST_FLAGS:
@@ -145,10 +144,11 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
                                                         f" = {default})")
     for flag, what, _ in NOT_YET_FLAGS:
         text = f"seed flag for {what}: not available in this version (refused with a message)"
-        if flag == "--options-data":
-            run.add_argument(flag, default=None, metavar="FILE", help=text)
-        else:
-            run.add_argument(flag, action="store_true", default=None, help=text)
+        run.add_argument(flag, action="store_true", default=None, help=text)
+    run.add_argument("--options-data", default=None, metavar="PATH",
+                     help="backtest on your own option chains: a chain store (--mode ingest) or vendor files / a "
+                          "folder of them (OptionsDX, Cboe DataShop, IVolatility, ORATS, ...; ingested into a cache "
+                          "store on first use). Default: the embedded synthetic chains")
     run.add_argument("--use-optimizer", action="store_true",
                      help="the seed's spelling of --mode optimize: run the 6-phase optimizer with these settings "
                           "as the base configuration")
@@ -186,6 +186,16 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
     live.add_argument("--credentials", metavar="FILE", default=None,
                       help="JSON file with key_id and secret_key, outside the repository "
                            "(default: ~/.config/condorbrain/alpaca.json when the variables are unset)")
+    ingest = parser.add_argument_group("ingest mode (vendor option data into a Parquet chain store)")
+    ingest.add_argument("--input", action="append", default=None, metavar="PATH",
+                        help="a vendor file or a folder of them (repeatable)")
+    ingest.add_argument("--format", default=None, metavar="F",
+                        help="override format detection (optionsdx, cboe, ivolatility, orats, polygon_option_bars, "
+                             "alpaca_option_bars, stock_bars, canonical_parquet)")
+    ingest.add_argument("--store", default=None, metavar="DIR", help="the chain store to create or add to")
+    ingest.add_argument("--on-bad-rows", choices=["stop", "skip"], default="stop",
+                        help="stop at the first bad row (naming file and line) or skip bad rows and count them "
+                             "(default: stop)")
     group = parser.add_argument_group("data mode")
     group.add_argument("--date", default="2015-08-24",
                        help="session to show the chain for (YYYY-MM-DD, 2001-01-02 … 2018-12-31)")
@@ -205,6 +215,8 @@ def _overrides(args) -> dict:
             raise ConfigError(f"{flag}: {what} is not available in this version yet (planned: {issue}); "
                               f"run without it")
     overrides = {}
+    if args.options_data is not None:
+        overrides["backtest.options_data"] = args.options_data
     for flag, _, _ in BACKTEST_FLAGS:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -248,6 +260,7 @@ OPTIMIZER_DESTS = ("samples", "phases", "grid", "sampler", "trials", "objective"
 
 
 LIVE_DESTS = ("alpaca", "dry_run", "max_bars", "poll_seconds", "live_money", "credentials")
+INGEST_DESTS = ("input", "format", "store", "on_bad_rows")
 
 
 def _check_mode_flags(parser, args, optimize: bool) -> None:
@@ -257,6 +270,14 @@ def _check_mode_flags(parser, args, optimize: bool) -> None:
 
     if args.alpaca and args.mode == "backtest" and not optimize:
         args.mode = "live"                   # the seed's `--alpaca` alone
+    ingest_given = [name for name in INGEST_DESTS if getattr(args, name) != parser.get_default(name)]
+    if args.mode != "ingest" and ingest_given:
+        raise ConfigError(f"--{ingest_given[0].replace('_', '-')} is an ingest-mode flag: add --mode ingest")
+    if args.mode == "ingest":
+        if optimize:
+            raise ConfigError("--use-optimizer runs the optimizer: drop it from --mode ingest")
+        if not args.input or not args.store:
+            raise ConfigError("--mode ingest needs --input PATH (a vendor file or folder) and --store DIR")
     live_given = [name for name in LIVE_DESTS if getattr(args, name) != parser.get_default(name)]
     if args.mode != "live" and live_given:
         raise ConfigError(f"--{live_given[0].replace('_', '-')} is a live-mode flag: add --mode live")
@@ -299,6 +320,34 @@ def _load_config(path: str | None, overrides: dict):
 
     config = Config.from_yaml(path) if path else Config()
     return config.override(overrides, source="command line") if overrides else config
+
+
+def _run_ingest_mode(args) -> int:
+    """``--mode ingest``: vendor files into a chain store, with a progress line and a summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from data_factory.chain_store import ingest
+
+    console = Console()
+    with console.status("ingesting…") as status:
+        summary = ingest(args.input, args.store, fmt=args.format, on_bad_rows=args.on_bad_rows,
+                         progress=lambda name, rows: status.update(f"ingesting {name}: {rows:,} rows"))
+    table = Table(title=f"Ingested into {summary.store}")
+    for column in ("file", "format", "rows kept", "bad rows skipped"):
+        table.add_column(column)
+    for entry in summary.files:
+        bad = entry.get("bad_rows") or {}
+        counts = bad.get("counts") or {}
+        skipped = ", ".join(f"{kind} {n:,}" for kind, n in counts.items() if n) or "0"
+        table.add_row(entry["path"], entry["format"], f"{entry['rows']:,}", skipped)
+    console.print(table)
+    info = summary.to_dict()
+    rate = (summary.chain_rows + summary.bar_rows) / summary.seconds if summary.seconds else 0.0
+    console.print(f"{info['chain_rows']:,} chain rows over {info['sessions']} sessions "
+                  f"({info['first_date']} … {info['last_date']}), {info['bar_rows']:,} bar rows in "
+                  f"{summary.seconds:.1f} s ({rate:,.0f} rows/s); backtest it with --options-data {summary.store}")
+    return 0
 
 
 def _run_data_mode(args, config) -> int:
@@ -408,6 +457,7 @@ def _run_backtest_mode(args, config, argv) -> int:
     from core.market_data import (
         bar_features,
         describe_run_data,
+        is_vendor_market,
         load_configured_forecaster,
         load_market,
         uses_neural,
@@ -428,9 +478,18 @@ def _run_backtest_mode(args, config, argv) -> int:
     out_dir = check_output_dir(args.out) if args.out else default_run_dir()
     backtest = config.backtest
     started = time.time()
-    with console.status(f"loading {backtest.start} … {backtest.end}: embedded daily data, synthetic "
-                        f"5-minute bars, chain surface…"):
+    loading = (f"loading your option chains from {backtest.options_data} (first use of vendor files ingests them "
+               f"into a cache store)…" if backtest.options_data else
+               f"loading {backtest.start} … {backtest.end}: embedded daily data, synthetic 5-minute bars, chain surface…")
+    with console.status(loading):
         market = load_market(config)
+    vendor = is_vendor_market(market)
+    if vendor:
+        chains = market.describe()
+        console.print(f"option chains: {chains['source']}, {chains['sessions']} sessions "
+                      f"{market.sessions[0].date()} … {market.sessions[-1].date()}, {chains['bars']:,} decision bars")
+        for line in market.alignment.summary_lines():
+            console.print(f"  [dim]{line}[/dim]")
     # The forecaster matters only where C is used: fuzzy sizing/gating, or the ablation's fuzzy rows.
     fuzzy_config = config.override({"fuzzy.use_fuzzy": True}) if args.compare else config
     forecaster = None
@@ -511,8 +570,10 @@ def _run_backtest_mode(args, config, argv) -> int:
     if comparison is not None:
         console.print(ablation_table(comparison))
         console.print(periods_table(periods))
-    console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); option chains and "
-                  f"intraday bars are SYNTHETIC (see data.json)")
+    what = ("option chains are YOUR vendor data; the intraday bars behind the MTF indicators are SYNTHETIC paths "
+            "through daily bars (see data.json)" if vendor else
+            "option chains and intraday bars are SYNTHETIC (see data.json)")
+    console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); {what}")
     console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json, "
                   f"risk_events.csv, hedges.csv)")
     return 0
@@ -532,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         config = _load_config(args.config, _overrides(args))
         if args.mode == "data":
             return _run_data_mode(args, config)
+        if args.mode == "ingest":
+            return _run_ingest_mode(args)
         if args.mode == "live":
             from core.live import run as run_live
             return run_live(args, config, argv)

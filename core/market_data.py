@@ -57,6 +57,21 @@ def embedded_chain_provider(config: Config, freq: str = "5min", start=None,
 
 def describe_run_data(config: Config, provider: SyntheticChainProvider, freq: str = "5min") -> dict:
     """What a run's data was and which parts were synthetic (the run folder's data.json)."""
+    if is_vendor_market(provider):
+        chains = provider.describe()
+        return {
+            "period": {"start": str(provider.sessions[0].date()), "end": str(provider.sessions[-1].date()),
+                       "requested": [str(config.backtest.start), str(config.backtest.end)],
+                       "sessions": len(provider.sessions), "bars": len(provider.bar_times),
+                       "bar_frequency": "one decision bar per vendor snapshot (5-minute grid)"},
+            "label": f"{config.backtest.underlying}, your option chains, synthetic intraday paths for the indicators",
+            "underlying": config.backtest.underlying,
+            "option_chains": chains,
+            "intraday_bars": {"synthetic": True,
+                              "what": "SYNTHETIC intraday paths through " + provider.daily_bars()[1]
+                                      + " feed the multi-timeframe indicators only; quotes and fills are the "
+                                        "vendor's"},
+        }
     return {
         "period": {"start": str(config.backtest.start), "end": str(config.backtest.end),
                    "sessions": len(provider.sessions), "bars": len(provider.bar_times),
@@ -141,7 +156,8 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
 def embedded_neural_memberships(config: Config, provider: SyntheticChainProvider, forecaster, progress=None):
     """μ_Mamba per trading bar of ``provider`` from the checkpoint ``forecaster``, and a
     description of where it came from."""
-    return _neural_from_inputs(config, _embedded_inputs(config, provider), forecaster, progress)
+    inputs = vendor_feature_inputs(config, provider) if is_vendor_market(provider) else _embedded_inputs(config, provider)
+    return _neural_from_inputs(config, inputs, forecaster, progress)
 
 
 def _neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None):
@@ -246,7 +262,7 @@ FEATURE_INDEPENDENT_FIELDS = {
 }
 # Sections the features read (others — exits, risk, hedge, sizing, data_pipeline — never matter).
 FEATURE_SECTIONS = ("filters", "momentum", "trend", "mtf", "fuzzy", "regime", "synthetic")
-_MARKET_FIELDS = ("start", "end", "seed", "underlying")
+_MARKET_FIELDS = ("start", "end", "seed", "underlying", "options_data")
 _CACHE_SIZE = 8
 _markets: dict = {}
 _features: dict = {}
@@ -261,13 +277,170 @@ def _remember(cache: dict, key, value):
     return value
 
 
+# ----------------------------------------------------------------------------------------------
+# The trader's own option data (--options-data: a chain store or vendor files)
+# ----------------------------------------------------------------------------------------------
+
+def is_vendor_market(market) -> bool:
+    from data_factory.vendor_market import VendorChainMarket
+
+    return isinstance(getattr(market, "market", market), VendorChainMarket)
+
+
+def options_store(path, progress=None):
+    """The ``ChainStore`` of ``--options-data PATH``: a store directory as it is, or vendor
+    files / a folder of them ingested once into a cache store keyed by their paths, sizes and
+    modification times (``$CONDORBRAIN_CACHE`` or ~/.cache/condorbrain/stores)."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from data_factory.chain_store import ChainStore, ingest
+
+    source = Path(path).expanduser()
+    if ChainStore.is_store(source):
+        return ChainStore.open(source)
+    if not source.exists():
+        raise DataError(f"--options-data {path}: no such file, folder or chain store")
+    files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")) \
+        if source.is_dir() else [source]
+    if not files:
+        raise DataError(f"--options-data {path}: the folder holds no files")
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cache = Path(os.environ.get("CONDORBRAIN_CACHE") or Path.home() / ".cache" / "condorbrain") / "stores"
+    store_dir = cache / digest.hexdigest()[:20]
+    if not ChainStore.is_store(store_dir):
+        ingest([source], store_dir, progress=progress)
+    return ChainStore.open(store_dir)
+
+
+def load_vendor_market(config: Config, progress=None):
+    """The bar contract over ``backtest.options_data`` for the configured period, narrowed to the
+    sessions the store covers (a gap inside them is an error)."""
+    from data_factory.vendor_market import VendorChainMarket
+
+    from core.config import BacktestConfig, ConfigError
+    from core.engine import clock_minutes
+
+    backtest, strategy, pipeline = config.backtest, config.strategy, config.data_pipeline
+    store = options_store(backtest.options_data, progress)
+    dates = store.dates()
+    if not len(dates):
+        raise DataError(f"--options-data {backtest.options_data}: the store holds no option chains")
+    start, end = pd.Timestamp(backtest.start), pd.Timestamp(backtest.end)
+    defaults = BacktestConfig()
+    if (backtest.start, backtest.end) == (defaults.start, defaults.end) and (end < dates[0] or start > dates[-1]):
+        # The period was never chosen (the embedded data's default): the store's own.
+        start, end = dates[0], dates[-1]
+    elif end < dates[0] or start > dates[-1]:
+        raise DataError(f"--options-data {backtest.options_data}: the requested period {start.date()} … {end.date()} "
+                        f"has no chains (the data covers {dates[0].date()} … {dates[-1].date()}); pick dates inside "
+                        f"it with --bt-start/--bt-end")
+    start, end = max(start, dates[0]), min(end, dates[-1])
+    # Held condors are quoted until they close: the window reaches from expiry day to dte_max.
+    market = VendorChainMarket.from_store(
+        store, start=start, end=end, underlying=backtest.underlying,
+        dte_cap=max(strategy.dte_max, 1), alignment=pipeline_settings(pipeline, backtest.underlying),
+        rate_of=lambda days: vendor_rates(days, backtest.risk_free_rate),
+        dividend_yield_of=lambda days: np.full(len(days), float(config.synthetic.dividend_yield)))
+    window = (clock_minutes(strategy.entry_window_start), clock_minutes(strategy.entry_window_end))
+    minutes = market.bar_times.hour * 60 + market.bar_times.minute
+    if not ((minutes >= window[0]) & (minutes <= window[1])).any():
+        times = sorted({f"{stamp:%H:%M}" for stamp in market.bar_times[:500]})
+        raise ConfigError(
+            f"--options-data {backtest.options_data}: every decision bar is outside the entry window "
+            f"{strategy.entry_window_start} … {strategy.entry_window_end} (the chains are snapshots at "
+            f"{', '.join(times[:6])}{' …' if len(times) > 6 else ''}), so no condor could ever open. End-of-day "
+            f"data trades at its snapshot: put `strategy: {{entry_window_end: \"{times[-1]}\"}}` in a --config file, "
+            f"or expand the chains intraday with data_factory/expand_options_intraday.py")
+    return market
+
+
+def vendor_rates(days, fixed: float | None) -> np.ndarray:
+    """The risk-free rate per session for solving user option data: ``backtest.risk_free_rate``
+    when set, else the embedded Fama-French series (which ends 2019-01: later sessions need the
+    setting, refused with a message naming it)."""
+    from core.config import ConfigError
+    from data_factory import embedded
+
+    days = pd.DatetimeIndex(days)
+    if fixed is not None:
+        return np.full(len(days), float(fixed))
+    try:
+        return embedded.risk_free_rate(days).to_numpy(dtype=float)
+    except DataError as error:
+        raise ConfigError(f"the option data runs past the embedded risk-free rate series ({error}); set "
+                          f"backtest.risk_free_rate (e.g. 0.045) in a --config file: it is used where the vendor "
+                          f"gives no IV or Greeks") from None
+
+
+def pipeline_settings(pipeline, symbol: str) -> dict:
+    """``data_factory.chain_alignment.align_snapshots`` keywords from the data_pipeline section."""
+    limit = pipeline.max_lag_sec.get(symbol.upper())
+    return {"mode": pipeline.alignment_mode, "max_lag_s": None if limit is None else float(limit),
+            "fail_fast": pipeline.fail_fast, "stale_fail_rate": pipeline.max_stale_rate,
+            "half_life_s": pipeline.iv_conf_half_life_sec}
+
+
+def vendor_feature_inputs(config: Config, market) -> dict:
+    """``compute_bar_features`` inputs for a vendor chain market: synthetic intraday base bars
+    through the market's daily bars (a warm-up of FEATURE_WARMUP_SESSIONS before the first
+    session where the daily bars have them), the chains' session-close IV index as the daily IV
+    (the embedded IV history before it for the IV rank where that covers), daily bars of the
+    underlying and, where the embedded data covers the period, of QQQ."""
+    from data_factory import embedded
+    from data_factory.intraday import intraday_bars
+
+    daily, _what = market.daily_bars()
+    base = intraday_bars(daily, freq=f"{config.mtf.base_bar_minutes}min", seed=config.backtest.seed)
+    iv = market.iv_index_bars()
+    chain_iv = iv.groupby(iv.index.tz_localize(None).normalize()).last()
+    first = market.sessions[0]
+    try:
+        history = embedded.daily_iv_index(first - pd.Timedelta(days=DAILY_HISTORY_DAYS), first,
+                                          garch_config=garch_config(config))["iv_index"]
+        history = history[history.index < first]
+    except DataError:
+        history = pd.Series(dtype=float)
+    daily_iv = pd.concat([history, chain_iv])
+    try:
+        pair = embedded.daily_bars("QQQ", first - pd.Timedelta(days=DAILY_HISTORY_DAYS), market.sessions[-1])
+        pair = pair if market.sessions.isin(pair.index).all() else None
+    except DataError:
+        pair = None
+    return {"base": base, "session_close_ns": calendar_session_closes(base.index), "daily_iv": daily_iv,
+            "daily_spot": daily, "daily_pair": pair,
+            "target": market.bar_times.tz_convert("UTC").as_unit("ns").asi8}
+
+
+def vendor_bar_features(config: Config, market, neural=None):
+    from intelligence.features import BarFeatures, compute_bar_features
+
+    from core.skew_history import embedded_skew_reference
+
+    inputs = vendor_feature_inputs(config, market)
+    features = compute_bar_features(config, inputs["base"], inputs["target"], market.iv_index_bars().to_numpy(),
+                                    inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"], neural=neural,
+                                    session_close_ns=inputs["session_close_ns"])
+    reference = np.ascontiguousarray(embedded_skew_reference(config, market, history=False), dtype=float)
+    features = BarFeatures({**features.columns, "skew_reference": reference}, features.close_ns, features.description)
+    features.description["data"] = market.describe()["source"]
+    return features
+
+
 def market_key(config: Config) -> tuple:
     """The settings the embedded market data depends on."""
     import json
 
     backtest = config.backtest
-    return (tuple(str(getattr(backtest, name)) for name in _MARKET_FIELDS),
-            json.dumps(config.synthetic.model_dump(), sort_keys=True))
+    depends = config.synthetic.model_dump()
+    if backtest.options_data:
+        # A vendor market is built for the strategy's DTE window and the alignment settings.
+        depends = {"dte_max": config.strategy.dte_max, "data_pipeline": config.data_pipeline.model_dump()}
+    return (tuple(str(getattr(backtest, name)) for name in _MARKET_FIELDS), json.dumps(depends, sort_keys=True))
 
 
 def load_market(config: Config) -> SyntheticChainProvider:
@@ -276,7 +449,7 @@ def load_market(config: Config) -> SyntheticChainProvider:
     key = market_key(config)
     market = _markets.pop(key, None)
     if market is None:
-        market = embedded_chain_provider(config)
+        market = load_vendor_market(config) if config.backtest.options_data else embedded_chain_provider(config)
     return _remember(_markets, key, market)
 
 
@@ -363,7 +536,10 @@ def bar_features(config: Config, market, forecaster=None, progress=None):
         features, weights = cached[1], cached[2]
     else:
         neural, neural_description = neural_per_bar(config, market, forecaster, progress)
-        features = embedded_bar_features(config, market, neural=neural)
+        if is_vendor_market(market):
+            features = vendor_bar_features(config, market, neural=neural)
+        else:
+            features = embedded_bar_features(config, market, neural=neural)
         if neural_description is not None:
             features.description["neural"] = neural_description
         weights = _fuzzy_weights(config)

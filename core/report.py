@@ -1050,6 +1050,12 @@ def _synthetic_box(data_description: Mapping[str, Any]) -> str:
         return ('<div class="synthetic"><h2>Data</h2><p>Nothing in this run\'s data description is '
                 "marked synthetic, proxy or assumed; see data.json.</p></div>")
     lines = "".join(f"<li>{_e(item)}</li>" for item in items)
+    chains = data_description.get("option_chains")
+    if isinstance(chains, Mapping) and chains.get("synthetic") is False:
+        return ('<div class="synthetic"><h2>What was synthetic</h2>'
+                f"<p><strong>Quotes and fills are real option data: {_e(str(chains.get('source', '')))}.</strong> "
+                "The parts below are synthetic, proxies or assumptions; they shape the indicators and sizing, "
+                f"not the prices. Full description in data.json.</p><ul>{lines}</ul></div>")
     return ('<div class="synthetic"><h2>What was synthetic</h2>'
             "<p><strong>This run is not a replay of real market quotes.</strong> The parts below are "
             "synthetic, proxies or assumptions; results describe the model as much as the market. "

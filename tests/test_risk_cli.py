@@ -57,15 +57,11 @@ def test_bad_risk_value_in_a_config_file(tmp_path, capsys, monkeypatch):
     assert "Traceback" not in text
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--options-data", "x.csv"], "--options-data"),
-])
-def test_capabilities_not_built_yet_are_refused_in_one_line(args, flag, tmp_path, capsys, monkeypatch):
+def test_options_data_that_does_not_exist_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    status, errors, text = run_failing(args, tmp_path, capsys)
-    assert status == 2
-    assert len(errors) == 1, text
-    assert flag in errors[0] and "not available" in errors[0], errors[0]
+    status, errors, text = run_failing(["--options-data", "x.csv"], tmp_path, capsys)
+    assert status == 2 and len(errors) == 1, text
+    assert "--options-data x.csv: no such file, folder or chain store" in errors[0]
     assert "unrecognized" not in text and "Traceback" not in text
 
 
