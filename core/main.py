@@ -488,6 +488,8 @@ def _run_backtest_mode(args, config, argv) -> int:
         chains = market.describe()
         console.print(f"option chains: {chains['source']}, {chains['sessions']} sessions "
                       f"{market.sessions[0].date()} … {market.sessions[-1].date()}, {chains['bars']:,} decision bars")
+        for line in (market.coverage.lines() if market.coverage is not None else []):
+            console.print(f"  {line}")
         for line in market.alignment.summary_lines():
             console.print(f"  [dim]{line}[/dim]")
     # The forecaster matters only where C is used: fuzzy sizing/gating, or the ablation's fuzzy rows.

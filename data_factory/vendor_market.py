@@ -79,6 +79,7 @@ class VendorChainMarket:
     """The bar contract over canonical chain rows. Build with ``from_store`` or from a table."""
 
     synthetic = False
+    coverage = None              # data_factory.data_engine.Coverage when built from a store
 
     def __init__(self, chains: pa.Table, underlying: str = "SPY", dte_cap: int = 60,
                  strike_band: float = DEFAULT_STRIKE_BAND, alignment: dict | None = None,
@@ -213,29 +214,26 @@ class VendorChainMarket:
     def from_store(cls, store, start=None, end=None, underlying: str = "SPY", dte_cap: int = 60,
                    strike_band: float = DEFAULT_STRIKE_BAND, alignment: dict | None = None, rate_of=None,
                    dividend_yield_of=None) -> "VendorChainMarket":
-        """The store's chains of sessions ``start … end`` (inclusive; None = all). DataError when
-        the store has no chain for a session in the period (a gap is never skipped silently)."""
-        dates = store.dates()
-        if not len(dates):
-            raise DataError(f"{store.root}: the store holds no option chains")
-        first = pd.Timestamp(start) if start is not None else dates[0]
-        last = pd.Timestamp(end) if end is not None else dates[-1]
-        if first > dates[-1] or last < dates[0]:
-            raise DataError(f"{store.root}: no chains between {first.date()} and {last.date()} (the store covers "
-                            f"{dates[0].date()} … {dates[-1].date()})")
-        first, last = max(first, dates[0]), min(last, dates[-1])
-        store.check_coverage(trading_sessions(first, last))
+        """The store's chains of sessions ``start … end`` (inclusive; None = all), narrowed by
+        ``data_factory.data_engine.coverage`` to where chains and the user's bars (if the store
+        has any) overlap; DataError for a session inside that span without a chain (a gap is
+        never skipped silently). ``coverage`` on the result says what was left out."""
+        from data_factory.data_engine import coverage as store_coverage
+
+        covered = store_coverage(store, underlying, start, end)
+        first, last = covered.sessions[0], covered.sessions[-1]
         table = store.read_chains(first, last, dte_min=0, dte_max=dte_cap, underlying=underlying)
         spot_bars = None
-        bars = store.read_bars(underlying, first, last)
-        if bars is not None:
+        if covered.bar_sessions is not None:
+            bars = store.read_bars(underlying, first, last)
             five = bars.filter(pc.equal(bars.column("minutes"), 5))
-            if five.num_rows:
-                times = pd.DatetimeIndex(five.column("time").to_pandas())
-                spot_bars = pd.Series(five.column("close").to_numpy(), index=times)
-        return cls(table, underlying=underlying, dte_cap=dte_cap, strike_band=strike_band,
-                   alignment=alignment, source=str(store.root), spot_bars=spot_bars, rate_of=rate_of,
-                   dividend_yield_of=dividend_yield_of)
+            times = pd.DatetimeIndex(five.column("time").to_pandas())
+            spot_bars = pd.Series(five.column("close").to_numpy(), index=times)
+        market = cls(table, underlying=underlying, dte_cap=dte_cap, strike_band=strike_band,
+                     alignment=alignment, source=str(store.root), spot_bars=spot_bars, rate_of=rate_of,
+                     dividend_yield_of=dividend_yield_of)
+        market.coverage = covered
+        return market
 
     def _build_rows(self, chains: pa.Table, quote_ns, snapshot_ns, bar_snapshot) -> None:
         """The rows of every snapshot a bar uses, kept (see the module docstring), sorted by
@@ -556,6 +554,7 @@ class VendorChainMarket:
             "carried_quotes": f"{self.carried_quotes} contract-bars quoted from an earlier snapshot (the vendor's "
                               f"snapshot lacked the contract; up to {CARRY_SNAPSHOTS} snapshots back)",
             "iv_index": f"{IV_INDEX_DAYS}-day ATM IV of each bar's chain ({self.iv_index_carried} bars carried forward)",
+            "coverage": self.coverage.to_dict() if self.coverage is not None else None,
         }
 
     # ------------------------------------------------------------------------------ features
