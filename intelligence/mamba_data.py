@@ -116,7 +116,12 @@ def _parse_timestamps(values: pd.Series) -> pd.Series:
     """Datetimes (NaT where unreadable); mixed UTC offsets are brought to UTC."""
     if pd.api.types.is_datetime64_any_dtype(values):
         return values
-    stamps = pd.to_datetime(values, errors="coerce", format="mixed")
+    try:
+        stamps = pd.to_datetime(values, errors="coerce", format="mixed")
+    except ValueError:
+        # pandas 3 refuses several UTC offsets in one column (a file across a DST switch)
+        # instead of returning objects: read them as instants.
+        return pd.to_datetime(values, errors="coerce", format="mixed", utc=True)
     if not pd.api.types.is_datetime64_any_dtype(stamps):      # several offsets: object dtype
         stamps = pd.to_datetime(values, errors="coerce", format="mixed", utc=True)
     return stamps

@@ -122,6 +122,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Optuna TPE over d_model/layers/lr, N trials (objective: validation "
                             "loss); writes --sweep-csv, no checkpoint")
     sweep.add_argument("--sweep-csv", default="training_analytics/sweep_results.csv")
+    fetch = p.add_argument_group("download (--save-only)")
+    fetch.add_argument("--save-only", action="store_true",
+                       help="download the last --years of --minutes bars from Alpaca (keys: APCA_API_KEY_ID / "
+                            "APCA_API_SECRET_KEY or --credentials), write them to --save-path in the "
+                            "--local-data format (regular session, close-stamped) and exit without training")
+    fetch.add_argument("--symbol", default="SPY")
+    fetch.add_argument("--years", type=float, default=2.0)
+    fetch.add_argument("--minutes", type=int, default=15,
+                       help="bar width; the trainer counts its horizon and vol windows in 5-minute bars")
+    fetch.add_argument("--save-path", default="data/spy_training_data.csv")
+    fetch.add_argument("--feed", choices=("iex", "sip"), default="iex", help="iex (free) or sip (paid plan)")
+    fetch.add_argument("--end-date", default=None, help="last day of the download, YYYY-MM-DD; None: today")
+    fetch.add_argument("--cache-dir", default=None,
+                       help="month files of the download, reused by the next run; None: data/alpaca_bars/<feed>")
+    fetch.add_argument("--credentials", metavar="FILE", default=None,
+                       help="JSON {\"key_id\": …, \"secret_key\": …} outside the repository")
     args = p.parse_args(argv)
 
     def fail(message):
@@ -141,6 +157,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (0 < args.val_fraction < 1 and 0 < args.test_fraction < 1
             and args.val_fraction + args.test_fraction < 0.9):
         fail("--val-fraction and --test-fraction must be in (0, 1) with a sum below 0.9")
+    if args.save_only:
+        from data_factory.download_alpaca_matched import SESSION_MINUTES
+        if args.minutes not in SESSION_MINUTES:
+            fail(f"--minutes must be one of {', '.join(map(str, SESSION_MINUTES))}, got {args.minutes}")
+        if not (args.years > 0 and math.isfinite(args.years)):
+            fail(f"--years must be a positive number, got {args.years}")
+        args.symbol = args.symbol.strip().upper()
     if args.burn_in is None:
         args.burn_in = args.lookback // 4
     if not 0 <= args.burn_in < args.lookback:
@@ -791,9 +814,45 @@ def run_sweep(args, prep: Prepared, device) -> int:
     return 0
 
 
+def save_only(args) -> int:
+    """--save-only: download (resumable, data_factory.download_alpaca_matched), write the
+    --local-data CSV, say how to train on it; no training. 0 done, 1 download failed, 2 setup."""
+    from core.config import ConfigError
+    from data_factory import download_alpaca_matched as dl
+    from core.broker import load_credentials
+
+    try:
+        endpoints = dl.data_endpoints()
+        credentials = load_credentials(path=args.credentials)
+        result = dl.save_training_data(credentials, endpoints, symbol=args.symbol, years=args.years,
+                                       minutes=args.minutes, save_path=args.save_path, cache_dir=args.cache_dir,
+                                       feed=args.feed, end=args.end_date, progress=not args.no_progress)
+        md.load_local_bars(result["path"])          # the file reads back as --local-data
+    except ConfigError as exc:
+        print(f"train_mamba: error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"train_mamba: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("train_mamba: interrupted; the months downloaded so far are kept, rerun to resume", file=sys.stderr)
+        return 130
+    print(dl.describe_summary(result["download"]))
+    print(f"saved {result['path']}: {result['rows']:,} regular-session {args.minutes}-minute bars of {result['symbol']} "
+          f"over {result['sessions']} sessions, {result['first']} … {result['last']} (bar close times; "
+          f"{result['dropped']:,} extended-hours bars left out)")
+    if args.minutes != 5:
+        print(f"note: the trainer counts --horizon-bars and its volatility windows in 5-minute bars (78 a session); "
+              f"{args.minutes}-minute bars stretch them {args.minutes / 5:g}x in time (--minutes 5 matches)")
+    print(f"train on it: python intelligence/train_mamba.py --local-data {result['path']}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args._argv = None if argv is None else list(argv)
+    if args.save_only:
+        return save_only(args)
     try:
         device = pick_device(args.device)
         torch.set_num_threads(args.threads)

@@ -282,3 +282,13 @@ def test_missing_and_unknown_files(tmp_path):
     (tmp_path / "bars.xlsx").write_text("x")
     with pytest.raises(DataError, match="unknown format"):
         md.load_local_bars(tmp_path / "bars.xlsx")
+
+
+def test_local_bars_across_a_dst_switch_keep_their_offsets(tmp_path):
+    """pandas 3 refuses mixed UTC offsets in one column; a file crossing a DST switch still loads."""
+    path = tmp_path / "dst.csv"
+    path.write_text("timestamp,open,high,low,close,volume\n"
+                    "2018-11-02 16:00:00-04:00,270.5,271,270,270.8,100\n"
+                    "2018-11-05 09:35:00-05:00,271,272,270,271.5,100\n")
+    bars, _iv, _description = md.load_local_bars(path)
+    assert [str(t) for t in bars.index] == ["2018-11-02 16:00:00-04:00", "2018-11-05 09:35:00-05:00"]
