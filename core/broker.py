@@ -23,7 +23,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from core.config import ConfigError
 
@@ -113,21 +112,10 @@ class Endpoints:
 
 def checked_origin(value: str, name: str) -> str:
     """``value`` as an origin (``scheme://host[:port]``) alpaca-py can append ``/v2`` to, or a
-    BrokerSetupError saying what is wrong with it."""
-    text = value.strip()
-    if not text:
-        # alpaca-py would take an empty override for "the real paper URL" (reference §11.1).
-        raise BrokerSetupError(f"{name} is set but empty; unset it or give an origin such as http://127.0.0.1:8080")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BrokerSetupError(f"{name}={value!r}: expected http(s)://host[:port]")
-    try:
-        parts.port
-    except ValueError:
-        raise BrokerSetupError(f"{name}={value!r}: the port is not a number between 0 and 65535") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise BrokerSetupError(f"{name}={value!r}: give the origin only (no path such as /v2, no query)")
-    return f"{parts.scheme}://{parts.netloc}"
+    BrokerSetupError saying what is wrong with it (``data_factory.origins``)."""
+    from data_factory.origins import checked_origin as origin
+
+    return origin(value, name, BrokerSetupError)
 
 
 def endpoints_from_env(environ: Mapping[str, str] = os.environ, live_money: bool = False) -> Endpoints:

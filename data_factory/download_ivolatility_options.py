@@ -217,20 +217,9 @@ def api_url(environ: Mapping[str, str] = os.environ) -> str:
     value = environ.get(API_URL_ENV)
     if value is None:
         return DEFAULT_API_URL
-    text = value.strip()
-    if not text:
-        raise IVolatilitySetupError(f"{API_URL_ENV} is set but empty; unset it or give an origin such as "
-                                    f"http://127.0.0.1:8080")
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise IVolatilitySetupError(f"{API_URL_ENV}={value!r}: expected http(s)://host[:port]")
-    try:
-        parts.port
-    except ValueError:
-        raise IVolatilitySetupError(f"{API_URL_ENV}={value!r}: the port is not a number between 0 and 65535") from None
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
-        raise IVolatilitySetupError(f"{API_URL_ENV}={value!r}: give the origin only (no path, query or user)")
-    return f"{parts.scheme}://{parts.netloc}"
+    from data_factory.origins import checked_origin
+
+    return checked_origin(value, API_URL_ENV, IVolatilitySetupError)
 
 
 # ============================================================================== the HTTP client

@@ -586,7 +586,10 @@ class _Sessions:
 # The HTTP layer
 # ---------------------------------------------------------------------------------------------
 
-class _Server(ThreadingHTTPServer):
+class LocalHTTPServer(ThreadingHTTPServer):
+    """A threaded server on 127.0.0.1 that can drop its kept-alive connections (also used by
+    tests/ivolatility_fake.py)."""
+
     daemon_threads = True
     block_on_close = False  # never wait at stop() for a handler sleeping in an injected timeout
 
@@ -722,7 +725,7 @@ class FakeAlpaca:
         self._requests: list[tuple] = []
         self.server_errors: list[str] = []  # tracebacks of unexpected exceptions while serving
 
-        self._server: _Server | None = None
+        self._server: LocalHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._routes = self._route_table()
@@ -734,7 +737,7 @@ class FakeAlpaca:
             return self
         self._stopping.clear()
         handler = type("FakeAlpacaHandler", (_Handler,), {"fake": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
+        self._server = LocalHTTPServer(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="FakeAlpaca",
                                         kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()

@@ -64,11 +64,13 @@ import threading
 import uuid
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
+
+from tests.alpaca_fake import LocalHTTPServer
 
 __all__ = ["FakeIVolatility", "Fault", "FAULT_KINDS", "JSON_FIELDS", "FILE_FIELDS"]
 
@@ -131,36 +133,6 @@ def _third_friday(year: int, month: int) -> dt.date:
     return first + dt.timedelta(days=(4 - first.weekday()) % 7 + 14)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._connections: set = set()
-        self._connections_lock = threading.Lock()
-
-    def get_request(self):
-        connection, address = super().get_request()
-        with self._connections_lock:
-            self._connections.add(connection)
-        return connection, address
-
-    def shutdown_request(self, request):
-        with self._connections_lock:
-            self._connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60
@@ -220,14 +192,14 @@ class FakeIVolatility:
         self._chains: dict[dt.date, dict] = {}
         self._walk: dict[dt.date, float] = {}
         self.server_errors: list[str] = []
-        self._server: _Server | None = None
+        self._server: LocalHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # ----- lifecycle -------------------------------------------------------------------------
     def start(self) -> "FakeIVolatility":
         if self._server is None:
             handler = type("FakeIVolatilityHandler", (_Handler,), {"fake": self})
-            self._server = _Server(("127.0.0.1", 0), handler)
+            self._server = LocalHTTPServer(("127.0.0.1", 0), handler)
             self._thread = threading.Thread(target=self._server.serve_forever, name="FakeIVolatility",
                                             kwargs={"poll_interval": 0.05}, daemon=True)
             self._thread.start()
