@@ -308,6 +308,10 @@ class VendorChainMarket:
         self._ask = np.where(quoted, ask, np.nan)
         self._mid = np.where(quoted, 0.5 * (bid + ask), np.nan)
         self.unquoted_rows = int((~quoted).sum())
+        if rows.size and not quoted.any():
+            raise DataError(f"{self.source}: none of the {rows.size:,} chain rows has a bid and an ask (option bars "
+                            f"carry trade prices, not quotes): a backtest fills at quotes; give quote data (an EOD "
+                            f"file with bid/ask, or snapshots)")
 
         # IV and Greeks at the snapshot: its time to expiry, its spot, its session's carry.
         spot = slot_spot[slot_of]

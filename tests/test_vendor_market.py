@@ -168,3 +168,11 @@ def test_a_contract_missing_from_one_snapshot_is_marked_at_its_last_quote(eod):
     assert path.mid[1, 0] == full.mid[0, 0]                  # bar 3 carries bar 2's quote, not bar 4's
     assert path.mid[2, 0] == full.mid[2, 0] and gappy.carried_quotes == 1
     assert "1 contract-bars quoted from an earlier snapshot" in gappy.describe()["carried_quotes"]
+
+
+def test_chains_without_any_quote_are_refused_rather_than_never_trading(eod):
+    table, _ = eod
+    bars_only = table.set_column(7, "bid", pa.nulls(table.num_rows, pa.float64())).set_column(
+        8, "ask", pa.nulls(table.num_rows, pa.float64()))
+    with pytest.raises(DataError, match="none of the .* chain rows has a bid and an ask"):
+        VendorChainMarket(bars_only, dte_cap=50)
