@@ -12,7 +12,7 @@ Why Parquet by date: a backtest asks for one session's chain at a time (or a ran
 partition pruning turns "the 30-45 DTE slice of 2021-06-14" into opening one directory's files;
 the column statistics of the row groups prune the DTE filter further. Memory stays bounded by a
 batch: ``ingest`` streams the vendor loader's batches straight into
-``pyarrow.dataset.write_dataset`` (one writer per open partition, row groups flushed as they fill).
+``pyarrow.dataset.write_dataset`` (each batch written as it comes, nothing buffered across them).
 
 Nothing half-written: an ingest writes into ``STORE/.staging-<pid>-<n>/`` and moves its partitions
 into place only after every input was read and validated; the manifest is replaced last
@@ -249,11 +249,15 @@ def ingest(inputs, store_dir, fmt: str | None = None, on_bad_rows: str = "stop",
                             progress(path.name, rows)
                         yield from batch.append_column("date", dates).to_batches()
 
+                # No min_rows_per_group: a writer then buffers nothing across batches, so memory is
+                # bounded by the loader's block whatever the file (buffering to a row-group minimum
+                # held up to max_open_files × 64k rows: gigabytes for intraday snapshots). A file
+                # per loader block and date; at most 64 open (older ones are closed, not held).
                 ds.write_dataset(with_dates(), staging / "chains", format="parquet", file_options=_write_options(),
                                  schema=CHAIN_SCHEMA.append(pa.field("date", pa.date32())),
                                  partitioning=_DATE_PARTITIONING, basename_template=f"part-{number}-{{i}}.parquet",
                                  existing_data_behavior="overwrite_or_ignore", max_rows_per_group=256_000,
-                                 min_rows_per_group=64_000, max_open_files=512)
+                                 max_open_files=64)
                 summary.chain_rows += rows
             else:
                 def checked(batches=batches, path=path):
