@@ -67,9 +67,9 @@ from collections.abc import Callable, Iterable, Mapping  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from core.broker import (DATA_URL, DATA_URL_ENV, TRADING_URL_ENV, Credentials, Endpoints,  # noqa: E402
-                         describe_api_error, endpoints_from_env, load_credentials, timeout_session)
-from core.config import ConfigError  # noqa: E402
+from data_factory.alpaca_access import (DATA_URL, DATA_URL_ENV, TRADING_URL_ENV, AccessSetupError,  # noqa: E402
+                                        Credentials, Endpoints, describe_api_error, endpoints_from_env,
+                                        load_credentials, timeout_session)
 from data_factory.errors import DataError  # noqa: E402
 from data_factory.market_calendar import EXCHANGE_TZ, session_bounds, trading_sessions  # noqa: E402
 
@@ -89,7 +89,7 @@ SIP_DELAY = pd.Timedelta(minutes=15)
 STAMP_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
-class DownloadSettingsError(ConfigError):
+class DownloadSettingsError(AccessSetupError):
     """The request cannot run as given (dates, widths, a folder holding other settings): exit 2."""
 
 
@@ -640,7 +640,7 @@ def main(argv=None) -> int:
             credentials, endpoints, args.symbols, args.start, args.end, args.minutes, args.out, feed=args.feed,
             progress=not args.no_progress, request_timeout=args.timeout, adjustment=args.adjustment,
             retry=RetrySettings(retries=args.retries, backoff=args.backoff))
-    except ConfigError as error:
+    except AccessSetupError as error:
         print(f"download_alpaca_matched: error: {error}", file=sys.stderr)
         return 2
     except DataError as error:

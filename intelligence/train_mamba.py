@@ -817,9 +817,8 @@ def run_sweep(args, prep: Prepared, device) -> int:
 def save_only(args) -> int:
     """--save-only: download (resumable, data_factory.download_alpaca_matched), write the
     --local-data CSV, say how to train on it; no training. 0 done, 1 download failed, 2 setup."""
-    from core.config import ConfigError
     from data_factory import download_alpaca_matched as dl
-    from core.broker import load_credentials
+    from data_factory.alpaca_access import AccessSetupError, load_credentials
 
     try:
         endpoints = dl.data_endpoints()
@@ -828,7 +827,7 @@ def save_only(args) -> int:
                                        minutes=args.minutes, save_path=args.save_path, cache_dir=args.cache_dir,
                                        feed=args.feed, end=args.end_date, progress=not args.no_progress)
         md.load_local_bars(result["path"])          # the file reads back as --local-data
-    except ConfigError as exc:
+    except AccessSetupError as exc:
         print(f"train_mamba: error: {exc}", file=sys.stderr)
         return 2
     except DataError as exc:

@@ -191,7 +191,7 @@ class Pipeline:
                 "options": self._pending("options", self.options_params())}
         found = {}
         if need["bars"]:
-            from core.broker import load_credentials
+            from data_factory.alpaca_access import load_credentials
             from data_factory.download_alpaca_matched import data_endpoints
 
             endpoints = data_endpoints(self.environ)
@@ -399,7 +399,7 @@ def main(argv=None, environ=os.environ) -> int:
     try:
         Pipeline(args, environ).run()
     except (PipelineError, ConfigError, IVolatilitySetupError, IVolatilityDownloadError, ValueError, OSError) as error:
-        # ConfigError: Alpaca keys / URL override / download settings; ValueError: DataError.
+        # ValueError: Alpaca keys, URL overrides, download settings (AccessSetupError) and DataError.
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
