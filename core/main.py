@@ -572,9 +572,12 @@ def _run_backtest_mode(args, config, argv) -> int:
     if comparison is not None:
         console.print(ablation_table(comparison))
         console.print(periods_table(periods))
-    what = ("option chains are YOUR vendor data; the intraday bars behind the MTF indicators are SYNTHETIC paths "
-            "through daily bars (see data.json)" if vendor else
-            "option chains and intraday bars are SYNTHETIC (see data.json)")
+    if vendor:
+        synthetic_base = data_description["intraday_bars"]["synthetic"]
+        what = ("option chains are YOUR vendor data; the intraday bars behind the MTF indicators are "
+                + ("SYNTHETIC paths through daily bars (see data.json)" if synthetic_base else "yours too"))
+    else:
+        what = "option chains and intraday bars are SYNTHETIC (see data.json)"
     console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); {what}")
     console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json, "
                   f"risk_events.csv, hedges.csv)")

@@ -64,13 +64,12 @@ def describe_run_data(config: Config, provider: SyntheticChainProvider, freq: st
                        "requested": [str(config.backtest.start), str(config.backtest.end)],
                        "sessions": len(provider.sessions), "bars": len(provider.bar_times),
                        "bar_frequency": "one decision bar per vendor snapshot (5-minute grid)"},
-            "label": f"{config.backtest.underlying}, your option chains, synthetic intraday paths for the indicators",
+            "label": f"{config.backtest.underlying}, your option chains" + (
+                ", synthetic intraday paths for the indicators"
+                if vendor_intraday_description(config, provider)["synthetic"] else ", your intraday bars"),
             "underlying": config.backtest.underlying,
             "option_chains": chains,
-            "intraday_bars": {"synthetic": True,
-                              "what": "SYNTHETIC intraday paths through " + provider.daily_bars()[1]
-                                      + " feed the multi-timeframe indicators only; quotes and fills are the "
-                                        "vendor's"},
+            "intraday_bars": vendor_intraday_description(config, provider),
         }
     return {
         "period": {"start": str(config.backtest.start), "end": str(config.backtest.end),
@@ -385,6 +384,17 @@ def pipeline_settings(pipeline, symbol: str) -> dict:
             "half_life_s": pipeline.iv_conf_half_life_sec}
 
 
+def vendor_intraday_description(config: Config, market) -> dict:
+    """What the multi-timeframe indicators of a vendor-data run read: the user's bars from the
+    store when complete, else synthetic paths (and why)."""
+    base, what = market.user_base_bars(config.mtf.base_bar_minutes)
+    if base is not None:
+        return {"synthetic": False, "what": what + " feed the multi-timeframe indicators"}
+    return {"synthetic": True,
+            "what": f"SYNTHETIC intraday paths through {market.daily_bars()[1]} feed the multi-timeframe indicators "
+                    f"only ({what}); quotes and fills are the vendor's"}
+
+
 def vendor_feature_inputs(config: Config, market) -> dict:
     """``compute_bar_features`` inputs for a vendor chain market: synthetic intraday base bars
     through the market's daily bars (a warm-up of FEATURE_WARMUP_SESSIONS before the first
@@ -394,8 +404,12 @@ def vendor_feature_inputs(config: Config, market) -> dict:
     from data_factory import embedded
     from data_factory.intraday import intraday_bars
 
-    daily, _what = market.daily_bars()
-    base = intraday_bars(daily, freq=f"{config.mtf.base_bar_minutes}min", seed=config.backtest.seed)
+    daily, daily_what = market.daily_bars()
+    base, base_what = market.user_base_bars(config.mtf.base_bar_minutes)
+    if base is None:
+        why = base_what
+        base = intraday_bars(daily, freq=f"{config.mtf.base_bar_minutes}min", seed=config.backtest.seed)
+        base_what = f"SYNTHETIC intraday paths through {daily_what} ({why})"
     iv = market.iv_index_bars()
     chain_iv = iv.groupby(iv.index.tz_localize(None).normalize()).last()
     first = market.sessions[0]
@@ -412,7 +426,7 @@ def vendor_feature_inputs(config: Config, market) -> dict:
     except DataError:
         pair = None
     return {"base": base, "session_close_ns": calendar_session_closes(base.index), "daily_iv": daily_iv,
-            "daily_spot": daily, "daily_pair": pair,
+            "daily_spot": daily, "daily_pair": pair, "base_description": base_what,
             "target": market.bar_times.tz_convert("UTC").as_unit("ns").asi8}
 
 
@@ -428,6 +442,7 @@ def vendor_bar_features(config: Config, market, neural=None):
     reference = np.ascontiguousarray(embedded_skew_reference(config, market, history=False), dtype=float)
     features = BarFeatures({**features.columns, "skew_reference": reference}, features.close_ns, features.description)
     features.description["data"] = market.describe()["source"]
+    features.description["base_bars"] = inputs["base_description"]
     return features
 
 

@@ -80,6 +80,7 @@ class VendorChainMarket:
 
     synthetic = False
     coverage = None              # data_factory.data_engine.Coverage when built from a store
+    store = None                 # the ChainStore it was built from
 
     def __init__(self, chains: pa.Table, underlying: str = "SPY", dte_cap: int = 60,
                  strike_band: float = DEFAULT_STRIKE_BAND, alignment: dict | None = None,
@@ -164,6 +165,7 @@ class VendorChainMarket:
 
         self._snapshot_spot = spot
         self.carried_quotes = 0
+        self._base_bars: dict = {}
         # Rates per session of the snapshots (embedded risk-free series; the carry model's yield).
         if rate_of is None or dividend_yield_of is None:
             from data_factory import embedded
@@ -233,6 +235,7 @@ class VendorChainMarket:
                      alignment=alignment, source=str(store.root), spot_bars=spot_bars, rate_of=rate_of,
                      dividend_yield_of=dividend_yield_of)
         market.coverage = covered
+        market.store = store
         return market
 
     def _build_rows(self, chains: pa.Table, quote_ns, snapshot_ns, bar_snapshot) -> None:
@@ -562,6 +565,48 @@ class VendorChainMarket:
         }
 
     # ------------------------------------------------------------------------------ features
+    def user_base_bars(self, minutes: int) -> tuple[pd.DataFrame | None, str]:
+        """The user's own ``minutes``-minute bars of the underlying from the store, regular
+        session only, as the features' base bars (close-stamped OHLCV), when they are complete:
+        every bar of every session the market trades. (None, why not) otherwise — the features
+        then run on synthetic paths and the description says why."""
+        cached = self._base_bars.get(int(minutes))
+        if cached is None:
+            cached = self._base_bars[int(minutes)] = self._read_base_bars(int(minutes))
+        return cached
+
+    def _read_base_bars(self, minutes: int) -> tuple[pd.DataFrame | None, str]:
+        if self.store is None:
+            return None, "the market was not built from a store"
+        sessions = self._sessions
+        bars = self.store.read_bars(self.underlying, sessions[0], sessions[-1])
+        if bars is None:
+            return None, f"the store holds no {self.underlying} bars"
+        bars = bars.filter(pc.equal(bars.column("minutes"), int(minutes)))
+        if not bars.num_rows:
+            return None, f"the store holds no {minutes}-minute {self.underlying} bars (mtf.base_bar_minutes = {minutes})"
+        close_ns = pc.cast(bars.column("time"), pa.int64()).to_numpy()
+        table = session_bounds(sessions)
+        open_ns = pd.DatetimeIndex(table["open"]).tz_convert("UTC").as_unit("ns").asi8
+        end_ns = pd.DatetimeIndex(table["close"]).tz_convert("UTC").as_unit("ns").asi8
+        day = np.searchsorted(open_ns, close_ns, side="left") - 1
+        inside = (day >= 0) & (close_ns > open_ns[np.maximum(day, 0)]) & (close_ns <= end_ns[np.maximum(day, 0)])
+        width = int(minutes) * 60 * 1_000_000_000
+        expected = (end_ns - open_ns) // width
+        have = np.bincount(day[inside], minlength=sessions.size)
+        short = np.flatnonzero(have < expected)
+        if short.size:
+            k = int(short[0])
+            return None, (f"your {minutes}-minute {self.underlying} bars are incomplete on {sessions[k].date()} "
+                          f"({int(have[k])} of {int(expected[k])} regular-session bars; {short.size} such sessions)")
+        keep = np.flatnonzero(inside)
+        frame = pd.DataFrame({name: bars.column(name).to_numpy(zero_copy_only=False)[keep].astype(float)
+                              for name in ("open", "high", "low", "close", "volume")},
+                             index=pd.DatetimeIndex(close_ns[keep]).tz_localize("UTC").tz_convert(EXCHANGE_TZ))
+        frame = frame[~frame.index.duplicated(keep="first")].sort_index()
+        frame.index.name = "timestamp"
+        return frame, f"your {minutes}-minute {self.underlying} bars ({len(frame):,} regular-session bars)"
+
     def daily_bars(self) -> tuple[pd.DataFrame, str]:
         """Daily OHLCV of the underlying over the market's sessions and what they are: the
         embedded daily bars where they cover every session, else bars built from the snapshot spots

@@ -80,3 +80,49 @@ def test_a_session_without_a_chain_inside_the_span_is_an_error(fixture, tmp_path
     assert len(coverage(store, start="2018-03-07").sessions) == 3            # a span after the gap is fine
     with pytest.raises(DataError, match="no chains between 2019-01-02 and 2019-02-01"):
         coverage(store, start="2019-01-02", end="2019-02-01")
+
+
+def one_minute_bar_file(path, first, last, drop: int = 0):
+    """The SPY 1-minute bars of a few sessions (close-stamped) as a canonical bar file."""
+    from data_factory import embedded
+    from data_factory.intraday import intraday_bars
+
+    bars = intraday_bars(embedded.daily_bars("SPY", first, last), freq="1min", seed=7)
+    if drop:
+        bars = bars.drop(bars.index[100:100 + drop])
+    n = len(bars)
+    stamps = pa.array(bars.index.tz_convert("UTC").as_unit("ns").asi8, pa.int64())
+    table = pa.table({"time": stamps.cast(pa.timestamp("ns")).cast(pa.timestamp("ns", tz="UTC")).cast(
+                          BAR_SCHEMA.field("time").type),
+                      "symbol": pa.array(["SPY"] * n), "minutes": pa.array(np.full(n, 1, dtype=np.int32)),
+                      **{name: bars[name].to_numpy(dtype=float) for name in ("open", "high", "low", "close", "volume")},
+                      "source": pa.array(["test"] * n)}, schema=BAR_SCHEMA)
+    pq.write_table(table, path)
+    return bars
+
+
+def test_the_users_complete_one_minute_bars_feed_the_indicators_else_synthetic_paths_and_why(fixture, tmp_path):
+    from core.config import Config
+    from core.market_data import vendor_bar_features, vendor_feature_inputs
+
+    table, _ = fixture
+    config = Config()
+    write_chain_table(table, tmp_path / "store")
+    bars = one_minute_bar_file(tmp_path / "bars.parquet", "2018-03-01", "2018-03-09")
+    ingest([tmp_path / "bars.parquet"], tmp_path / "store")
+    market = VendorChainMarket.from_store(ChainStore.open(tmp_path / "store"), dte_cap=45)
+    inputs = vendor_feature_inputs(config, market)
+    assert inputs["base"].index.equals(bars.index) and np.array_equal(inputs["base"]["close"], bars["close"])
+    features = vendor_bar_features(config, market)
+    assert features.description["base_bars"] == "your 1-minute SPY bars (2,730 regular-session bars)"
+    # The indicators' close at each decision bar is the user's bar close at that time.
+    assert np.array_equal(features.columns["close"], bars["close"].reindex(market.bar_times).to_numpy())
+
+    write_chain_table(table, tmp_path / "store2")
+    one_minute_bar_file(tmp_path / "gappy.parquet", "2018-03-01", "2018-03-09", drop=3)
+    ingest([tmp_path / "gappy.parquet"], tmp_path / "store2")
+    market = VendorChainMarket.from_store(ChainStore.open(tmp_path / "store2"), dte_cap=45)
+    base, why = market.user_base_bars(1)
+    assert base is None and why == ("your 1-minute SPY bars are incomplete on 2018-03-01 (387 of 390 regular-session "
+                                    "bars; 1 such sessions)")
+    assert "SYNTHETIC intraday paths" in vendor_feature_inputs(config, market)["base_description"]
