@@ -484,7 +484,13 @@ def _run_backtest_mode(args, config, argv) -> int:
     with console.status(loading):
         market = load_market(config)
     vendor = is_vendor_market(market)
+    requested = (str(backtest.start), str(backtest.end))
     if vendor:
+        # The run's period is the sessions the data covers (titles, metrics, data.json), not the
+        # configured one it was narrowed from.
+        config = config.override({"backtest.start": str(market.sessions[0].date()),
+                                  "backtest.end": str(market.sessions[-1].date())}, source="the option data's sessions")
+        backtest = config.backtest
         chains = market.describe()
         console.print(f"option chains: {chains['source']}, {chains['sessions']} sessions "
                       f"{market.sessions[0].date()} … {market.sessions[-1].date()}, {chains['bars']:,} decision bars")
@@ -552,6 +558,8 @@ def _run_backtest_mode(args, config, argv) -> int:
     extra_html = risk_panel(metrics, result.risk_events, greeks_png) + extra_html
     data_description = describe_run_data(config, market)
     data_description["features"] = result.features_description
+    if vendor:
+        data_description["period"]["requested"] = list(requested)
     run_info = {
         "command": "python core/main.py " + " ".join(argv),
         "engine": result.engine, "bars": result.bars, "driver_seconds": round(result.seconds, 3),

@@ -81,4 +81,8 @@ def test_a_backtest_on_an_optionsdx_file_trades_the_files_own_quotes(vendor_file
         assert trade.pnl == pytest.approx((trade.credit - debit) * 100 * trade.contracts - trade.fees, abs=1e-6)
     data = json.loads((out / "data.json").read_text())
     assert data["option_chains"]["synthetic"] is False and data["intraday_bars"]["synthetic"] is True
+    # The run's period is the file's sessions, not the configured default it was narrowed from.
+    assert data["period"]["start"] == "2018-01-02" and data["period"]["end"] == "2018-04-30"
+    assert data["period"]["requested"] == ["2014-01-03", "2018-12-31"]
+    assert "SPY iron condor backtest, 2018-01-02 … 2018-04-30" in (out / "report.html").read_text()
     assert data["option_chains"]["alignment"]["counts"]["exact"] == data["period"]["bars"]
