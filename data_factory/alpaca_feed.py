@@ -76,8 +76,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
-from analytics.black_scholes import bsm_greeks
-from analytics.implied_vol import implied_volatility
+from data_factory.chain_quotes import (COMPUTED_IV_CONF, NO_IV_CONF, VENDOR_IV_CONF,  # noqa: F401 (re-exported)
+                                       atm_iv_index, complete_iv_and_greeks)
 from data_factory.errors import DataError
 from data_factory.expirations import settlement_times
 from data_factory.garch_proxy import GarchProxyConfig, garch_iv_proxy, log_returns_pct
@@ -91,10 +91,6 @@ REALISED_VOL_SESSIONS = 21
 # A session's 1Day bar is read this long after its close at the earliest (the closing auction and
 # late prints come in first); until then the session's daily row comes from the base bars.
 DAILY_BAR_DELAY_NS = 3600 * 1_000_000_000
-# iv_conf per row: where its IV came from.
-VENDOR_IV_CONF = 1.0
-COMPUTED_IV_CONF = 0.5
-NO_IV_CONF = 0.0
 # Root (letters, digits for adjusted contracts), YYMMDD, C/P, strike × 1000 in 8 digits. The root
 # is matched lazily so that the date is the LAST six digits before the right.
 OCC_SYMBOL = re.compile(r"^([A-Z0-9]{1,6}?)(\d{6})([CP])(\d{8})$")
@@ -492,7 +488,7 @@ class AlpacaFeed:
             chain_slice, lag_s, counts = chain
             for name, value in counts.items():
                 self._counts[name] += value
-            iv = _atm_iv_index(chain_slice, IV_INDEX_DAYS)
+            iv = atm_iv_index(chain_slice, IV_INDEX_DAYS)
             if math.isfinite(iv):
                 self._chain_iv[bar] = iv
                 self._bar_iv[bar] = iv
@@ -702,21 +698,8 @@ class AlpacaFeed:
         quote_age = np.full(len(parsed), np.nan)
         quote_age[has_quote_time] = (close_ns - quote_ns[has_quote_time]) / 1e9
 
-        iv = np.where(np.isfinite(vendor_iv) & (vendor_iv > 0), vendor_iv, np.nan)
-        iv_conf = np.where(np.isfinite(iv), VENDOR_IV_CONF, NO_IV_CONF)
-        solve = ~np.isfinite(iv) & np.isfinite(mid) & (mid > 0)
-        if solve.any():
-            solved = implied_volatility(mid[solve], spot, strike[solve], t_years[solve], self.rate,
-                                        self.dividend_yield, is_call[solve]).iv
-            iv[solve] = solved
-            iv_conf[solve] = np.where(np.isfinite(solved), COMPUTED_IV_CONF, NO_IV_CONF)
-        greeks = vendor_greeks.copy()
-        compute = ~np.isfinite(vendor_greeks).all(axis=1) & np.isfinite(iv)
-        greeks[~np.isfinite(vendor_greeks).all(axis=1)] = np.nan
-        if compute.any():
-            model = bsm_greeks(spot, strike[compute], t_years[compute], self.rate, self.dividend_yield,
-                               iv[compute], is_call[compute])
-            greeks[compute] = np.column_stack([model.delta, model.gamma, model.theta, model.vega, model.rho])
+        iv, iv_conf, greeks, _solved, _incomplete = complete_iv_and_greeks(
+            mid, spot, strike, t_years, self.rate, self.dividend_yield, is_call, vendor_iv, vendor_greeks)
 
         counts["vendor_iv_rows"] = int((iv_conf == VENDOR_IV_CONF).sum())
         counts["computed_iv_rows"] = int((iv_conf == COMPUTED_IV_CONF).sum())
@@ -1006,37 +989,6 @@ def _with_iv_index(chain: LiveChainSlice, iv_index: float) -> LiveChainSlice:
     values = {f.name: getattr(chain, f.name) for f in fields(chain)}
     values["iv_index"] = iv_index
     return LiveChainSlice(**values)
-
-
-def _atm_iv_index(chain: ChainSlice, days: int) -> float:
-    """``days``-calendar-day ATM IV × 100 of a chain: per expiration the put/call average IV at the
-    strike nearest the spot (among strikes with an IV), interpolated linearly in total variance
-    between the expirations on either side (flat beyond the nearest one); NaN without any."""
-    points = []
-    for expiration in np.unique(chain.expiration):
-        rows = np.flatnonzero((chain.expiration == expiration) & np.isfinite(chain.iv) & (chain.iv > 0))
-        if not rows.size:
-            continue
-        strikes = chain.strike[rows]
-        nearest = strikes[np.argmin(np.abs(strikes - chain.spot))]
-        atm = rows[strikes == nearest]
-        t_years = float(chain.t_years[rows[0]])
-        if t_years > 0:
-            points.append((t_years, float(np.mean(chain.iv[atm]))))
-    if not points:
-        return math.nan
-    points.sort()
-    target = days / 365.0
-    below = [p for p in points if p[0] <= target]
-    above = [p for p in points if p[0] >= target]
-    if below and above:
-        (t1, v1), (t2, v2) = below[-1], above[0]
-        if t2 == t1:
-            return 100.0 * v1
-        w1, w2 = v1 * v1 * t1, v2 * v2 * t2
-        w = w1 + (w2 - w1) * (target - t1) / (t2 - t1)
-        return 100.0 * math.sqrt(max(w, 0.0) / target)
-    return 100.0 * (below[-1][1] if below else above[0][1])
 
 
 def daily_iv_proxy(closes: pd.Series, garch_config: GarchProxyConfig = GarchProxyConfig()

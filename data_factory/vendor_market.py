@@ -38,8 +38,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from analytics.black_scholes import bsm_greeks
-from analytics.implied_vol import implied_volatility
+from data_factory.chain_quotes import COMPUTED_IV_CONF, atm_iv_index, complete_iv_and_greeks
 from data_factory.errors import DataError
 from data_factory.expirations import settlement_times
 from data_factory.market_calendar import EXCHANGE_TZ, session_bounds, trading_sessions
@@ -48,9 +47,7 @@ from data_factory.option_chain import SECONDS_PER_YEAR, ChainSlice, ContractPath
 TRADING_BAR_NS = 5 * 60 * 1_000_000_000
 _NS_PER_DAY = 86_400 * 1_000_000_000
 IV_INDEX_DAYS = 30
-VENDOR_IV_CONF = 1.0
-SOLVED_IV_CONF = 0.5
-NO_IV_CONF = 0.0
+SOLVED_IV_CONF = COMPUTED_IV_CONF
 DEFAULT_STRIKE_BAND = 0.50          # generous: a held condor must never drop out of its own quotes
 CARRY_SNAPSHOTS = 5              # how far back a missing held contract's last quote is looked for
 _STRIKE_KEY_SCALE = 1000          # strikes keyed in thousandths of a dollar (OCC precision)
@@ -325,31 +322,15 @@ class VendorChainMarket:
         carry_at = np.clip(np.searchsorted(session_ns, slot_session, side="right") - 1, 0, len(session_ns) - 1)
         rate = self._rate[carry_at][slot_of]
         dividend = self._dividend[carry_at][slot_of]
-        vendor_iv = column("iv").astype(float)[rows]
-        iv = np.where(np.isfinite(vendor_iv) & (vendor_iv > 0), vendor_iv, np.nan)
-        source_conf = np.where(np.isfinite(iv), VENDOR_IV_CONF, NO_IV_CONF)
-        solve = ~np.isfinite(iv) & np.isfinite(self._mid) & (self._mid > 0)
-        needs_rate = solve.any() or (~np.isfinite(np.column_stack(
-            [column(name).astype(float)[rows] for name in ("delta", "gamma", "theta", "vega")])).all(axis=1)).any()
-        if needs_rate and self._rate_error is not None:
+        vendor_greeks = np.column_stack([column(name).astype(float)[rows] for name in ("delta", "gamma", "theta", "vega")])
+        quotes = complete_iv_and_greeks(self._mid, spot, self._strike, t_years, rate, dividend, self._is_call,
+                                        column("iv").astype(float)[rows], vendor_greeks)
+        if self._rate_error is not None and (quotes.solved.any() or quotes.incomplete.any()):
             raise self._rate_error
-        if solve.any():
-            solved = implied_volatility(self._mid[solve], spot[solve], self._strike[solve], t_years[solve],
-                                        rate[solve], dividend[solve], self._is_call[solve]).iv
-            iv[solve] = solved
-            source_conf[solve] = np.where(np.isfinite(solved), SOLVED_IV_CONF, NO_IV_CONF)
+        iv, source_conf, greeks = quotes.iv, quotes.iv_conf, quotes.greeks
         self.solved_iv_rows = int((source_conf == SOLVED_IV_CONF).sum())
-        greeks = np.column_stack([column(name).astype(float)[rows] for name in ("delta", "gamma", "theta", "vega")])
-        incomplete = ~np.isfinite(greeks).all(axis=1)
-        compute = incomplete & np.isfinite(iv)
-        greeks[incomplete] = np.nan
-        rho = np.full(rows.size, np.nan)
-        if compute.any():
-            model = bsm_greeks(spot[compute], self._strike[compute], t_years[compute], rate[compute],
-                               dividend[compute], iv[compute], self._is_call[compute])
-            greeks[compute] = np.column_stack([model.delta, model.gamma, model.theta, model.vega])
-            rho[compute] = model.rho
-        self.computed_greek_rows = int(compute.sum())
+        self.computed_greek_rows = int((quotes.incomplete & np.isfinite(iv)).sum())
+        rho = greeks[:, 4]
         self._iv = iv
         self._source_conf = source_conf
         self._delta, self._gamma, self._theta, self._vega = (np.ascontiguousarray(greeks[:, i]) for i in range(4))
@@ -359,8 +340,6 @@ class VendorChainMarket:
         self._bar_dividend = self._dividend[bar_carry]
 
     def _build_iv_index(self) -> np.ndarray:
-        from data_factory.alpaca_feed import _atm_iv_index
-
         values = np.full(self._bar_ns.size, np.nan)
         by_slot: dict[int, float] = {}
         for bar in range(self._bar_ns.size):
@@ -368,7 +347,7 @@ class VendorChainMarket:
             if rows.size:
                 slot = int(self._bar_slot[bar])
                 if slot not in by_slot:          # the snapshot's reading, once per snapshot
-                    by_slot[slot] = _atm_iv_index(self._slice(bar, rows, math.nan), IV_INDEX_DAYS)
+                    by_slot[slot] = atm_iv_index(self._slice(bar, rows, math.nan), IV_INDEX_DAYS)
                 values[bar] = by_slot[slot]
         self.iv_index_carried = int((~np.isfinite(values)).sum())
         known = np.flatnonzero(np.isfinite(values))
