@@ -164,16 +164,6 @@ class ChainStore:
             condition &= ds.field("time") < pa.scalar(stop, BAR_SCHEMA.field("time").type)
         return dataset.to_table(filter=condition).sort_by([("minutes", "ascending"), ("time", "ascending")])
 
-    def check_coverage(self, sessions: pd.DatetimeIndex) -> None:
-        """DataError naming the first of ``sessions`` the store has no chain for."""
-        have = set(self.dates())
-        missing = [day for day in pd.DatetimeIndex(sessions) if day not in have]
-        if missing:
-            raise DataError(f"{self.root}: no option chain for session {missing[0].date()} "
-                            f"({len(missing)} of {len(sessions)} sessions in the requested period missing; the store "
-                            f"covers {self.dates()[0].date()} … {self.dates()[-1].date()} with gaps)"
-                            if len(self.dates()) else f"{self.root}: the store holds no option chains")
-
     def describe(self) -> dict:
         dates = self.dates()
         return {"store": str(self.root), "sessions": len(dates),

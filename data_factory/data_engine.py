@@ -37,6 +37,7 @@ class Coverage:
     chain_only: pd.DatetimeIndex = field(default_factory=lambda: pd.DatetimeIndex([]))
     bars_only: pd.DatetimeIndex = field(default_factory=lambda: pd.DatetimeIndex([]))
     requested: tuple[str, str] | None = None
+    spot_bars: pd.Series | None = None             # the user's 5-minute closes (close-stamped), when any
 
     def lines(self) -> list[str]:
         first, last = self.sessions[0].date(), self.sessions[-1].date()
@@ -79,7 +80,7 @@ def coverage(store, underlying: str = "SPY", start=None, end=None) -> Coverage:
     if not len(chains):
         raise DataError(f"{store.root}: no chains between {low.date()} and {high.date()} (the store covers "
                         f"{store.dates()[0].date()} … {store.dates()[-1].date()})")
-    bar_sessions = None
+    bar_sessions = spot = None
     used = chains
     chain_only = bars_only = pd.DatetimeIndex([])
     bars = store.read_bars(underlying, low, high)
@@ -88,6 +89,7 @@ def coverage(store, underlying: str = "SPY", start=None, end=None) -> Coverage:
         five = bars.filter(pc.equal(bars.column("minutes"), BAR_MINUTES))
         if five.num_rows:
             times = pd.DatetimeIndex(five.column("time").to_pandas())
+            spot = pd.Series(five.column("close").to_numpy(), index=times)
             bar_sessions = pd.DatetimeIndex(pd.unique(times.tz_convert("America/New_York").tz_localize(None).normalize()))
             both = chains[chains.isin(bar_sessions)]
             if not len(both):
@@ -107,7 +109,7 @@ def coverage(store, underlying: str = "SPY", start=None, end=None) -> Coverage:
     if len(missing):
         raise DataError(f"{store.root}: no option chain for session {missing[0].date()} ({len(missing)} of "
                         f"{len(expected)} sessions between {used[0].date()} and {used[-1].date()} missing)")
-    return Coverage(chains, bar_sessions, used, chain_only, bars_only, requested)
+    return Coverage(chains, bar_sessions, used, chain_only, bars_only, requested, spot)
 
 
 @dataclass(frozen=True)

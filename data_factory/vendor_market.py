@@ -222,14 +222,8 @@ class VendorChainMarket:
         covered = store_coverage(store, underlying, start, end)
         first, last = covered.sessions[0], covered.sessions[-1]
         table = store.read_chains(first, last, dte_min=0, dte_max=dte_cap, underlying=underlying)
-        spot_bars = None
-        if covered.bar_sessions is not None:
-            bars = store.read_bars(underlying, first, last)
-            five = bars.filter(pc.equal(bars.column("minutes"), 5))
-            times = pd.DatetimeIndex(five.column("time").to_pandas())
-            spot_bars = pd.Series(five.column("close").to_numpy(), index=times)
         market = cls(table, underlying=underlying, dte_cap=dte_cap, strike_band=strike_band,
-                     alignment=alignment, source=str(store.root), spot_bars=spot_bars, rate_of=rate_of,
+                     alignment=alignment, source=str(store.root), spot_bars=covered.spot_bars, rate_of=rate_of,
                      dividend_yield_of=dividend_yield_of)
         market.coverage = covered
         market.store = store

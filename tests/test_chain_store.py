@@ -14,6 +14,7 @@ import pytest
 from data_factory import chain_store
 from data_factory.canonical import CHAIN_SCHEMA
 from data_factory.chain_store import ChainStore, ingest, write_chain_table
+from data_factory.data_engine import coverage
 from data_factory.errors import DataError
 from tests.chain_fixtures import synthetic_eod_chain
 
@@ -120,4 +121,4 @@ def test_a_gap_in_the_requested_period_is_named(chain, tmp_path):
     write_chain_table(chain.filter(keep), tmp_path / "store")
     store = ChainStore.open(tmp_path / "store")
     with pytest.raises(DataError, match="no option chain for session 2018-03-07"):
-        store.check_coverage(pd.DatetimeIndex(["2018-03-06", "2018-03-07", "2018-03-08"]))
+        coverage(store, start="2018-03-06", end="2018-03-08")
