@@ -676,8 +676,50 @@ class _Handler(BaseHTTPRequestHandler):
 # The fake
 # ---------------------------------------------------------------------------------------------
 
-class FakeAlpaca:
+class ServedFake:
+    """start / stop / ``with`` / ``url`` of an imitation server on 127.0.0.1: a subclass sets
+    ``_handler_class`` (a BaseHTTPRequestHandler subclass reading ``self.fake``) and starts with
+    ``self._server = self._thread = None`` (shared by FakeAlpaca and tests/ivolatility_fake.py)."""
+
+    _handler_class: type
+
+    def start(self):
+        if self._server is None:
+            name = type(self).__name__
+            handler = type(f"{name}Handler", (self._handler_class,), {"fake": self})
+            self._server = LocalHTTPServer(("127.0.0.1", 0), handler)
+            self._thread = threading.Thread(target=self._server.serve_forever, name=name,
+                                            kwargs={"poll_interval": 0.05}, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server.close_connections()
+        self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class FakeAlpaca(ServedFake):
     """Alpaca's REST API on a local port; see the module docstring for what it models."""
+
+    _handler_class = _Handler
 
     def __init__(self, now="2026-12-07 09:30", spot: float = 600.0, seed: int = 0,
                  options_level: int = 3, cash: float = 100_000.0, key_id: str = "test-key",
@@ -733,38 +775,12 @@ class FakeAlpaca:
     # ----- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> "FakeAlpaca":
-        if self._server is not None:
-            return self
         self._stopping.clear()
-        handler = type("FakeAlpacaHandler", (_Handler,), {"fake": self})
-        self._server = LocalHTTPServer(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="FakeAlpaca",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
-        if self._server is None:
-            return
         self._stopping.set()  # wakes handlers sleeping in an injected timeout
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.close_connections()
-        self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeAlpaca":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeAlpaca is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        super().stop()
 
     # ----- the clock and the market ------------------------------------------------------------
 

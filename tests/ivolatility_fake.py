@@ -70,7 +70,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from tests.alpaca_fake import LocalHTTPServer
+from tests.alpaca_fake import LocalHTTPServer, ServedFake
 
 __all__ = ["FakeIVolatility", "Fault", "FAULT_KINDS", "JSON_FIELDS", "FILE_FIELDS"]
 
@@ -167,8 +167,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class FakeIVolatility:
-    """IVolatility's EOD option-chain API on a local port; see the module docstring."""
+class FakeIVolatility(ServedFake):
+    """IVolatility's EOD option-chain API on a local port; see the module docstring (start, stop,
+    ``with`` and ``url`` come from tests.alpaca_fake.ServedFake)."""
+
+    _handler_class = _Handler
 
     def __init__(self, api_key: str = "test-ivol-key", spot_of: dict | Callable | None = None, seed: int = 0,
                  inline_limit: int = DEFAULT_INLINE_LIMIT, pending_polls: int = 1, relative_details: bool = False,
@@ -194,38 +197,6 @@ class FakeIVolatility:
         self.server_errors: list[str] = []
         self._server: LocalHTTPServer | None = None
         self._thread: threading.Thread | None = None
-
-    # ----- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "FakeIVolatility":
-        if self._server is None:
-            handler = type("FakeIVolatilityHandler", (_Handler,), {"fake": self})
-            self._server = LocalHTTPServer(("127.0.0.1", 0), handler)
-            self._thread = threading.Thread(target=self._server.serve_forever, name="FakeIVolatility",
-                                            kwargs={"poll_interval": 0.05}, daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        self._server.close_connections()
-        self._thread.join(timeout=5)
-        self._server = self._thread = None
-
-    def __enter__(self) -> "FakeIVolatility":
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeIVolatility is not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
 
     # ----- test controls ---------------------------------------------------------------------
     def inject(self, fault: Fault) -> None:
