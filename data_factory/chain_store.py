@@ -243,7 +243,9 @@ def ingest(inputs, store_dir, fmt: str | None = None, on_bad_rows: str = "stop",
                 # bounded by the loader's block whatever the file (buffering to a row-group minimum
                 # held up to max_open_files × 64k rows: gigabytes for intraday snapshots). A file
                 # per loader block and date; at most 64 open (older ones are closed, not held).
+                # use_threads=False: the loader's parsing thread already has the second core.
                 ds.write_dataset(with_dates(), staging / "chains", format="parquet", file_options=_write_options(),
+                                 use_threads=False,
                                  schema=CHAIN_SCHEMA.append(pa.field("date", pa.date32())),
                                  partitioning=_DATE_PARTITIONING, basename_template=f"part-{number}-{{i}}.parquet",
                                  existing_data_behavior="overwrite_or_ignore", max_rows_per_group=256_000,
@@ -293,10 +295,18 @@ def ingest(inputs, store_dir, fmt: str | None = None, on_bad_rows: str = "stop",
 CANONICAL_PARQUET = "canonical_parquet"
 
 
+# Columns whose values repeat within a file (Parquet dictionary pages pay off there). The
+# writer's default dictionary-encodes every column, and trying it on the quotes and Greeks,
+# which hardly repeat, cost ~40 % of an ingest's write time for a 10 % smaller file (measured on
+# the 270 MB Cboe bench file: 0.96 s → 0.57 s to write 1.3 M rows).
+_DICTIONARY_COLUMNS = ("quote_time", "underlying", "underlying_price", "expiration", "settlement", "strike",
+                       "option_type", "source", "symbol", "minutes")
+
+
 def _write_options():
     # LZ4 writes about 1.4x faster than the default Snappy here at the same size (an ingest is
     # bound by parsing and writing), and pyarrow and DuckDB both read it.
-    return ds.ParquetFileFormat().make_write_options(compression="lz4")
+    return ds.ParquetFileFormat().make_write_options(compression="lz4", use_dictionary=list(_DICTIONARY_COLUMNS))
 
 
 def _open_input(path: Path, fmt: str | None, on_bad_rows: str, underlying: str | None):

@@ -11,8 +11,10 @@ rows of others are counted in ``rows_filtered``, and none left is a DataError. `
 for bars (it names the bars of a file without a symbol column). ``minutes``: the bar width.
 
 Streaming: ``pyarrow.csv.open_csv`` reads blocks of ``min(block_bytes, READ_BLOCK_MAX)`` with explicit
-column types (single-threaded: the reader then numbers the malformed lines it skips), pyarrow.compute
-and numpy transform a whole block at a time, and each block comes out as one canonical table.
+column types (single-threaded: the reader then numbers the malformed lines it skips) in its own
+thread (``_Prefetched``), so parsing runs on one core while pyarrow.compute and numpy transform the
+previous batch (up to ``MERGE_MAX`` bytes of CSV, ``_merged_blocks``) and the store writes it on
+the other; each batch comes out as one canonical table.
 String columns that repeat (dates, roots, option types, tickers) are read dictionary-encoded and
 parsed once per distinct value, then spread to the rows with ``take``; no Python loop runs per row.
 Memory does not grow with the file: pyarrow's I/O thread reads ~32 blocks ahead, so about 32 read
@@ -104,6 +106,8 @@ from __future__ import annotations
 
 import bisect
 import csv
+import queue
+import threading
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -135,6 +139,8 @@ SAMPLE_BYTES = 1 << 20               # bar-width inference reads this much
 # 1.5× faster than 64 MiB on OptionsDX), and its I/O thread reads ahead ~32 blocks, so memory
 # follows the block size.
 READ_BLOCK_MAX = 4 << 20
+# Parsed blocks are joined up to this many bytes before the loader transforms them (_merged_blocks).
+MERGE_MAX = 16 << 20
 
 _TS = pa.timestamp("ns", tz=EXCHANGE_TZ)
 _NS = 1_000_000_000
@@ -1251,6 +1257,7 @@ def _read(ctx: _Ctx, block_bytes: int):
     while True:
         stream = ctx.src.open()
         skip = delivered
+        blocks = None
         try:
             reader = pacsv.open_csv(
                 stream,
@@ -1260,11 +1267,8 @@ def _read(ctx: _Ctx, block_bytes: int):
                 parse_options=pacsv.ParseOptions(quote_char='"' if ctx.quoted else False, ignore_empty_lines=False,
                                                  invalid_row_handler=ctx.on_invalid_row),
                 convert_options=ctx.convert_options(tolerant))
-            while True:
-                try:
-                    rb = reader.read_next_batch()
-                except StopIteration:
-                    return
+            blocks = _Prefetched(_merged_blocks(reader, block_bytes))
+            for rb in blocks:
                 if skip:
                     dropped = min(skip, rb.num_rows)
                     rb, skip = rb.slice(dropped), skip - dropped
@@ -1272,6 +1276,7 @@ def _read(ctx: _Ctx, block_bytes: int):
                     continue
                 yield rb, delivered, tolerant
                 delivered += rb.num_rows
+            return
         except pa.ArrowInvalid as error:
             text = str(error)
             if tolerant or "conversion error" not in text:
@@ -1281,7 +1286,84 @@ def _read(ctx: _Ctx, block_bytes: int):
                                 f"{text}{hint}") from None
             tolerant = True
         finally:
+            if blocks is not None:
+                blocks.close()                       # the parsing thread stops before its stream closes
             stream.close()
+
+
+def _merged_blocks(reader, block_bytes: int):
+    """The reader's blocks joined into record batches of about ``min(block_bytes, MERGE_MAX)``
+    bytes of CSV: the loader's per-batch work (keys, checks, one canonical table) costs nearly the
+    same for 20k rows as for 80k, so fewer, larger batches are ~2× cheaper to transform (measured
+    0.36 s → 0.17 s for 1.3 M Cboe rows), while the reader itself parses fastest in 4 MiB blocks."""
+    per_batch = max(1, min(block_bytes, MERGE_MAX) // min(block_bytes, READ_BLOCK_MAX))
+    pending = []
+    for rb in reader:
+        pending.append(rb)
+        if len(pending) >= per_batch:
+            yield _joined(pending)
+            pending = []
+    if pending:
+        yield _joined(pending)
+
+
+def _joined(batches: list) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).unify_dictionaries().combine_chunks().to_batches()[0]
+
+
+class _Prefetched:
+    """Runs a batch iterator in a thread, at most ``depth`` batches ahead, so that parsing (pyarrow
+    releases the GIL while it parses) overlaps the loader's transform and the store's writing on
+    the second core. Exceptions raised by the iterator are raised by the consumer at the same point
+    of the sequence. ``close()`` stops the thread (call it before closing the stream it reads).
+    Written here because the standard library has no bounded, closeable prefetching iterator."""
+
+    _DONE = object()
+
+    def __init__(self, iterator, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterator,), daemon=True, name="csv-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, iterator) -> None:
+        try:
+            for item in iterator:
+                if not self._put((item, None)):
+                    return
+        except BaseException as error:        # handed to the consumer, raised there
+            self._put((None, error))
+            return
+        self._put((self._DONE, None))
+
+    def __iter__(self):
+        while True:
+            item, error = self._queue.get()
+            if error is not None:
+                raise error
+            if item is self._DONE:
+                return
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
 
 
 class _KeySet:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import itertools
 import math
+import threading
 import zipfile
 
 import numpy as np
@@ -19,7 +21,7 @@ import pytest
 from data_factory.canonical import BAD_ROW_KINDS, BAR_SCHEMA, CHAIN_SCHEMA
 from data_factory.errors import DataError
 from data_factory.vendor_formats import (
-    FORMATS, BadRowReport, detect_format, format_kind, iter_bar_batches, iter_chain_batches, load_file,
+    FORMATS, BadRowReport, _Prefetched, detect_format, format_kind, iter_bar_batches, iter_chain_batches, load_file,
 )
 
 NY = "America/New_York"
@@ -689,3 +691,42 @@ if __name__ == "__main__":
     if "--bench" in sys.argv:
         rest = [a for a in sys.argv[1:] if a != "--bench"]
         _bench(float(rest[0]) if rest else 200.0)
+
+
+def _prefetch_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "csv-prefetch" and t.is_alive()]
+
+
+def test_prefetching_keeps_order_raises_where_the_source_failed_and_stops_on_close():
+    def source():
+        yield from range(5)
+        raise ValueError("broken at 5")
+
+    seen = []
+    with pytest.raises(ValueError, match="broken at 5"):
+        for item in _Prefetched(source(), depth=2):
+            seen.append(item)
+    assert seen == [0, 1, 2, 3, 4]
+
+    produced = []
+
+    def endless():
+        for number in itertools.count():
+            produced.append(number)
+            yield number
+
+    blocks = _Prefetched(endless(), depth=2)
+    first = next(iter(blocks))
+    blocks.close()
+    assert first == 0 and not blocks._thread.is_alive()
+    assert len(produced) <= 5                  # it stopped a queue's depth ahead, not at the end
+
+
+def test_a_bad_row_mid_file_stops_the_parsing_thread(tmp_path):
+    lines = [",".join(CBOE_COLS)] + [cboe_line(strike=f"{4000 + 5 * i}.000") for i in range(400)]
+    lines[300] = cboe_line(strike="5500.000", option_type="Z")
+    path = write(tmp_path, "midway.csv", lines)
+    before = len(_prefetch_threads())
+    with pytest.raises(DataError, match=r"midway\.csv: line 301: bad_option_type"):
+        list(iter_chain_batches(path, block_bytes=4000))
+    assert len(_prefetch_threads()) == before
