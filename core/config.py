@@ -11,12 +11,11 @@ other package may depend on it without cycles.
 
 Where the seed contradicts itself (decided in /work/shared/DESIGN.md):
 - The defaults are the seed's 6-phase optimizer tables ("matched with defaults from
-  core/config.py"): profit_take_pct 0.40, loss_close_multiple 1.00, max_hold_days 10,
-  target_short_delta_low 0.08, min_credit_to_width 0.10. The seed's CLI table lists other
-  defaults for the same settings (--profit-pct 0.50, --loss-multiple 1.5, --max-hold-days 14,
-  --delta-low 0.10, --min-credit-ratio 0.15); those are NOT defaults here. A flag given explicitly
-  overrides the config; `SEED_CLI_TABLE_DEFAULTS` records each difference for the README.
-  The CLI table's --bt-start/--bt-end (2024) are replaced by the embedded data period 2014-2018.
+  core/config.py"). The seed's CLI table lists other defaults for five of those settings and a
+  2024 period; those are NOT defaults here (the period is the embedded data's, 2014-2018).
+  `SEED_CLI_TABLE_DEFAULTS` (at the end of this module) is the one place that records each
+  difference, for the README and the tests. A flag given explicitly overrides the config;
+  `CLI_FLAGS` is the one table of flags, their settings and help.
 - Fuzzy weights: the worked example / Phase-6 values (mtf 0.18 ... sma 0.06, neural 0.20) are the
   defaults, not the section headers' w = 0.10, 0.08, ... . The ten technical weights are used
   normalised (`FuzzyConfig.normalised_technical_weights`), and the blend is
@@ -31,6 +30,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -46,6 +46,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "CLI_FLAGS",
     "CLI_FLAG_TO_FIELD",
     "CLI_MODE_FLAGS",
     "CLI_NEGATING_FLAGS",
@@ -1191,69 +1192,144 @@ for _name, _cls in _section_classes().items():
 # The seed's CLI table
 # --------------------------------------------------------------------------------------------
 
-# Seed CLI flag -> the setting it sets. Value flags take the value; boolean flags set True,
-# except those in CLI_NEGATING_FLAGS, which set False. Aliases to note: --ivr-min is
-# filters.iv_rank_min, --vix-max is filters.vix_threshold, --delta-low/--delta-high are the
-# target short deltas, --wing-min/--wing-max the wing widths, --min-credit-ratio is
-# strategy.min_credit_to_width, --profit-pct is exits.profit_take_pct, --loss-multiple is
-# exits.loss_close_multiple. --bt-samples, --use-fuzzy/--no-fuzzy and --mamba-* come from the
-# seed's scenario table and training text, not its CLI table.
-CLI_FLAG_TO_FIELD: dict[str, str] = {
-    "--bt-start": "backtest.start",
-    "--bt-end": "backtest.end",
-    "--bt-cash": "backtest.cash",
-    "--bt-samples": "backtest.samples",
-    "--options-data": "backtest.options_data",
-    "--no-plot": "backtest.plot",
-    "--underlying": "backtest.underlying",
-    "--quantity": "strategy.quantity",
-    "--dte-min": "strategy.dte_min",
-    "--dte-max": "strategy.dte_max",
-    "--delta-low": "strategy.target_short_delta_low",
-    "--delta-high": "strategy.target_short_delta_high",
-    "--wing-min": "strategy.wing_width_min",
-    "--wing-max": "strategy.wing_width_max",
-    "--min-credit-ratio": "strategy.min_credit_to_width",
-    "--ivr-min": "filters.iv_rank_min",
-    "--vix-max": "filters.vix_threshold",
-    "--profit-pct": "exits.profit_take_pct",
-    "--loss-multiple": "exits.loss_close_multiple",
-    "--max-hold-days": "exits.max_hold_days",
-    "--max-positions": "strategy.max_positions",
-    "--max-alloc": "strategy.max_alloc",
-    "--use-mtf": "mtf.use_mtf",
-    "--no-mtf-filter": "mtf.use_mtf",
-    "--mtf-timeframes": "mtf.timeframes",
-    "--mtf-consensus-min": "mtf.consensus_min",
-    "--mtf-consensus-max": "mtf.consensus_max",
-    "--dynamic-sizing": "sizing.dynamic_sizing",
-    "--position-size-pct": "sizing.position_size_pct",
-    "--enable-hedge": "hedge.enable_hedge",
-    "--hedge-threshold": "hedge.hedge_threshold",
-    "--hedge-share-cost": "hedge.share_cost",
-    "--max-account-risk": "risk.max_account_risk_per_trade",
-    "--max-portfolio-delta": "risk.max_portfolio_delta",
-    "--max-portfolio-gamma": "risk.max_portfolio_gamma",
-    "--max-portfolio-vega": "risk.max_portfolio_vega",
-    "--max-portfolio-theta": "risk.max_portfolio_theta",
-    "--daily-drawdown-limit": "risk.daily_drawdown_limit",
-    "--max-drawdown-limit": "risk.max_drawdown_limit",
-    "--kill-switch-flatten": "risk.kill_switch_flatten",
-    "--no-risk-limits": "risk.use_risk_limits",
-    "--no-liquidity-gate": "filters.use_liquidity_gate",
-    "--no-gates": "filters.use_entry_gates",
-    "--use-fuzzy": "fuzzy.use_fuzzy",
-    "--no-fuzzy": "fuzzy.use_fuzzy",
-    "--mamba-d-model": "mamba.d_model",
-    "--mamba-layers": "mamba.n_layers",
-    "--mamba-model": "mamba.weights_path",
-    "--no-neural": "mamba.use_neural",
-}
+@dataclass(frozen=True)
+class CliFlag:
+    """One command-line flag that sets one setting: the single table ``core/main.py`` builds its
+    parser, its help and its overrides from. ``kind`` is the value's type for value flags (None
+    for switches); ``sets`` is the value a switch sets; ``choices`` restricts a value flag."""
 
-CLI_NEGATING_FLAGS: frozenset[str] = frozenset(
-    {"--no-plot", "--no-mtf-filter", "--no-liquidity-gate", "--no-fuzzy", "--no-gates", "--no-neural",
-     "--no-risk-limits"}
+    flag: str
+    field: str
+    help: str
+    kind: type | None = None
+    sets: bool | None = None
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+# Every flag that sets a setting. Aliases to note: --ivr-min is filters.iv_rank_min, --vix-max is
+# filters.vix_threshold, --delta-low/--delta-high are the target short deltas, --wing-min/
+# --wing-max the wing widths, --min-credit-ratio is strategy.min_credit_to_width, --profit-pct is
+# exits.profit_take_pct, --loss-multiple is exits.loss_close_multiple. --bt-samples,
+# --use-fuzzy/--no-fuzzy and --mamba-* come from the seed's scenario table and training text, not
+# its CLI table; --options-data, --engine, --fees and --seed are this project's.
+CLI_FLAGS: tuple[CliFlag, ...] = (
+    CliFlag("--bt-start", "backtest.start", "first session (YYYY-MM-DD)", str, metavar="DATE"),
+    CliFlag("--bt-end", "backtest.end", "last session (YYYY-MM-DD)", str, metavar="DATE"),
+    CliFlag("--bt-cash", "backtest.cash", "starting capital in dollars", float),
+    CliFlag("--bt-samples", "backtest.samples", "replay only the first N bars (0 = the whole period)", int),
+    CliFlag("--underlying", "backtest.underlying", "symbol to trade (the embedded data has SPY)", str),
+    CliFlag("--quantity", "strategy.quantity", "condors (contracts per leg) per trade", int),
+    CliFlag("--dte-min", "strategy.dte_min", "shortest expiry in days", int),
+    CliFlag("--dte-max", "strategy.dte_max", "longest expiry in days", int),
+    CliFlag("--delta-low", "strategy.target_short_delta_low", "lower |delta| of the short strikes", float),
+    CliFlag("--delta-high", "strategy.target_short_delta_high", "upper |delta| of the short strikes", float),
+    CliFlag("--wing-min", "strategy.wing_width_min", "narrowest wing in dollars", float),
+    CliFlag("--wing-max", "strategy.wing_width_max", "widest wing in dollars", float),
+    CliFlag("--min-credit-ratio", "strategy.min_credit_to_width", "minimum credit / wing width", float),
+    CliFlag("--profit-pct", "exits.profit_take_pct", "take profit at this share of the credit", float),
+    CliFlag("--loss-multiple", "exits.loss_close_multiple", "stop loss at this multiple of the credit", float),
+    CliFlag("--max-hold-days", "exits.max_hold_days", "close after this many calendar days", int),
+    CliFlag("--max-positions", "strategy.max_positions", "most condors open at once", int),
+    CliFlag("--max-alloc", "strategy.max_alloc", "most of equity at risk (max loss) across open condors", float),
+    CliFlag("--ivr-min", "filters.iv_rank_min", "no entry below this IV rank (0-100)", float),
+    CliFlag("--vix-max", "filters.vix_threshold", "no entry above this VIX", float),
+    CliFlag("--mtf-timeframes", "mtf.timeframes", "MTF consensus timeframes in minutes, comma-separated", str,
+            metavar="LIST"),
+    CliFlag("--mtf-consensus-min", "mtf.consensus_min", "MTF filter: lowest consensus C allowed", float),
+    CliFlag("--mtf-consensus-max", "mtf.consensus_max", "MTF filter: highest consensus C allowed", float),
+    CliFlag("--position-size-pct", "sizing.position_size_pct", "dynamic sizing: share of equity per trade", float),
+    CliFlag("--mamba-model", "mamba.weights_path", "DeepMamba checkpoint feeding the fuzzy neural factor", str,
+            metavar="FILE"),
+    CliFlag("--mamba-d-model", "mamba.d_model", "expected d_model of the checkpoint (checked)", int),
+    CliFlag("--mamba-layers", "mamba.n_layers", "expected layer count of the checkpoint (checked)", int),
+    CliFlag("--max-account-risk", "risk.max_account_risk_per_trade",
+            "risk budget: most of equity one trade may lose (Q_risk = floor(budget / max loss))", float),
+    CliFlag("--max-portfolio-delta", "risk.max_portfolio_delta",
+            "cap on |net delta|, share-equivalents (hedge shares included)", float),
+    CliFlag("--max-portfolio-gamma", "risk.max_portfolio_gamma",
+            "cap on |net gamma|, share-equivalent delta per $1 move", float),
+    CliFlag("--max-portfolio-vega", "risk.max_portfolio_vega", "cap on |net vega|, dollars per volatility point",
+            float),
+    CliFlag("--max-portfolio-theta", "risk.max_portfolio_theta", "cap on |net theta|, dollars per day", float),
+    CliFlag("--daily-drawdown-limit", "risk.daily_drawdown_limit",
+            "kill switch: session loss (share of the previous close's equity) that halts new entries for the rest "
+            "of the session", float),
+    CliFlag("--max-drawdown-limit", "risk.max_drawdown_limit",
+            "halt new entries for the rest of the run beyond this drawdown from the peak", float),
+    CliFlag("--hedge-threshold", "hedge.hedge_threshold",
+            "delta hedge: net delta per condor open (share-equivalent delta / 100 / condors) beyond which shares "
+            "are traded back to neutral", float),
+    CliFlag("--hedge-share-cost", "hedge.share_cost", "delta hedge: dollars per share traded (spread and commission)",
+            float),
+    CliFlag("--options-data", "backtest.options_data",
+            "backtest on your own option chains: a chain store (--mode ingest) or vendor files / a folder of them "
+            "(OptionsDX, Cboe DataShop, IVolatility, ORATS, ...; ingested into a cache store on first use); without "
+            "it, the embedded synthetic chains", str, metavar="PATH"),
+    CliFlag("--engine", "backtest.engine", "driver: the Backtrader event loop or the fast event-skipping driver, "
+            "same trades", str, choices=("backtrader", "fast")),
+    CliFlag("--fees", "backtest.fees", "commission and fee preset", str, choices=("ibkr", "alpaca", "none")),
+    CliFlag("--seed", "backtest.seed", "seed of every synthetic step", int),
+    # Switches. A pair (CLI_SWITCH_PAIRS) sets one setting on and off; its help says which is in effect.
+    CliFlag("--use-mtf", "mtf.use_mtf", "MTF consensus filter on: enter only when C is inside the consensus band",
+            sets=True),
+    CliFlag("--no-mtf-filter", "mtf.use_mtf", "MTF consensus filter off (C is still computed for the fuzzy factor)",
+            sets=False),
+    CliFlag("--use-fuzzy", "fuzzy.use_fuzzy",
+            "fuzzy confidence on: sizes trades with --dynamic-sizing, gates with fuzzy.min_confidence", sets=True),
+    CliFlag("--no-fuzzy", "fuzzy.use_fuzzy", "fuzzy confidence off", sets=False),
+    CliFlag("--dynamic-sizing", "sizing.dynamic_sizing",
+            "contracts = floor(C x the condors --position-size-pct of equity pays for)", sets=True),
+    CliFlag("--no-liquidity-gate", "filters.use_liquidity_gate",
+            "skip the bid/spread liquidity check on the chosen condor", sets=False),
+    CliFlag("--no-gates", "filters.use_entry_gates",
+            "the mechanical condor: no Stage-2 gates, filters or wing adjustments", sets=False),
+    CliFlag("--no-neural", "mamba.use_neural",
+            "keep the fuzzy neural factor neutral (0.5) instead of the DeepMamba forecast", sets=False),
+    CliFlag("--enable-hedge", "hedge.enable_hedge",
+            "delta-hedge the condors with underlying shares beyond --hedge-threshold", sets=True),
+    CliFlag("--kill-switch-flatten", "risk.kill_switch_flatten",
+            "when the kill switch fires, also close every open condor and hedge", sets=True),
+    CliFlag("--no-risk-limits", "risk.use_risk_limits",
+            "risk manager's Greek caps, risk budget and kill switch off (max positions and max alloc still apply)",
+            sets=False),
+    CliFlag("--no-plot", "backtest.plot", "skip the equity/drawdown PNG", sets=False),
+    CliFlag("--fill-next-bar", "backtest.fill_on_next_bar", "fill at the bar after the signal instead of the signal bar",
+            sets=True),
 )
+
+CLI_FLAG_TO_FIELD: dict[str, str] = {entry.flag: entry.field for entry in CLI_FLAGS}
+CLI_NEGATING_FLAGS: frozenset[str] = frozenset(entry.flag for entry in CLI_FLAGS if entry.sets is False)
+# Switches that set the same setting on and off: giving both is refused.
+CLI_SWITCH_PAIRS: tuple[tuple[str, str], ...] = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
+
+
+def cli_value_text(value: Any) -> str:
+    """A default as the flag takes it: ``1,5,15`` for a list, ``none`` for unset, dates ISO."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        return ",".join(cli_value_text(item) for item in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 1:
+        return str(int(value))
+    return str(value)
+
+
+def cli_flag_help(entry: CliFlag, default: Any) -> str:
+    """The help line of ``entry`` with the default stated the way a user reads it: a value flag's
+    default as it would be typed; a switch's effect by default; for a pair, which of the two is in
+    effect when neither is given."""
+    if entry.sets is None:
+        return f"{entry.help} (default: {cli_value_text(default)})"
+    partner = next((b if a == entry.flag else a for a, b in CLI_SWITCH_PAIRS if entry.flag in (a, b)), None)
+    if partner is not None:
+        state = "in effect by default" if bool(default) == entry.sets else f"not by default: {partner} is in effect"
+        return f"{entry.help} ({state}; sets {entry.field})"
+    state = "off by default" if bool(default) != entry.sets else "already the default; accepted for the seed's commands"
+    return f"{entry.help} ({state}; sets {entry.field})"
+
 
 # Seed flags that choose what the program does rather than a parameter (DESIGN: three modes).
 CLI_MODE_FLAGS: dict[str, str] = {

@@ -29,70 +29,6 @@ if str(_PROJECT_ROOT) not in sys.path:
 USAGE_ERROR = 2
 
 
-# Flags of the backtest mode: (flag, type, help). Each sets the config field that
-# core.config.CLI_FLAG_TO_FIELD names; the help shows the effective default from the config.
-BACKTEST_FLAGS = (
-    ("--bt-start", str, "first session (YYYY-MM-DD)"),
-    ("--bt-end", str, "last session (YYYY-MM-DD)"),
-    ("--bt-cash", float, "starting capital in dollars"),
-    ("--bt-samples", int, "replay only the first N bars (0 = the whole period)"),
-    ("--underlying", str, "symbol to trade (the embedded data has SPY)"),
-    ("--quantity", int, "condors (contracts per leg) per trade"),
-    ("--dte-min", int, "shortest expiry in days"),
-    ("--dte-max", int, "longest expiry in days"),
-    ("--delta-low", float, "lower |delta| of the short strikes"),
-    ("--delta-high", float, "upper |delta| of the short strikes"),
-    ("--wing-min", float, "narrowest wing in dollars"),
-    ("--wing-max", float, "widest wing in dollars"),
-    ("--min-credit-ratio", float, "minimum credit / wing width"),
-    ("--profit-pct", float, "take profit at this share of the credit"),
-    ("--loss-multiple", float, "stop loss at this multiple of the credit"),
-    ("--max-hold-days", int, "close after this many calendar days"),
-    ("--max-positions", int, "most condors open at once"),
-    ("--max-alloc", float, "most of equity at risk (max loss) across open condors"),
-    ("--ivr-min", float, "no entry below this IV rank (0-100)"),
-    ("--vix-max", float, "no entry above this VIX"),
-    ("--mtf-timeframes", str, "MTF consensus timeframes in minutes, comma-separated"),
-    ("--mtf-consensus-min", float, "MTF filter: lowest consensus C allowed"),
-    ("--mtf-consensus-max", float, "MTF filter: highest consensus C allowed"),
-    ("--position-size-pct", float, "dynamic sizing: share of equity per trade"),
-    ("--mamba-model", str, "DeepMamba checkpoint feeding the fuzzy neural factor"),
-    ("--mamba-d-model", int, "expected d_model of the checkpoint (checked)"),
-    ("--mamba-layers", int, "expected layer count of the checkpoint (checked)"),
-    ("--max-account-risk", float, "risk budget: most of equity one trade may lose (Q_risk = floor(budget / max loss))"),
-    ("--max-portfolio-delta", float, "cap on |net delta|, share-equivalents (hedge shares included)"),
-    ("--max-portfolio-gamma", float, "cap on |net gamma|, share-equivalent delta per $1 move"),
-    ("--max-portfolio-vega", float, "cap on |net vega|, dollars per volatility point"),
-    ("--max-portfolio-theta", float, "cap on |net theta|, dollars per day"),
-    ("--daily-drawdown-limit", float, "kill switch: session loss (share of the previous close's equity) that halts "
-                                      "new entries for the rest of the session"),
-    ("--max-drawdown-limit", float, "halt new entries for the rest of the run beyond this drawdown from the peak"),
-    ("--hedge-threshold", float, "delta hedge: net delta per condor open (share-equivalent delta / 100 / condors) "
-                                 "beyond which shares are traded back to neutral"),
-    ("--hedge-share-cost", float, "delta hedge: dollars per share traded (spread and commission)"),
-)
-
-# On/off switches: (flag, value it sets, help). Opposite pairs may not be given together.
-SWITCH_FLAGS = (
-    ("--use-mtf", True, "MTF consensus filter on: enter only when C is inside the consensus band"),
-    ("--no-mtf-filter", False, "MTF consensus filter off (C is still computed for the fuzzy factor)"),
-    ("--use-fuzzy", True, "fuzzy confidence on: sizes trades with --dynamic-sizing, gates with fuzzy.min_confidence"),
-    ("--no-fuzzy", False, "fuzzy confidence off"),
-    ("--dynamic-sizing", True, "contracts = floor(C x the condors --position-size-pct of equity pays for)"),
-    ("--no-liquidity-gate", False, "skip the bid/spread liquidity check on the chosen condor"),
-    ("--no-gates", False, "the mechanical condor: no Stage-2 gates, filters or wing adjustments"),
-    ("--no-neural", False, "keep the fuzzy neural factor neutral (0.5) instead of the DeepMamba forecast"),
-    ("--enable-hedge", True, "delta-hedge the condors with underlying shares beyond --hedge-threshold"),
-    ("--kill-switch-flatten", True, "when the kill switch fires, also close every open condor and hedge"),
-    ("--no-risk-limits", False, "risk manager's Greek caps, risk budget and kill switch off (max positions and "
-                                "max alloc still apply)"),
-)
-# Seed CLI-table flags that belong to capabilities not built yet: accepted by the parser so the
-# user gets one clear line instead of "unrecognized arguments", then refused.
-NOT_YET_FLAGS = ()
-SWITCH_CONFLICTS = (("--use-mtf", "--no-mtf-filter"), ("--use-fuzzy", "--no-fuzzy"))
-
-
 SIZING_HELP = """\
 How a trade is sized (the risk manager, risk/risk_manager.py): contracts = the smallest of
   base        --quantity; with --dynamic-sizing Q_budget = floor(--position-size-pct x equity / max loss
@@ -118,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _build_parser(config_defaults) -> argparse.ArgumentParser:
-    from core.config import CLI_FLAG_TO_FIELD
+    from core.config import CLI_FLAGS, cli_flag_help
 
     parser = _Parser(
         prog="python core/main.py",
@@ -134,21 +70,13 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
                              "store (default: backtest)")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (partial files allowed)")
     run = parser.add_argument_group("backtest")
-    for flag, kind, text in BACKTEST_FLAGS:
-        default = config_defaults.get(CLI_FLAG_TO_FIELD[flag])
-        run.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                         help=f"{text} (default: {default})")
-    for flag, _, text in SWITCH_FLAGS:
-        default = config_defaults.get(CLI_FLAG_TO_FIELD[flag])
-        run.add_argument(flag, action="store_true", help=f"{text} (config default: {CLI_FLAG_TO_FIELD[flag]}"
-                                                        f" = {default})")
-    for flag, what, _ in NOT_YET_FLAGS:
-        text = f"seed flag for {what}: not available in this version (refused with a message)"
-        run.add_argument(flag, action="store_true", default=None, help=text)
-    run.add_argument("--options-data", default=None, metavar="PATH",
-                     help="backtest on your own option chains: a chain store (--mode ingest) or vendor files / a "
-                          "folder of them (OptionsDX, Cboe DataShop, IVolatility, ORATS, ...; ingested into a cache "
-                          "store on first use). Default: the embedded synthetic chains")
+    for entry in CLI_FLAGS:
+        text = cli_flag_help(entry, config_defaults.get(entry.field))
+        if entry.sets is not None:
+            run.add_argument(entry.flag, action="store_true", help=text)
+        else:
+            run.add_argument(entry.flag, type=entry.kind, default=None, choices=entry.choices,
+                             metavar=None if entry.choices else entry.metavar or entry.kind.__name__.upper(), help=text)
     run.add_argument("--use-optimizer", action="store_true",
                      help="the seed's spelling of --mode optimize: run the 6-phase optimizer with these settings "
                           "as the base configuration")
@@ -156,21 +84,11 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
                      help="ablation: run Mechanical, Baseline, MTF only, Fuzzy only and Full on the same data "
                           "(fast driver) and write a side-by-side table and equity plot into the run folder")
     backtest = config_defaults.backtest
-    run.add_argument("--engine", choices=["backtrader", "fast"], default=None,
-                     help=f"driver: Backtrader event loop or the fast event-skipping driver, same trades "
-                          f"(default: {backtest.engine})")
     run.add_argument("--fill-model", default=None, metavar="MODEL",
                      help="mid | natural | a fraction 0.5-1.0 of the spread from our side "
                           f"(default: {backtest.fill_model} {backtest.fill_spread_fraction})")
-    run.add_argument("--fill-next-bar", action="store_true",
-                     help="fill at the bar after the signal instead of the signal bar")
-    run.add_argument("--fees", choices=["ibkr", "alpaca", "none"], default=None,
-                     help=f"commission and fee preset (default: {backtest.fees})")
-    run.add_argument("--seed", type=int, default=None,
-                     help=f"seed of every synthetic step (default: {backtest.seed})")
     run.add_argument("--out", metavar="DIR", default=None,
                      help="run folder to create (default: runs/<timestamp>)")
-    run.add_argument("--no-plot", action="store_true", help="skip the equity/drawdown PNG")
     from core.optimizer import add_arguments as add_optimizer_arguments
     add_optimizer_arguments(parser)
     live = parser.add_argument_group("live mode (keys from APCA_API_KEY_ID / APCA_API_SECRET_KEY or --credentials; "
@@ -207,36 +125,19 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> dict:
-    """Config overrides from the flags actually given."""
-    from core.config import CLI_FLAG_TO_FIELD, ConfigError
+    """Config overrides from the flags actually given (``core.config.CLI_FLAGS``)."""
+    from core.config import CLI_FLAGS, CLI_SWITCH_PAIRS, ConfigError
 
-    for flag, what, issue in NOT_YET_FLAGS:
-        if getattr(args, _dest(flag)) is not None:
-            raise ConfigError(f"{flag}: {what} is not available in this version yet (planned: {issue}); "
-                              f"run without it")
-    overrides = {}
-    if args.options_data is not None:
-        overrides["backtest.options_data"] = args.options_data
-    for flag, _, _ in BACKTEST_FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[CLI_FLAG_TO_FIELD[flag]] = value
-    for first, second in SWITCH_CONFLICTS:
+    for first, second in CLI_SWITCH_PAIRS:
         if getattr(args, _dest(first)) and getattr(args, _dest(second)):
             raise ConfigError(f"{first} and {second} contradict each other: give one of them")
-    for flag, value, _ in SWITCH_FLAGS:
-        if getattr(args, _dest(flag)):
-            overrides[CLI_FLAG_TO_FIELD[flag]] = value
-    if args.engine is not None:
-        overrides["backtest.engine"] = args.engine
-    if args.fees is not None:
-        overrides["backtest.fees"] = args.fees
-    if args.seed is not None:
-        overrides["backtest.seed"] = args.seed
-    if args.no_plot:
-        overrides["backtest.plot"] = False
-    if args.fill_next_bar:
-        overrides["backtest.fill_on_next_bar"] = True
+    overrides = {}
+    for entry in CLI_FLAGS:
+        value = getattr(args, _dest(entry.flag))
+        if entry.sets is None and value is not None:
+            overrides[entry.field] = value
+        elif entry.sets is not None and value:
+            overrides[entry.field] = entry.sets
     if args.fill_model is not None:
         if args.fill_model in ("mid", "natural"):
             overrides["backtest.fill_model"] = args.fill_model
@@ -246,7 +147,6 @@ def _overrides(args) -> dict:
             except ValueError:
                 fraction = None
             if fraction is None:
-                from core.config import ConfigError
                 raise ConfigError(f"--fill-model {args.fill_model!r}: use mid, natural or a fraction "
                                   f"between 0.5 and 1.0")
             overrides["backtest.fill_model"] = "spread_fraction"
@@ -461,6 +361,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         load_configured_forecaster,
         load_market,
         uses_neural,
+        vendor_entry_window_end,
     )
     from core.report import (
         ablation_table,
@@ -491,6 +392,12 @@ def _run_backtest_mode(args, config, argv) -> int:
         config = config.override({"backtest.start": str(market.sessions[0].date()),
                                   "backtest.end": str(market.sessions[-1].date())}, source="the option data's sessions")
         backtest = config.backtest
+        window_end = vendor_entry_window_end(config, market)
+        if window_end != config.strategy.entry_window_end:
+            console.print(f"end-of-day chains: entries at the vendor's snapshot, {window_end} (the default entry "
+                          f"window ends {config.strategy.entry_window_end}; set strategy.entry_window_end in a "
+                          f"--config file to choose)")
+            config = config.override({"strategy.entry_window_end": window_end}, source="the option data's snapshots")
         chains = market.describe()
         console.print(f"option chains: {chains['source']}, {chains['sessions']} sessions "
                       f"{market.sessions[0].date()} … {market.sessions[-1].date()}, {chains['bars']:,} decision bars")
