@@ -321,8 +321,7 @@ def load_vendor_market(config: Config, progress=None):
     sessions the store covers (a gap inside them is an error)."""
     from data_factory.vendor_market import VendorChainMarket
 
-    from core.config import BacktestConfig, ConfigError
-    from core.engine import clock_minutes
+    from core.config import BacktestConfig
 
     backtest, strategy, pipeline = config.backtest, config.strategy, config.data_pipeline
     store = options_store(backtest.options_data, progress)
@@ -345,17 +344,34 @@ def load_vendor_market(config: Config, progress=None):
         dte_cap=max(strategy.dte_max, 1), alignment=pipeline_settings(pipeline, backtest.underlying),
         rate_of=lambda days: vendor_rates(days, backtest.risk_free_rate),
         dividend_yield_of=lambda days: np.full(len(days), float(config.synthetic.dividend_yield)))
-    window = (clock_minutes(strategy.entry_window_start), clock_minutes(strategy.entry_window_end))
-    minutes = market.bar_times.hour * 60 + market.bar_times.minute
-    if not ((minutes >= window[0]) & (minutes <= window[1])).any():
-        times = sorted({f"{stamp:%H:%M}" for stamp in market.bar_times[:500]})
-        raise ConfigError(
-            f"--options-data {backtest.options_data}: every decision bar is outside the entry window "
-            f"{strategy.entry_window_start} … {strategy.entry_window_end} (the chains are snapshots at "
-            f"{', '.join(times[:6])}{' …' if len(times) > 6 else ''}), so no condor could ever open. End-of-day "
-            f"data trades at its snapshot: put `strategy: {{entry_window_end: \"{times[-1]}\"}}` in a --config file, "
-            f"or expand the chains intraday with data_factory/expand_options_intraday.py")
+    vendor_entry_window_end(config, market)
     return market
+
+
+def vendor_entry_window_end(config: Config, market) -> str:
+    """The entry window's end a run on ``market`` (user option data) uses: the configured one when
+    some decision bar falls inside the window; for end-of-day chains (no bar inside, every bar
+    after the window) with the window's end left at its default, the latest snapshot time, so EOD
+    data trades at its snapshot, one decision bar per session, as the vendor published it. A
+    window set by the user that the data never reaches is a ConfigError: no condor could open."""
+    from core.config import ConfigError, StrategyConfig
+    from core.engine import clock_minutes
+
+    strategy = config.strategy
+    start, end = clock_minutes(strategy.entry_window_start), clock_minutes(strategy.entry_window_end)
+    minutes = np.asarray(market.bar_times.hour * 60 + market.bar_times.minute)
+    if ((minutes >= start) & (minutes <= end)).any():
+        return strategy.entry_window_end
+    if strategy.entry_window_end == StrategyConfig().entry_window_end and (minutes > end).all():
+        latest = int(minutes.max())
+        return f"{latest // 60:02d}:{latest % 60:02d}"
+    times = sorted({f"{stamp:%H:%M}" for stamp in market.bar_times[:500]})
+    raise ConfigError(
+        f"--options-data {config.backtest.options_data}: every decision bar is outside the entry window "
+        f"{strategy.entry_window_start} … {strategy.entry_window_end} (the chains are snapshots at "
+        f"{', '.join(times[:6])}{' …' if len(times) > 6 else ''}), so no condor could ever open. End-of-day "
+        f"data trades at its snapshot: put `strategy: {{entry_window_end: \"{times[-1]}\"}}` in a --config file, "
+        f"or expand the chains intraday with data_factory/expand_options_intraday.py")
 
 
 def vendor_rates(days, fixed: float | None) -> np.ndarray:

@@ -86,3 +86,28 @@ def test_a_backtest_on_an_optionsdx_file_trades_the_files_own_quotes(vendor_file
     assert data["period"]["requested"] == ["2014-01-03", "2018-12-31"]
     assert "SPY iron condor backtest, 2018-01-02 … 2018-04-30" in (out / "report.html").read_text()
     assert data["option_chains"]["alignment"]["counts"]["exact"] == data["period"]["bars"]
+
+
+def test_end_of_day_chains_trade_at_the_snapshot_unless_the_user_set_a_window_the_data_misses(vendor_file, tmp_path,
+                                                                                               capsys):
+    path, _ = vendor_file
+    store = tmp_path / "store"
+    assert main(["--mode", "ingest", "--input", str(path), "--store", str(store)]) == 0
+    capsys.readouterr()
+    # The default entry window (to 15:30) would never reach a 16:00 snapshot: the run trades at it.
+    out = tmp_path / "run"
+    assert main(["--options-data", str(store), "--engine", "fast", "--no-gates", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "end-of-day chains: entries at the vendor's snapshot, 16:00" in text
+    trades = pd.read_csv(out / "trades.csv")
+    assert len(trades) >= 3 and (pd.to_datetime(trades["entry_time"], utc=True)
+                                 .dt.tz_convert("America/New_York").dt.strftime("%H:%M") == "16:00").all()
+    assert "entry_window_end: '16:00'" in (out / "config.yaml").read_text()
+    # A window the user chose that the snapshots never reach is refused, nothing written.
+    config = tmp_path / "morning.yaml"
+    config.write_text('strategy: {entry_window_end: "11:00"}\n')
+    refused = tmp_path / "refused"
+    assert main(["--options-data", str(store), "--config", str(config), "--engine", "fast",
+                 "--out", str(refused)]) == 2
+    error = capsys.readouterr().err
+    assert "every decision bar is outside the entry window 09:45 … 11:00" in error and not refused.exists()
