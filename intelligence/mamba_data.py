@@ -36,6 +36,7 @@ from analytics.realized_vol import log_returns, realized_vol
 from data_factory.errors import DataError
 
 EXCHANGE_TZ = "America/New_York"
+BAR_MINUTES = 5                          # the bar width every feature, target and the backtest use
 BARS_PER_SESSION = 78                     # 5-minute bars in a 6.5-hour session
 TRADING_DAYS_PER_YEAR = 252
 SESSION_MINUTES = 390

@@ -12,7 +12,7 @@ date into train / validation / test (in that order, gaps ≥ the target horizon 
 Features and targets: ``intelligence.mamba_data``. Model: ``intelligence.mamba_engine.DeepMamba``.
 
 Outputs
-- ``--out`` (default models/mamba_active.pth): the best-validation weights and metadata (features,
+- ``--out`` (default models/mamba_trained.pth): the best-validation weights and metadata (features,
   scaling, model config, target rules, data period/source, git commit, torch version, metrics),
   written atomically (temp file + os.replace);
 - ``<out>.eval.json`` / ``<out>.eval.md``: test-split metrics against naive baselines;
@@ -49,6 +49,7 @@ from intelligence.mamba_engine import CPU_CHUNK_SIZE, DeepMamba, loss, membershi
 
 CHECKPOINT_FORMAT = 1
 GPU_CHUNK_SIZE = 256
+SHIPPED_MODEL = "models/mamba_active.pth"   # what --mamba-model defaults to (core/config.py)
 BACKTEST_START = "2014-01-03"      # first day of the default backtest period (DESIGN.md)
 
 
@@ -108,7 +109,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="torch.set_num_threads; on a shared 2-core box one thread ran the default "
                           "model at ~33k tokens/s while two collapsed to 1k-17k when another process "
                           "was busy")
-    run.add_argument("--out", default="models/mamba_active.pth")
+    run.add_argument("--out", default="models/mamba_trained.pth",
+                     help="checkpoint to write (default: models/mamba_trained.pth; the backtest reads it with "
+                          "--mamba-model). The shipped models/mamba_active.pth is replaced only with "
+                          "--replace-shipped")
+    run.add_argument("--replace-shipped", action="store_true",
+                     help=f"allow --out {SHIPPED_MODEL} (the model every backtest uses by default)")
     run.add_argument("--log-dir", default="training_analytics/tb", help="TensorBoard directory")
     run.add_argument("--snapshot-dir", default="training_analytics/epoch_snapshots")
     run.add_argument("--scatter-every", type=int, default=500,
@@ -129,8 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "--local-data format (regular session, close-stamped) and exit without training")
     fetch.add_argument("--symbol", default="SPY")
     fetch.add_argument("--years", type=float, default=2.0)
-    fetch.add_argument("--minutes", type=int, default=15,
-                       help="bar width; the trainer counts its horizon and vol windows in 5-minute bars")
+    fetch.add_argument("--minutes", type=int, default=md.BAR_MINUTES,
+                       help=f"bar width (default {md.BAR_MINUTES}: the trainer's features and targets are defined "
+                            f"on {md.BAR_MINUTES}-minute bars and it refuses others; the seed's 15 is not the default "
+                            f"for that reason)")
     fetch.add_argument("--save-path", default="data/spy_training_data.csv")
     fetch.add_argument("--feed", choices=("iex", "sip"), default="iex", help="iex (free) or sip (paid plan)")
     fetch.add_argument("--end-date", default=None, help="last day of the download, YYYY-MM-DD; None: today")
@@ -164,6 +172,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not (args.years > 0 and math.isfinite(args.years)):
             fail(f"--years must be a positive number, got {args.years}")
         args.symbol = args.symbol.strip().upper()
+    if not args.save_only and not args.sweep and _is_shipped(args.out) and not args.replace_shipped:
+        fail(f"--out {args.out} is the shipped model every backtest uses by default; give another --out (the "
+             f"default is models/mamba_trained.pth) or add --replace-shipped to replace it")
     if args.burn_in is None:
         args.burn_in = args.lookback // 4
     if not 0 <= args.burn_in < args.lookback:
@@ -225,10 +236,23 @@ class Prepared:
     train_base_rates: dict = field(default_factory=dict)
 
 
+def _is_shipped(out) -> bool:
+    return Path(out).resolve() == (_PROJECT_ROOT / SHIPPED_MODEL).resolve()
+
+
 def prepare_data(args) -> Prepared:
     rules = md.TargetRules(horizon_bars=args.horizon_bars, pop_k=args.pop_k)
     if args.local_data:
         bars, iv, description = md.load_local_bars(args.local_data)
+        spacing = description["median_bar_minutes"]
+        if not math.isclose(spacing, md.BAR_MINUTES):
+            raise DataError(
+                f"{args.local_data}: the bars are {spacing:g} minutes apart (median); the forecaster is trained on "
+                f"{md.BAR_MINUTES}-minute bars ({md.BARS_PER_SESSION} a session: its {args.horizon_bars}-bar target is "
+                f"{args.horizon_bars / md.BARS_PER_SESSION:g} sessions, its vol windows count sessions of "
+                f"{md.BAR_MINUTES}-minute bars) and the backtest feeds it {md.BAR_MINUTES}-minute bars. Give "
+                f"{md.BAR_MINUTES}-minute bars (python intelligence/train_mamba.py --save-only --minutes "
+                f"{md.BAR_MINUTES} downloads them)")
         if args.train_start or args.train_end:
             local = bars.index.tz_localize(None)
             keep = np.ones(len(bars), bool)
@@ -840,10 +864,11 @@ def save_only(args) -> int:
     print(f"saved {result['path']}: {result['rows']:,} regular-session {args.minutes}-minute bars of {result['symbol']} "
           f"over {result['sessions']} sessions, {result['first']} … {result['last']} (bar close times; "
           f"{result['dropped']:,} extended-hours bars left out)")
-    if args.minutes != 5:
-        print(f"note: the trainer counts --horizon-bars and its volatility windows in 5-minute bars (78 a session); "
-              f"{args.minutes}-minute bars stretch them {args.minutes / 5:g}x in time (--minutes 5 matches)")
-    print(f"train on it: python intelligence/train_mamba.py --local-data {result['path']}")
+    if args.minutes != md.BAR_MINUTES:
+        print(f"note: the forecaster trains on {md.BAR_MINUTES}-minute bars only and refuses these "
+              f"{args.minutes}-minute ones; download with --minutes {md.BAR_MINUTES} to train on them")
+    else:
+        print(f"train on it: python intelligence/train_mamba.py --local-data {result['path']}")
     return 0
 
 

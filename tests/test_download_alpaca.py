@@ -475,13 +475,16 @@ def test_save_only_writes_a_file_the_trainer_reads_and_exits_without_training(tm
             monkeypatch.setenv(key, value)
         save = tmp_path / "data" / "spy_training_data.csv"
         argv = ["--save-only", "--years", "0.25", "--end-date", "2026-11-25", "--save-path", str(save),
-                "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(tmp_path / "model.pth")]
+                "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--out", str(tmp_path / "model.pth"),
+                "--minutes", "15"]
         assert tm.main(argv) == 0
         requests = len(bar_requests(server))
         sdk = sdk_bars(server, "SPY", "2026-08-26", "2026-11-25 23:59", minutes=15)
     captured = capsys.readouterr()
     assert f"saved {save}:" in captured.out
-    assert f"train on it: python intelligence/train_mamba.py --local-data {save}" in captured.out
+    # 15-minute bars are saved (the seed's width) but the trainer says it will not take them.
+    assert "the forecaster trains on 5-minute bars only and refuses these 15-minute ones" in captured.out
+    assert "train on it" not in captured.out
     assert not (tmp_path / "model.pth").exists()                     # nothing trained
     assert requests == 4                                             # 2026-08 … 2026-11, one page each
     assert sorted(p.name for p in (tmp_path / "cache").glob("*.csv")) == [

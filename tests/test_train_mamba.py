@@ -166,6 +166,38 @@ def test_cli_bad_data_exits_non_zero_with_one_message(tmp_path, capsys):
     assert len(err) == 1 and "missing column 'volume'" in err[0] and str(bad) in err[0]
 
 
+def test_user_bars_with_both_dst_offsets_in_one_file_are_read(tmp_path):
+    # A US intraday export across the March switch: -05:00 rows, then -04:00 rows.
+    bars, iv = make_bars(30, start="2021-03-01")
+    csv = write_csv(tmp_path / "dst.csv", bars, iv)
+    text = csv.read_text()
+    assert "-05:00" in text and "-04:00" in text
+    args = tm.parse_args(["--local-data", str(csv), "--out", str(tmp_path / "m.pth"), *TINY])
+    prep = tm.prepare_data(args)
+    assert prep.index_first == str(bars.index[0]) and prep.index_last == str(bars.index[-1])
+    assert len(prep.features) == len(bars)
+
+
+def test_bars_of_another_width_are_refused_naming_the_width(tmp_path, capsys):
+    bars, iv = make_bars(30)
+    every_third = bars.iloc[2::3].copy()                   # 15-minute closes (09:45, 10:00, ...)
+    csv = write_csv(tmp_path / "bars15.csv", every_third, iv[2::3])
+    assert tm.main(["--local-data", str(csv), "--out", str(tmp_path / "m.pth"), "--no-progress", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the bars are 15 minutes apart (median)" in err[0]
+    assert "trained on 5-minute bars" in err[0] and not (tmp_path / "m.pth").exists()
+
+
+def test_the_shipped_model_is_replaced_only_on_request(capsys):
+    assert tm.parse_args([]).out == "models/mamba_trained.pth"
+    with pytest.raises(SystemExit) as stop:
+        tm.parse_args(["--out", "models/mamba_active.pth"])
+    assert stop.value.code == 2
+    assert "is the shipped model every backtest uses by default" in capsys.readouterr().err
+    assert tm.parse_args(["--out", str(ROOT / "models" / ".." / "models" / "mamba_active.pth"),
+                          "--replace-shipped"]).replace_shipped
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
 def test_cli_device_cuda_without_cuda_is_a_clear_error():
     done = subprocess.run([sys.executable, "intelligence/train_mamba.py", "--device", "cuda"],
