@@ -294,7 +294,10 @@ class BacktestSession:
         self.record(bar, snapshot)
 
     def result(self, engine_name: str, seconds: float, analyzers: dict | None = None) -> BacktestResult:
-        equity = pd.DataFrame(self.account, index=pd.DatetimeIndex(self.bar_times, name="timestamp"))
+        # The underlying's price at each replayed bar rides along: the report's buy-and-hold
+        # benchmark is measured on exactly the bars the strategy saw.
+        equity = pd.DataFrame({**self.account, "underlying_price": self.spot},
+                              index=pd.DatetimeIndex(self.bar_times, name="timestamp"))
         return BacktestResult(list(self.portfolio.closed), equity, dict(self.engine.rejections), engine_name,
                               self.n_bars, seconds, analyzers or {}, list(self.engine.risk_events),
                               list(self.portfolio.hedge_fills))
@@ -585,7 +588,7 @@ def run_result(config, result: BacktestResult, features_description: dict, cash:
     cash = config.backtest.cash if cash is None else float(cash)
     trades = trades_frame(result.positions)
     equity = equity_frame(result, cash)
-    metrics = performance_metrics(equity["equity"], trades, cash)
+    metrics = performance_metrics(equity["equity"], trades, cash, benchmark_price=equity.get("underlying_price"))
     metrics["entry_rejections"] = dict(sorted(result.rejections.items(), key=lambda item: -item[1]))
     events = risk_events_frame(result.risk_events)
     hedges = hedges_frame(result.hedge_fills)

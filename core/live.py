@@ -406,7 +406,8 @@ class LiveSession:
         self.bar_stamps.append(snapshot.timestamp)
         self.account_rows.append({
             "cash": float(marks.cash), "equity": float(marks.equity),
-            "equity_liquidation": float(marks.equity_liquidation), "open_positions": len(positions),
+            "equity_liquidation": float(marks.equity_liquidation), "underlying_price": float(snapshot.spot),
+            "open_positions": len(positions),
             "hedge_shares": int(self.portfolio.hedge_shares), "net_delta": float(marks.delta),
             "net_gamma": float(marks.gamma), "net_vega": float(marks.vega), "net_theta": float(marks.theta)})
 

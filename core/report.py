@@ -1,9 +1,11 @@
 """A backtest's run folder: what was run, on what data, and what came out.
 
 Owns the files of one run (``config.yaml``, ``data.json``, ``trades.csv``, ``equity.csv``,
-``metrics.json``, ``run.json``, ``equity.png``, ``report.html``), the rule that a run folder only
-appears once it is complete, and the terminal summary table. It computes no performance figures:
-the metrics arrive ready-made (from ``analytics.performance``) and are only formatted here.
+``metrics.json``, ``run.json``, ``equity.png``, ``greeks.png``, ``trades.png``, ``report.html``), the
+rule that a run folder only appears once it is complete, and the terminal summary table. It computes
+no performance figures: the metrics (returns, drawdowns, ratios, the buy-and-hold benchmark, monthly
+and yearly returns) arrive ready-made from ``analytics.performance`` and are only formatted here;
+the report's own tables are counts and sums of trades.csv rows.
 
 Conventions the formatting relies on (those of ``analytics.performance``): money in dollars;
 keys ending ``_pct`` (``cagr_pct``, ``max_drawdown_pct``, equity.csv's ``drawdown_pct``) already in
@@ -34,6 +36,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analytics.performance import ANNUALISED_KEYS, MIN_SESSIONS_TO_ANNUALISE, benchmark_equity
+
 # Order of the columns in trades.csv / equity.csv; columns not listed follow in the order given.
 TRADE_COLUMNS: tuple[str, ...] = (
     "position_id", "entry_time", "exit_time", "expiration", "long_put", "short_put", "short_call",
@@ -41,9 +45,15 @@ TRADE_COLUMNS: tuple[str, ...] = (
     "max_adverse_excursion", "days_held", "max_loss", "assigned_legs", "early_assignment_risk", "notes",
 )
 EQUITY_COLUMNS: tuple[str, ...] = (
-    "timestamp", "cash", "equity", "equity_liquidation", "drawdown", "drawdown_pct", "open_positions",
-    "hedge_shares", "net_delta", "net_gamma", "net_vega", "net_theta",
+    "timestamp", "cash", "equity", "equity_liquidation", "drawdown", "drawdown_pct", "underlying_price",
+    "open_positions", "hedge_shares", "net_delta", "net_gamma", "net_vega", "net_theta",
 )
+# trades.csv keeps dollar amounts to the cent and per-share prices to 1/100 of a cent: fills are on
+# the $0.01 tick and settlement amounts follow the spot's decimals, so rounding here only removes
+# float noise (171.99999999999997) that no account ever held.
+TRADE_DOLLAR_COLUMNS = ("fees", "pnl", "max_adverse_excursion", "max_loss")
+TRADE_PRICE_COLUMNS = ("credit", "exit_debit")
+TRADE_PRICE_DECIMALS = 4
 
 # Above this many trades the HTML shows the first and last HTML_TRADE_EDGE rows (trades.csv has all).
 HTML_TRADE_LIMIT = 2_000
@@ -52,9 +62,11 @@ HTML_TRADE_EDGE = 1_000
 # The PNG is drawn at FIGURE_INCHES × FIGURE_DPI = 1400 × 800 pixels.
 FIGURE_INCHES = (14.0, 8.0)
 FIGURE_DPI = 100
+# The trade histograms (trades.png) need less height: 1400 × 520 pixels.
+TRADES_FIGURE_INCHES = (14.0, 5.2)
 
 FILE_NAMES = ("config.yaml", "data.json", "trades.csv", "equity.csv", "metrics.json", "run.json",
-              "equity.png", "report.html")
+              "equity.png", "greeks.png", "trades.png", "report.html")
 
 
 class ReportError(ValueError):
@@ -152,6 +164,8 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     times and versions. With ``plot=False`` no PNG is drawn and the HTML has no image.
     ``extra_files`` (relative path -> bytes, text or a frame written as CSV) and ``extra_html``
     (a section placed after the metrics) carry optional outputs such as the ablation comparison.
+    The Greeks plot is drawn here (``greeks.png``) unless ``extra_files`` brings one (the CLI's,
+    shown by its risk panel), so every report with net_* columns shows it.
     Returns ``out_dir``. ReportError if ``out_dir`` exists and is not empty or cannot be written.
     """
     out_dir = Path(out_dir)
@@ -162,7 +176,10 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     trades_out = ordered_frame(trades, TRADE_COLUMNS, empty_default=True)
     equity_out = ordered_frame(_with_timestamp_column(equity), EQUITY_COLUMNS, empty_default=False)
     # Converted before the folder exists, so bad times fail before any work is done.
-    trades_csv, equity_csv = csv_ready(trades_out), csv_ready(equity_out)
+    trades_csv, equity_csv = csv_ready(round_trade_money(trades_out)), csv_ready(equity_out)
+    replayed = replayed_period(equity_out)
+    titles = title_lines(config_dict, data_description, replayed)
+    extra_files = dict(extra_files or {})
 
     staging = _make_staging_dir(out_dir)
     try:
@@ -175,11 +192,16 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
         _write_csv(staging / "equity.csv", equity_csv)
         _write_text(staging / "metrics.json", to_json(metrics))
         _write_text(staging / "run.json", to_json(run_info))
-        png = None
+        png = greeks_png = trades_png = None
         if plot:
-            png = render_equity_png(equity_out, title_lines(config_dict, data_description))
+            png = render_equity_png(equity_out, titles, starting_cash=_section(config_dict, "backtest").get("cash"))
             (staging / "equity.png").write_bytes(png)
-        for name, content in (extra_files or {}).items():
+            trades_png = render_trades_png(trades_out, _section(config_dict, "strategy").get("min_credit_to_width"))
+            (staging / "trades.png").write_bytes(trades_png)
+            if "greeks.png" not in extra_files and all(column in equity_out.columns for column, _, _ in GREEK_PANELS):
+                greeks_png = render_greeks_png(equity_out, _section(config_dict, "risk"))
+                extra_files["greeks.png"] = greeks_png
+        for name, content in extra_files.items():
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(content, pd.DataFrame):
@@ -191,7 +213,8 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
         _write_text(staging / "report.html",
                     render_html(config_dict=config_dict, data_description=data_description,
                                 trades=trades_out, metrics=metrics, run_info=run_info, png=png,
-                                extra_html=extra_html))
+                                extra_html=extra_html, replayed=replayed, greeks_png=greeks_png,
+                                trades_png=trades_png))
         try:
             # POSIX rename replaces an empty folder in one step and refuses a non-empty one, so a
             # folder created meanwhile by someone else is never overwritten.
@@ -246,6 +269,31 @@ def _with_timestamp_column(equity: pd.DataFrame) -> pd.DataFrame:
         frame.index = frame.index.rename("timestamp")
         return frame.reset_index()
     raise ValueError("write_run: equity needs a 'timestamp' column or a DatetimeIndex of bar times")
+
+
+def round_trade_money(trades: pd.DataFrame) -> pd.DataFrame:
+    """``trades`` with dollar columns rounded to the cent and per-share prices to
+    TRADE_PRICE_DECIMALS (see TRADE_DOLLAR_COLUMNS for why); other columns untouched."""
+    out = trades.copy()
+    for columns, decimals in ((TRADE_DOLLAR_COLUMNS, 2), (TRADE_PRICE_COLUMNS, TRADE_PRICE_DECIMALS)):
+        for column in columns:
+            if column in out.columns and pd.api.types.is_float_dtype(out[column].dtype):
+                # + 0.0 turns the -0.0 that rounding a tiny negative leaves into 0.0.
+                out[column] = out[column].round(decimals) + 0.0
+    return out
+
+
+def replayed_period(equity: pd.DataFrame) -> dict | None:
+    """First and last bar replayed, bars and exchange sessions, from the equity rows (what the run
+    actually covered, which ``--bt-samples`` or the data can make shorter than the configuration
+    asked); None without rows or times."""
+    if len(equity) == 0 or "timestamp" not in equity.columns:
+        return None
+    times = pd.to_datetime(equity["timestamp"])
+    if isinstance(times.dtype, pd.DatetimeTZDtype):
+        times = times.dt.tz_convert("America/New_York")
+    return {"first": times.iloc[0], "last": times.iloc[-1], "bars": int(len(times)),
+            "sessions": int(times.dt.normalize().nunique())}
 
 
 def ordered_frame(frame: pd.DataFrame, preferred: tuple[str, ...], empty_default: bool) -> pd.DataFrame:
@@ -376,18 +424,53 @@ def _write_text(path: Path, text: str) -> None:
 # them. Kinds: usd, pct (already in percent), fraction (shown as %), ratio, days, count.
 METRIC_DISPLAY: tuple[tuple[str, str, str], ...] = (
     ("net_profit", "Net profit", "usd"),
+    ("total_return_pct", "Total return", "pct"),
+    ("benchmark_total_return_pct", "Buy-and-hold return", "pct"),
     ("cagr_pct", "CAGR", "pct"),
     ("max_drawdown", "Max drawdown $", "usd"),
     ("max_drawdown_pct", "Max drawdown %", "pct"),
     ("sharpe", "Sharpe", "ratio"),
     ("sortino", "Sortino", "ratio"),
+    ("beta", "Beta to the underlying", "ratio"),
     ("win_rate", "Win rate", "fraction"),
+    ("expectancy", "Expectancy per trade", "usd"),
+    ("win_loss_ratio", "Win/loss ratio", "ratio"),
     ("profit_factor", "Profit factor", "ratio"),
-    ("expectancy_ratio", "Expectancy ratio", "ratio"),
     ("avg_days_held", "Avg days held", "days"),
     ("trade_count", "Trades", "count"),
     ("fitness", "Fitness (net profit / |max DD|)", "ratio"),
 )
+
+# The HTML's return-and-risk table: (label, strategy key, buy-and-hold key, kind).
+PERFORMANCE_ROWS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("Final equity", "final_equity", "benchmark_final_equity", "usd"),
+    ("Net profit", "net_profit", None, "usd"),
+    ("Total return", "total_return_pct", "benchmark_total_return_pct", "pct"),
+    ("CAGR", "cagr_pct", "benchmark_cagr_pct", "pct"),
+    ("Max drawdown %", "max_drawdown_pct", "benchmark_max_drawdown_pct", "pct"),
+    ("Max drawdown $", "max_drawdown", None, "usd"),
+    ("Sharpe", "sharpe", "benchmark_sharpe", "ratio"),
+    ("Sortino", "sortino", "benchmark_sortino", "ratio"),
+    ("Beta to the underlying", "beta", None, "ratio"),
+    ("Correlation with the underlying", "correlation", None, "ratio"),
+    ("Alpha (annualised)", "alpha_pct", None, "pct"),
+    ("Fitness (net profit / |max DD|)", "fitness", None, "ratio"),
+)
+# The HTML's trade-statistics table: (key, label, kind).
+TRADE_METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("trade_count", "Trades", "count"),
+    ("win_rate", "Win rate", "fraction"),
+    ("expectancy", "Expectancy per trade", "usd"),
+    ("win_loss_ratio", "Win/loss ratio", "ratio"),
+    ("profit_factor", "Profit factor", "ratio"),
+    ("avg_win", "Average win", "usd"),
+    ("avg_loss", "Average loss", "usd"),
+    ("gross_profit", "Gross profit", "usd"),
+    ("gross_loss", "Gross loss", "usd"),
+    ("avg_days_held", "Avg days held", "days"),
+)
+# Shown elsewhere (header, heat map, risk panel) or not a figure: not repeated as "other metrics".
+_NOT_OTHER_METRICS = frozenset({"first_bar", "last_bar", "bars", "sessions", "annualised", "years"})
 
 # The other figures performance_metrics returns, shown after the headline ones in the HTML.
 OTHER_METRICS: dict[str, tuple[str, str]] = {
@@ -400,6 +483,47 @@ OTHER_METRICS: dict[str, tuple[str, str]] = {
     "avg_win": ("Average win", "usd"),
     "avg_loss": ("Average loss", "usd"),
 }
+
+_ANNUALISED_NOTE = (f"annualised; not reported (n/a) when the replayed bars span fewer than "
+                    f"{MIN_SESSIONS_TO_ANNUALISE} exchange sessions")
+# One line per figure, shown on hover (title attribute) and in the report's definitions list.
+METRIC_DEFINITIONS: dict[str, str] = {
+    "final_equity": "Equity at mid (cash + open positions at mid prices) at the last bar replayed.",
+    "net_profit": "Final equity − starting cash, in dollars, after fees.",
+    "total_return_pct": "Net profit / starting cash.",
+    "cagr_pct": "Compound annual growth rate: (final / starting equity)^(1 / years) − 1, years of 365.25 days "
+                f"from the first to the last bar; {_ANNUALISED_NOTE}.",
+    "max_drawdown_pct": "Deepest fall of equity below its running peak (the peak starts at the starting cash), "
+                        "in percent of that peak.",
+    "max_drawdown": "Deepest fall of equity below its running peak, in dollars.",
+    "sharpe": "Mean / standard deviation (ddof 1) of daily returns × √252, risk-free rate 0. Daily return: "
+              f"last equity of each session over the previous one's (the first over the starting cash); {_ANNUALISED_NOTE}.",
+    "sortino": "Mean daily return / downside deviation × √252; downside deviation = √mean(min(r, 0)²) over all "
+               f"days; {_ANNUALISED_NOTE}.",
+    "beta": "Slope of the least-squares line of the strategy's daily returns on the underlying's "
+            "(buy and hold): how many % the strategy moves per 1 % of the underlying.",
+    "correlation": "Pearson correlation of the strategy's daily returns with the underlying's (buy and hold).",
+    "alpha_pct": "Intercept of that regression (the daily return with the underlying flat), compounded over "
+                 f"252 sessions; {_ANNUALISED_NOTE}.",
+    "fitness": "Net profit / |max drawdown $| (the optimizer's default objective).",
+    "benchmark": "Buy and hold of the underlying on the bars replayed: the starting cash invested at the first "
+                 "bar's price, a price return (no dividends).",
+    "trade_count": "Condors opened and closed (the run ends flat).",
+    "win_rate": "Share of trades with P&L > 0 (a zero-P&L trade counts as neither win nor loss).",
+    "expectancy": "Mean P&L per trade in dollars, after fees: what one more trade is worth on average.",
+    "win_loss_ratio": "Average winning trade / |average losing trade| (not the expectancy: a high ratio with a "
+                      "low win rate can still lose money).",
+    "profit_factor": "Gross profit / |gross loss|.",
+    "avg_win": "Mean P&L of the winning trades.",
+    "avg_loss": "Mean P&L of the losing trades.",
+    "gross_profit": "Sum of the winning trades' P&L.",
+    "gross_loss": "Sum of the losing trades' P&L.",
+    "avg_days_held": "Mean calendar days from the entry session to the exit session.",
+    "monthly_returns": "Last equity of each month over the last equity of the month before (the first month "
+                       "over the starting cash); the year column likewise per year.",
+}
+# The keys analytics.performance leaves None for a too-short period, said so in the report.
+_ANNUALISED = frozenset(ANNUALISED_KEYS)
 
 
 def metric_value(metrics: Mapping[str, Any], key: str) -> tuple[str | None, Any]:
@@ -456,20 +580,29 @@ def format_value(value: Any, kind: str) -> str:
     return f"{number:,.2f}"
 
 
+def metric_text(metrics: Mapping[str, Any], key: str, kind: str) -> str:
+    """``format_value`` of ``metrics[key]``, or "n/a (period too short)" for an annualised
+    figure the metrics left out because the replayed period was too short."""
+    value = metrics.get(key)
+    if value is None and key in _ANNUALISED and metrics.get("annualised") is False:
+        return "n/a (period too short)"
+    return format_value(value, kind)
+
+
 def metric_rows(metrics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(key, label, formatted value) for the known metrics in order, then every other scalar key."""
     rows, used = [], set()
     for key, label, kind in METRIC_DISPLAY:
-        found, value = metric_value(metrics, key)
+        found, _ = metric_value(metrics, key)
         if found is not None:
             used.add(found)
-        rows.append((found or key, label, format_value(value, kind)))
+        rows.append((found or key, label, metric_text(metrics, key, kind)))
     for key, value in metrics.items():
-        if key in used or isinstance(value, Mapping):
+        if key in used or key in _NOT_OTHER_METRICS or isinstance(value, Mapping):
             # Tables of counts (entry rejections by reason) get their own panel.
             continue
         label, kind = OTHER_METRICS.get(key, (key.replace("_", " ").capitalize(), metric_kind(key, value)))
-        rows.append((key, label, format_value(value, kind)))
+        rows.append((key, label, metric_text(metrics, key, kind)))
     return rows
 
 
@@ -495,8 +628,7 @@ def summary_table(metrics: Mapping[str, Any], trades: pd.DataFrame):
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, label, kind in METRIC_DISPLAY:
-        _, value = metric_value(metrics, key)
-        table.add_row(label, format_value(value, kind))
+        table.add_row(label, metric_text(metrics, key, kind))
     table.add_section()
     counts = exit_reason_counts(trades)
     total = sum(count for _, count in counts)
@@ -612,19 +744,42 @@ def _section(config_dict: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return section if isinstance(section, Mapping) else {}
 
 
-def run_facts(config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
-              run_info: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(label, text) pairs for the report header: period, engine, fills, fees, cash, seed."""
+def _requested_period(config_dict: Mapping[str, Any], data_description: Mapping[str, Any]) -> tuple[Any, Any]:
     backtest = _section(config_dict, "backtest")
     period = data_description.get("period") if isinstance(data_description.get("period"), Mapping) else {}
-    start = backtest.get("start", period.get("start", "?"))
-    end = backtest.get("end", period.get("end", "?"))
-    period_text = f"{to_plain(start)} … {to_plain(end)}"
-    extra = [f"{period[key]:,} {key}" for key in ("sessions", "bars") if isinstance(period.get(key), int)]
+    return to_plain(backtest.get("start", period.get("start", "?"))), to_plain(backtest.get("end", period.get("end", "?")))
+
+
+def _replayed_differs(replayed: Mapping[str, Any] | None, requested: tuple[Any, Any]) -> bool:
+    return replayed is not None and (replayed["first"].date().isoformat(),
+                                     replayed["last"].date().isoformat()) != tuple(map(str, requested))
+
+
+def run_facts(config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
+              run_info: Mapping[str, Any], replayed: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+    """(label, text) pairs for the report header: the period replayed (``replayed``, from
+    `replayed_period`; the requested one too when they differ), engine, fills, fees, cash, seed."""
+    backtest = _section(config_dict, "backtest")
+    period = data_description.get("period") if isinstance(data_description.get("period"), Mapping) else {}
+    requested = _requested_period(config_dict, data_description)
+    requested_text = f"{requested[0]} … {requested[1]}"
+    facts_of_period = []
+    if replayed is None:
+        period_text = requested_text
+        extra = [f"{period[key]:,} {key}" for key in ("sessions", "bars") if isinstance(period.get(key), int)]
+    else:
+        period_text = (f"{replayed['first'].strftime('%Y-%m-%d %H:%M')} … "
+                       f"{replayed['last'].strftime('%Y-%m-%d %H:%M')}")
+        extra = [f"{replayed['sessions']:,} sessions", f"{replayed['bars']:,} bars"]
     if period.get("bar_frequency"):
         extra.append(f"bar size {period['bar_frequency']}")
     if extra:
         period_text += " (" + ", ".join(extra) + ")"
+    facts_of_period.append(("Period replayed" if replayed is not None else "Period", period_text))
+    if _replayed_differs(replayed, requested):
+        why = (f"; --bt-samples {int(backtest['samples']):,} stopped the replay after that many bars"
+               if backtest.get("samples") else "")
+        facts_of_period.append(("Requested", requested_text + why))
     fill_model = backtest.get("fill_model", "?")
     fill_text = str(fill_model)
     if fill_model == "spread_fraction" and backtest.get("fill_spread_fraction") is not None:
@@ -635,7 +790,7 @@ def run_facts(config_dict: Mapping[str, Any], data_description: Mapping[str, Any
     facts = [
         ("Underlying", str(backtest.get("underlying", data_description.get("underlying", "?")))),
         ("Data", data_label(data_description, backtest.get("underlying"))),
-        ("Period", period_text),
+        *facts_of_period,
         ("Engine", str(run_info.get("engine", backtest.get("engine", "?")))),
         ("Fill model", fill_text),
         ("Fees", str(backtest.get("fees", "?"))),
@@ -648,13 +803,16 @@ def run_facts(config_dict: Mapping[str, Any], data_description: Mapping[str, Any
     return facts
 
 
-def title_lines(config_dict: Mapping[str, Any], data_description: Mapping[str, Any]) -> tuple[str, str]:
-    """(title, subtitle) of the PNG: what was traded over when, and which data it rests on."""
+def title_lines(config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
+                replayed: Mapping[str, Any] | None = None) -> tuple[str, str]:
+    """(title, subtitle) of the PNG and the page: what was traded over when (the sessions replayed
+    when ``replayed`` is given, else the configured period), and which data it rests on."""
     backtest = _section(config_dict, "backtest")
     underlying = backtest.get("underlying", data_description.get("underlying", ""))
-    period = data_description.get("period") if isinstance(data_description.get("period"), Mapping) else {}
-    start = to_plain(backtest.get("start", period.get("start", "")))
-    end = to_plain(backtest.get("end", period.get("end", "")))
+    if replayed is not None:
+        start, end = replayed["first"].date().isoformat(), replayed["last"].date().isoformat()
+    else:
+        start, end = _requested_period(config_dict, data_description)
     kind = "live session" if str(backtest.get("engine", "")).startswith("live") else "backtest"
     title = f"{underlying} iron condor {kind}, {start} … {end}".strip()
     subtitle_parts = [f"Data: {data_label(data_description, underlying or None)}"]
@@ -673,9 +831,11 @@ def title_lines(config_dict: Mapping[str, Any], data_description: Mapping[str, A
 # the picture
 # ---------------------------------------------------------------------------------------------
 
-def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str]) -> bytes:
+def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str], starting_cash: float | None = None) -> bytes:
     """Equity (at mid, and at liquidation value lighter) above drawdown %, sharing the time axis;
-    1400 × 800 pixels. ``equity`` has a ``timestamp`` column and an ``equity`` column."""
+    1400 × 800 pixels. ``equity`` has a ``timestamp`` column and an ``equity`` column. With an
+    ``underlying_price`` column, buy and hold of the underlying from ``starting_cash`` (default the
+    first equity) is drawn on both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -701,14 +861,26 @@ def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str]) -> bytes:
                          color="#93c5fd", linewidth=1.0, label="equity at liquidation value (closing side)")
             top.plot(*envelope(times, equity["equity"].to_numpy(dtype=float)), color="#1d4ed8",
                      linewidth=1.4, label="equity at mid")
+            held = None
+            if "underlying_price" in equity.columns and equity["underlying_price"].notna().all():
+                cash = float(starting_cash) if starting_cash else float(equity["equity"].iloc[0])
+                held = benchmark_equity(pd.Series(equity["underlying_price"].to_numpy(dtype=float),
+                                                  index=pd.DatetimeIndex(times, tz="UTC")), cash).to_numpy()
+                top.plot(*envelope(times, held), color="#6b7280", linewidth=1.0, alpha=0.8, zorder=1,
+                         label="buy and hold of the underlying (same starting cash)")
             # Above the plot area, so it never hides the curve.
-            top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=11, frameon=False,
+            top.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=3, fontsize=10.5, frameon=False,
                        borderaxespad=0.2)
             drawdown, drawdown_label, formatter = _drawdown_to_plot(equity)
             if drawdown is not None:
                 drawdown_times, drawdown = envelope(times, drawdown)
                 bottom.fill_between(drawdown_times, drawdown, 0.0, color="#dc2626", alpha=0.35, linewidth=0)
-                bottom.plot(drawdown_times, drawdown, color="#b91c1c", linewidth=0.9)
+                bottom.plot(drawdown_times, drawdown, color="#b91c1c", linewidth=0.9, label="strategy")
+                if held is not None and "drawdown_pct" in equity.columns:
+                    peak = np.maximum.accumulate(np.maximum(held, cash))
+                    bottom.plot(*envelope(times, (held - peak) / peak * 100.0), color="#6b7280", linewidth=0.9,
+                                alpha=0.8, label="buy and hold")
+                    bottom.legend(loc="lower left", fontsize=10, frameon=False)
                 bottom.yaxis.set_major_formatter(FuncFormatter(formatter))
                 bottom.set_ylabel(drawdown_label, fontsize=12)
             else:
@@ -780,6 +952,64 @@ def render_greeks_png(equity: pd.DataFrame, risk_config: Mapping[str, Any] | Non
             axis.axhline(0.0, color="#9ca3af", linewidth=0.6)
             axis.set_ylabel(label, fontsize=10)
         return _time_axes_png(figure, axes, top_margin=0.92, bottom_margin=0.06)
+    finally:
+        plt.close(figure)
+
+
+def render_trades_png(trades: pd.DataFrame, min_credit_to_width: float | None = None) -> bytes:
+    """Two histograms, 1400 × 520 pixels: per-trade P&L (losses red, gains green, mean and median
+    marked) and credit / wing width at entry (the configured minimum dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=TRADES_FIGURE_INCHES, dpi=FIGURE_DPI,
+                                         gridspec_kw={"width_ratios": [1.6, 1], "wspace": 0.18})
+    try:
+        figure.suptitle("Per-trade P&L and credit / wing width at entry", fontsize=15, fontweight="bold",
+                        x=0.06, ha="left", y=0.975)
+        pnl = trades["pnl"].astype(float).to_numpy() if "pnl" in trades.columns else np.array([])
+        if pnl.size == 0:
+            for axis in (left, right):
+                axis.text(0.5, 0.5, "no trades", ha="center", va="center", transform=axis.transAxes)
+        else:
+            edges = np.histogram_bin_edges(pnl, bins=min(60, max(10, int(np.sqrt(pnl.size) * 2))))
+            if edges[0] < 0.0 < edges[-1]:
+                # A bin edge at exactly zero keeps every bar one colour: all loss or all gain.
+                step = edges[1] - edges[0]
+                edges = np.arange(np.floor(edges[0] / step), np.ceil(edges[-1] / step) + 1) * step
+            counts, edges = np.histogram(pnl, bins=edges)
+            colors = ["#dc2626" if high <= 0.0 else "#16a34a" for high in edges[1:]]
+            left.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=colors, alpha=0.75,
+                     edgecolor="white", linewidth=0.5)
+            for value, style, name in ((float(np.mean(pnl)), "-", "mean"), (float(np.median(pnl)), ":", "median")):
+                left.axvline(value, color="#111827", linestyle=style, linewidth=1.3,
+                             label=f"{name} {format_value(value, 'usd')}")
+            left.legend(loc="upper left", fontsize=11, frameon=False)
+            left.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"${value:,.0f}"))
+            left.set_xlabel("P&L per trade (after fees)", fontsize=12)
+            left.set_ylabel("trades", fontsize=12)
+            if {"credit", "short_put", "long_put", "short_call", "long_call"} <= set(trades.columns):
+                ratio = credit_to_width(trades).dropna().to_numpy()
+                right.hist(ratio, bins=min(40, max(8, int(np.sqrt(ratio.size) * 2))), color="#2563eb", alpha=0.75,
+                           edgecolor="white", linewidth=0.5)
+                if min_credit_to_width:
+                    right.axvline(float(min_credit_to_width), color="#dc2626", linestyle="--", linewidth=1.2,
+                                  label=f"configured minimum {float(min_credit_to_width):.2f}")
+                    right.legend(loc="upper right", fontsize=11, frameon=False)
+                right.set_xlabel("credit / wider wing width", fontsize=12)
+                right.set_ylabel("trades", fontsize=12)
+        for axis in (left, right):
+            axis.grid(True, color="#e5e7eb", linewidth=0.8)
+            axis.tick_params(labelsize=11)
+            for side in ("top", "right"):
+                axis.spines[side].set_visible(False)
+        figure.subplots_adjust(left=0.06, right=0.98, top=0.88, bottom=0.12)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=FIGURE_DPI)
+        return buffer.getvalue()
     finally:
         plt.close(figure)
 
@@ -902,6 +1132,14 @@ font-weight:600}.facts td{padding:2px 0}
 .synthetic{border:2px solid #d97706;background:#fffbeb;border-radius:6px;padding:10px 16px;margin:16px 0}
 .synthetic h2{margin:0 0 6px;color:#92400e}.synthetic ul{margin:4px 0 4px 18px;padding:0}
 img{max-width:100%;height:auto;border:1px solid #e5e7eb}
+.scroll{overflow:auto;width:fit-content;max-width:100%;border:1px solid #e5e7eb}
+.scroll.trades{max-height:640px}
+.scroll table.data{margin:0}
+td.defined{text-decoration:underline dotted #9ca3af;cursor:help}
+table.heat td{min-width:52px}table.heat td.year{font-weight:600}
+.definitions{margin:24px 0;font-size:13px}.definitions dt{font-weight:600;margin-top:6px}
+.definitions dd{margin:0 0 0 16px;color:#374151}
+h3{font-size:15px;margin:16px 0 6px}
 table.data{border-collapse:collapse;font-size:13px}
 table.data th,table.data td{border-bottom:1px solid #e5e7eb;padding:3px 8px;white-space:nowrap}
 table.data th{background:#f3f4f6;position:sticky;top:0;text-align:left}
@@ -919,42 +1157,244 @@ def _e(value: Any) -> str:
 
 def render_html(*, config_dict: Mapping[str, Any], data_description: Mapping[str, Any],
                 trades: pd.DataFrame, metrics: Mapping[str, Any], run_info: Mapping[str, Any],
-                png: bytes | None, extra_html: str = "") -> str:
-    """The self-contained report: inline CSS, the PNG as a data: URI, no scripts or links."""
-    title, subtitle = title_lines(config_dict, data_description)
+                png: bytes | None, extra_html: str = "", replayed: Mapping[str, Any] | None = None,
+                greeks_png: bytes | None = None, trades_png: bytes | None = None) -> str:
+    """The self-contained report: inline CSS, the PNGs as data: URIs, no scripts or links.
+
+    Order: what ran on what (the period replayed), the equity against buy and hold, return and
+    risk next to the benchmark, trade statistics, monthly returns, the trades' P&L by what they
+    were at entry and how they ended, ``extra_html`` (the CLI's risk panel, the ablation), the
+    Greeks when ``greeks_png`` is given, the intelligence panel, every trade, the definitions."""
+    title, subtitle = title_lines(config_dict, data_description, replayed)
+    underlying = str(_section(config_dict, "backtest").get("underlying", data_description.get("underlying", "")))
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title>", f"<style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>", f'<p class="sub">{_e(subtitle)}</p>',
         '<table class="facts">',
         *(f"<tr><th>{_e(label)}</th><td>{_e(text)}</td></tr>"
-          for label, text in run_facts(config_dict, data_description, run_info)),
+          for label, text in run_facts(config_dict, data_description, run_info, replayed)),
         "</table>",
         _synthetic_box(data_description),
     ]
+    if metrics.get("annualised") is False:
+        parts.append(f'<p class="note">The replayed bars span {int(metrics.get("sessions") or 0):,} session(s), '
+                     f"fewer than {MIN_SESSIONS_TO_ANNUALISE}: CAGR, Sharpe, Sortino and alpha are not reported "
+                     "(a few days scaled to a year say nothing about a year).</p>")
     if png is not None:
-        encoded = base64.b64encode(png).decode("ascii")
-        parts.append(f'<img alt="equity and drawdown" width="1400" height="800" '
-                     f'src="data:image/png;base64,{encoded}">')
-    parts.append('<div class="grid"><div><h2>Metrics</h2><table class="data">')
-    parts.append("<tr><th>metric</th><th>value</th></tr>")
-    for key, label, text in metric_rows(metrics):
-        parts.append(f'<tr><td title="{_e(key)}">{_e(label)}</td><td class="num">{_e(text)}</td></tr>')
-    parts.append("</table></div>")
-    counts = exit_reason_counts(trades)
-    parts.append('<div><h2>Exit reasons</h2><table class="data"><tr><th>reason</th><th>trades</th></tr>')
-    if counts:
-        parts.extend(f'<tr><td>{_e(reason)}</td><td class="num">{count:,}</td></tr>' for reason, count in counts)
-    else:
-        parts.append('<tr><td colspan="2">no trades</td></tr>')
-    parts.append("</table></div></div>")
+        parts.append(_img(png, "equity and drawdown against buy and hold"))
+    parts.append(_metrics_section(metrics, underlying or "the underlying"))
+    parts.append(_monthly_returns_table(metrics, underlying or "underlying"))
+    parts.append(trade_analysis(trades, trades_png))
     parts.append(extra_html)
+    if greeks_png is not None:
+        parts.append("<h2>Portfolio Greeks</h2>")
+        parts.append(_img(greeks_png, "portfolio Greeks"))
     parts.append(intelligence_panel(trades, metrics))
     shown_columns = [c for c in trades.columns if c in TRADE_COLUMNS or c in ("regime", "confidence")]
     parts.append(_trade_table(trades[shown_columns]))
     parts.append(_run_info_block(run_info))
+    parts.append(_definitions_block())
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _img(png: bytes, alt: str) -> str:
+    # The PNG header's own size (IHDR width and height), so the page reserves the right space.
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_e(alt)}" width="{width}" height="{height}" src="data:image/png;base64,{encoded}">'
+
+
+def _label_cell(key: str, label: str) -> str:
+    definition = METRIC_DEFINITIONS.get(key)
+    if definition is None:
+        return f'<td title="{_e(key)}">{_e(label)}</td>'
+    return f'<td class="defined" title="{_e(definition)}">{_e(label)}</td>'
+
+
+def _metrics_section(metrics: Mapping[str, Any], underlying: str) -> str:
+    """Return and risk, the strategy beside buy and hold of the underlying; the trade statistics;
+    then any other scalar figure the metrics carry."""
+    has_benchmark = "benchmark_total_return_pct" in metrics
+    parts = ['<div class="grid"><div><h2>Metrics</h2><table class="data">',
+             "<tr><th>return and risk</th><th>strategy</th>"
+             + (f'<th title="{_e(METRIC_DEFINITIONS["benchmark"])}">buy and hold {_e(underlying)}</th>'
+                if has_benchmark else "") + "</tr>"]
+    used = set()
+    for label, key, benchmark_key, kind in PERFORMANCE_ROWS:
+        used.update({key, benchmark_key})
+        cells = f'<td class="num">{_e(metric_text(metrics, key, kind))}</td>'
+        if has_benchmark:
+            cells += (f'<td class="num">{_e(metric_text(metrics, benchmark_key, kind))}</td>' if benchmark_key
+                      else "<td></td>")
+        parts.append(f"<tr>{_label_cell(key, label)}{cells}</tr>")
+    parts.append("</table></div>")
+    parts.append('<div><h2>Trade statistics</h2><table class="data"><tr><th>statistic</th><th>value</th></tr>')
+    for key, label, kind in TRADE_METRIC_ROWS:
+        used.add(key)
+        parts.append(f'<tr>{_label_cell(key, label)}<td class="num">{_e(metric_text(metrics, key, kind))}</td></tr>')
+    parts.append("</table></div>")
+    others = [(key, label, text) for key, label, text in metric_rows(metrics)
+              if key not in used and not key.startswith("benchmark_")]
+    if others:
+        parts.append('<div><h2>Other figures</h2><table class="data"><tr><th>figure</th><th>value</th></tr>')
+        parts.extend(f'<tr>{_label_cell(key, label)}<td class="num">{_e(text)}</td></tr>'
+                     for key, label, text in others)
+        parts.append("</table></div>")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _heat_style(value: float, scale: float) -> str:
+    """Green for gains, red for losses, deeper with the size of the move (relative to ``scale``)."""
+    strength = min(abs(value) / scale, 1.0) if scale > 0 else 0.0
+    alpha = 0.08 + 0.6 * strength
+    rgb = "22,163,74" if value > 0 else ("220,38,38" if value < 0 else "156,163,175")
+    return f"background:rgba({rgb},{alpha:.2f})"
+
+
+def _monthly_returns_table(metrics: Mapping[str, Any], underlying: str) -> str:
+    """Months × years heat map of the strategy's monthly returns, its yearly return and the
+    underlying's (buy and hold) per year; empty when the metrics carry no monthly returns."""
+    monthly = metrics.get("monthly_returns_pct")
+    if not isinstance(monthly, Mapping) or not monthly:
+        return ""
+    yearly = metrics.get("yearly_returns_pct") or {}
+    benchmark_yearly = metrics.get("benchmark_yearly_returns_pct") or {}
+    years = sorted({label[:4] for label in monthly})
+    finite = [abs(float(v)) for v in monthly.values() if v is not None and math.isfinite(float(v))]
+    scale = max([*finite, 0.5])
+    year_values = [abs(float(v)) for v in yearly.values() if v is not None]
+    year_scale = max([*year_values, 0.5])
+    parts = ["<h2>Monthly and yearly returns (%)</h2>",
+             f'<p class="sub">{_e(METRIC_DEFINITIONS["monthly_returns"])} Partial first and last months count '
+             "from the first bar / to the last bar replayed.</p>",
+             '<div class="scroll"><table class="data heat"><tr><th>year</th>'
+             + "".join(f"<th>{month}</th>" for month in _MONTHS)
+             + f'<th>whole year</th><th title="{_e(METRIC_DEFINITIONS["benchmark"])}">{_e(underlying)} buy and hold</th></tr>']
+    for year in years:
+        cells = []
+        for number in range(1, 13):
+            value = monthly.get(f"{year}-{number:02d}")
+            if value is None:
+                cells.append("<td></td>")
+            else:
+                cells.append(f'<td class="num" style="{_heat_style(float(value), scale)}">{float(value):.2f}</td>')
+        for values, cell_scale in ((yearly, year_scale), (benchmark_yearly, year_scale)):
+            value = values.get(year)
+            cells.append("<td></td>" if value is None else
+                         f'<td class="num year" style="{_heat_style(float(value), cell_scale)}">{float(value):.2f}</td>')
+        parts.append(f"<tr><th>{_e(year)}</th>{''.join(cells)}</tr>")
+    parts.append("</table></div>")
+    return "\n".join(parts)
+
+
+# Buckets of the trade breakdowns: days to expiry and the IV index (VIX points) at entry.
+DTE_EDGES = (-0.5, 7.5, 14.5, 21.5, 30.5, 45.5, 60.5, math.inf)
+DTE_LABELS = ("0–7", "8–14", "15–21", "22–30", "31–45", "46–60", "61+")
+IV_EDGES = (-math.inf, 12.0, 15.0, 20.0, 25.0, 30.0, math.inf)
+IV_LABELS = ("< 12", "12–15", "15–20", "20–25", "25–30", "≥ 30")
+
+
+def _exchange_times(series: pd.Series) -> pd.Series:
+    times = pd.to_datetime(series, utc=True) if series.dtype == object else pd.to_datetime(series)
+    if isinstance(times.dtype, pd.DatetimeTZDtype):
+        times = times.dt.tz_convert("America/New_York").dt.tz_localize(None)
+    return times
+
+
+def entry_dte(trades: pd.DataFrame) -> pd.Series:
+    """Calendar days from each trade's entry session to its expiration."""
+    expiration = pd.to_datetime(trades["expiration"].astype(str)).dt.normalize()
+    return (expiration - _exchange_times(trades["entry_time"]).dt.normalize()).dt.days
+
+
+def credit_to_width(trades: pd.DataFrame) -> pd.Series:
+    """Credit per share / the wider wing (the most a condor can lose per share before the credit)."""
+    width = np.maximum(trades["short_put"].astype(float) - trades["long_put"].astype(float),
+                       trades["long_call"].astype(float) - trades["short_call"].astype(float))
+    return trades["credit"].astype(float) / width.where(width > 0)
+
+
+def _breakdown_table(title: str, column: str, labels: pd.Series, pnl: pd.Series,
+                     order: tuple[str, ...] | None = None) -> str:
+    """Trades, share, win rate, total and mean P&L per bucket; by ``order`` or most trades first."""
+    frame = pd.DataFrame({"bucket": labels.astype(object), "pnl": pnl.astype(float)}).dropna(subset=["bucket"])
+    if frame.empty:
+        return ""
+    groups = frame.groupby("bucket", sort=False)["pnl"]
+    table = pd.DataFrame({"trades": groups.size(), "wins": groups.apply(lambda values: (values > 0).mean()),
+                          "total": groups.sum(), "mean": groups.mean()})
+    if order is not None:
+        table = table.reindex([label for label in order if label in table.index])
+    else:
+        table = table.sort_values("trades", ascending=False, kind="stable")
+    total = int(table["trades"].sum())
+    rows = [f'<div><h3>{_e(title)}</h3><table class="data"><tr><th>{_e(column)}</th><th>trades</th><th>share</th>'
+            "<th>win rate</th><th>total P&amp;L</th><th>mean P&amp;L</th></tr>"]
+    for label, row in table.iterrows():
+        sign = "neg" if row["total"] < 0 else ("pos" if row["total"] > 0 else "")
+        rows.append(f"<tr><td>{_e(label)}</td><td class='num'>{int(row['trades']):,}</td>"
+                    f"<td class='num'>{row['trades'] / total:.0%}</td><td class='num'>{row['wins']:.0%}</td>"
+                    f"<td class='num {sign}'>{_e(format_value(float(row['total']), 'usd'))}</td>"
+                    f"<td class='num'>{_e(format_value(float(row['mean']), 'usd'))}</td></tr>")
+    rows.append("</table></div>")
+    return "\n".join(rows)
+
+
+def trade_analysis(trades: pd.DataFrame, trades_png: bytes | None = None) -> str:
+    """The trades' P&L distribution and credit-to-width (``trades_png``), and P&L by days to
+    expiry at entry, by exit reason, by regime and by IV index at entry (those the trades carry)."""
+    if len(trades) == 0 or "pnl" not in trades.columns:
+        return ""
+    pnl = trades["pnl"].astype(float)
+    parts = ["<h2>P&amp;L per trade: distribution and where it came from</h2>"]
+    if trades_png is not None:
+        parts.append(_img(trades_png, "per-trade P&L distribution and credit-to-width distribution"))
+    summary = pnl.describe(percentiles=[0.05, 0.5, 0.95])
+    parts.append('<p class="sub">Per-trade P&amp;L: median ' + _e(format_value(summary["50%"], "usd"))
+                 + ", 5th percentile " + _e(format_value(summary["5%"], "usd")) + ", 95th percentile "
+                 + _e(format_value(summary["95%"], "usd")) + ", worst " + _e(format_value(summary["min"], "usd"))
+                 + ", best " + _e(format_value(summary["max"], "usd")) + ".</p>")
+    tables = []
+    if "expiration" in trades.columns and "entry_time" in trades.columns:
+        buckets = pd.cut(entry_dte(trades), DTE_EDGES, labels=DTE_LABELS)
+        tables.append(_breakdown_table("By days to expiry at entry", "DTE", buckets, pnl, DTE_LABELS))
+    if "exit_reason" in trades.columns:
+        reasons = trades["exit_reason"].map(_reason_text)
+        tables.append(_breakdown_table("By exit reason", "exit reason", reasons, pnl))
+    if "regime" in trades.columns:
+        regimes = trades["regime"].astype(object).where(trades["regime"].astype(str).str.len() > 0)
+        if regimes.notna().any():
+            tables.append(_breakdown_table("By regime at entry", "regime", regimes, pnl))
+    if "iv_index" in trades.columns and pd.to_numeric(trades["iv_index"], errors="coerce").notna().any():
+        buckets = pd.cut(pd.to_numeric(trades["iv_index"], errors="coerce"), IV_EDGES, labels=IV_LABELS, right=False)
+        tables.append(_breakdown_table("By IV index (VIX) at entry", "IV index", buckets, pnl, IV_LABELS))
+    if {"credit", "short_put", "long_put", "short_call", "long_call"} <= set(trades.columns):
+        ratio = credit_to_width(trades)
+        buckets = pd.cut(ratio, [-math.inf, 0.10, 0.15, 0.20, 0.25, 0.33, math.inf],
+                         labels=["< 0.10", "0.10–0.15", "0.15–0.20", "0.20–0.25", "0.25–0.33", "≥ 0.33"], right=False)
+        tables.append(_breakdown_table("By credit / wing width", "credit / width", buckets, pnl,
+                                       ("< 0.10", "0.10–0.15", "0.15–0.20", "0.20–0.25", "0.25–0.33", "≥ 0.33")))
+    parts.append('<div class="grid">' + "".join(tables) + "</div>")
+    return "\n".join(parts)
+
+
+def _reason_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "(open)"
+    return str(value.value if isinstance(value, enum.Enum) else value)
+
+
+def _definitions_block() -> str:
+    items = "".join(f"<dt>{_e(key.replace('_', ' '))}</dt><dd>{_e(text)}</dd>"
+                    for key, text in METRIC_DEFINITIONS.items())
+    return ('<details class="definitions"><summary>How each figure is computed</summary>'
+            f"<dl>{items}</dl></details>")
 
 
 def ablation_table(comparison: pd.DataFrame):
@@ -1106,7 +1546,9 @@ def _trade_table(trades: pd.DataFrame) -> str:
                      "trades.csv has all of them.</p>")
     else:
         shown = [(trades, 0)]
-    parts.append('<table class="data"><tr><th>#</th>'
+    # A scrolling box (both directions, header row sticky) rather than a page-wide table that the
+    # browser cuts off at the window's edge.
+    parts.append('<div class="scroll trades"><table class="data"><tr><th>#</th>'
                  + "".join(f"<th>{_e(_TRADE_LABELS.get(c, str(c).replace('_', ' ')))}</th>" for c in columns)
                  + "</tr>")
     for block_number, (block, first_row) in enumerate(shown):
@@ -1119,7 +1561,7 @@ def _trade_table(trades: pd.DataFrame) -> str:
                 text, css = _cell(value, str(column))
                 cells.append(f'<td class="{css}">{_e(text)}</td>' if css else f"<td>{_e(text)}</td>")
             parts.append(f'<tr><td class="num">{first_row + offset + 1:,}</td>{"".join(cells)}</tr>')
-    parts.append("</table>")
+    parts.append("</table></div>")
     return "\n".join(parts)
 
 

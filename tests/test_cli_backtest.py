@@ -184,7 +184,7 @@ def test_trade_statistics_from_trades_csv(trades, metrics):
     assert close(metrics["profit_factor"], float(wins.sum()) / abs(float(losses.sum())))
     assert close(metrics["avg_win"], float(wins.mean()))
     assert close(metrics["avg_loss"], float(losses.mean()))
-    assert close(metrics["expectancy_ratio"], float(wins.mean()) / abs(float(losses.mean())))
+    assert close(metrics["win_loss_ratio"], float(wins.mean()) / abs(float(losses.mean())))
     assert close(metrics["expectancy"], float(pnl.mean()))
     # Days held: calendar days between the entry and exit sessions (New York dates).
     days = np.array([(exit_.date() - entry.date()).days

@@ -73,6 +73,7 @@ def _equity() -> pd.DataFrame:
         "net_gamma": rng.normal(-5, 2, len(times)),
         "net_vega": rng.normal(-30, 10, len(times)),
         "net_theta": rng.normal(8, 2, len(times)),
+        "underlying_price": 199.5 + np.cumsum(rng.normal(0, 0.2, len(times))),
     }, index=pd.DatetimeIndex(times, name="bar"))
 
 
@@ -81,7 +82,7 @@ def _metrics() -> dict:
     return {
         "net_profit": np.float64(-1306.05), "cagr_pct": -5.23, "max_drawdown": -1402.5,
         "max_drawdown_pct": -5.61, "sharpe": np.float64(-0.8731), "sortino": float("nan"),
-        "win_rate": 1 / 3, "profit_factor": 0.0321, "expectancy_ratio": -0.47,
+        "win_rate": 1 / 3, "profit_factor": 0.0321, "win_loss_ratio": 0.47,
         "avg_days_held": 20.6, "trade_count": np.int64(3), "fitness": float("-inf"),
         "expectancy": -435.35, "final_equity": 23693.95,
         "extras": {"worst_trade": float("inf"), "values": [1.5, float("nan")]},
@@ -206,12 +207,14 @@ def test_html_is_self_contained_and_shows_metrics_trades_and_the_synthetic_notic
     assert "http://" not in page and "https://" not in page
     assert "<script" not in page.lower() and "<link" not in page.lower() and "@import" not in page
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 1 and sources[0].startswith("data:image/png;base64,")
-    assert base64.b64decode(sources[0].split(",", 1)[1]) == (written / "equity.png").read_bytes()
+    assert all(source.startswith("data:image/png;base64,") for source in sources)
+    # The equity curve, the trade histograms and the Greeks (drawn here: no risk panel brought one).
+    assert [base64.b64decode(source.split(",", 1)[1]) for source in sources] == \
+        [(written / name).read_bytes() for name in ("equity.png", "trades.png", "greeks.png")]
     # Metrics as people read them ($, %, ratios to 2 decimals).
-    metrics_table = page[page.index("<h2>Metrics"):page.index("<h2>Exit reasons")]
+    metrics_table = page[page.index("<h2>Metrics"):page.index("<h2>P&amp;L per trade")]
     for text in ("-$1,306.05", "-5.23 %", "-$1,402.50", "-5.61 %", "-0.87", "33.33 %", "0.03",
-                 "-0.47", "20.6 days", "-∞", "-$435.35", "$23,693.95"):
+                 "0.47", "20.6 days", "-∞", "-$435.35", "$23,693.95"):
         assert f">{text}<" in metrics_table, text
     # Every trade's exit reason, its P&L and its strikes.
     trades = _trades()
@@ -226,8 +229,9 @@ def test_html_is_self_contained_and_shows_metrics_trades_and_the_synthetic_notic
                  "SPY = S&amp;P 500 / 10", "price index"):
         assert text in page, text
     header = page[:page.index("What was synthetic")]
-    assert "2016-03-01 … 2016-05-31" in header or \
-        f"{Config().backtest.start} … {Config().backtest.end}" in header
+    # The bars replayed (40 five-minute bars of one session), then the configured period.
+    assert "2016-03-01 09:35 … 2016-03-01 12:50 (1 sessions, 40 bars" in header
+    assert f"{Config().backtest.start} … {Config().backtest.end}" in header
     for text in ("fast", "spread_fraction", "66 %", "ibkr", "$25,000.00"):
         assert text in header, text
 
@@ -282,6 +286,7 @@ def test_plot_false_writes_no_png_and_no_image(tmp_path):
     assert not (out_dir / "equity.png").exists()
     page = (out_dir / "report.html").read_text()
     assert "<img" not in page and "data:image" not in page
+    assert not (out_dir / "trades.png").exists() and not (out_dir / "greeks.png").exists()
     assert "What was synthetic" in page and "stop_loss" in page
 
 
@@ -390,7 +395,8 @@ def test_summary_table_shows_metrics_and_exit_reason_counts():
     text = console.export_text()
     for label, value in (("Net profit", "-$1,306.05"), ("CAGR", "-5.23 %"), ("Max drawdown $", "-$1,402.50"),
                          ("Max drawdown %", "-5.61 %"), ("Sharpe", "-0.87"), ("Sortino", "n/a"),
-                         ("Win rate", "33.33 %"), ("Profit factor", "0.03"), ("Expectancy ratio", "-0.47"),
+                         ("Win rate", "33.33 %"), ("Profit factor", "0.03"), ("Win/loss ratio", "0.47"),
+                         ("Expectancy per trade", "-$435.35"),
                          ("Avg days held", "20.6 days"), ("Trades", "3"), ("Fitness", "-∞")):
         line = next(line for line in text.splitlines() if f" {label} " in line or f" {label}" in line)
         assert value in line, (label, line)
@@ -448,7 +454,7 @@ def test_metrics_from_analytics_performance_are_shown_in_their_units(tmp_path):
     out_dir = _write(tmp_path / "run", metrics=metrics, plot=False)
     assert json.loads((out_dir / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
     page = (out_dir / "report.html").read_text()
-    table = page[page.index("<h2>Metrics"):page.index("<h2>Exit reasons")]
+    table = page[page.index("<h2>Metrics"):page.index("<h2>Monthly")]
     assert f">{metrics['max_drawdown_pct']:,.2f} %<" in table
     assert f">{metrics['win_rate'] * 100:,.2f} %<" in table
     assert f">{metrics['trade_count']:,}<" in table
