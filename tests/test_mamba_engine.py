@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import intelligence.mamba_engine as engine
+import intelligence.mamba_kernels as kernels
 from intelligence.mamba_engine import (
     CPU_CHUNK_SIZE,
     HEADS,
@@ -21,6 +21,7 @@ from intelligence.mamba_engine import (
     Mamba2,
     loss,
     make_mixer,
+    mamba2_step,
     membership_tensor,
     neural_membership,
     ssd_chunked,
@@ -34,7 +35,7 @@ def form(request, monkeypatch):
     """The SSD's two forms: "auto" takes the factored one whenever the chunk decays allow it
     (the usual case); "masked" forces the explicit-decay fallback."""
     if request.param == "masked":
-        monkeypatch.setattr(engine, "FACTORED_EXPONENT_BOUND",
+        monkeypatch.setattr(kernels, "FACTORED_EXPONENT_BOUND",
                             {torch.float32: 0.0, torch.float64: 0.0})
     return request.param
 
@@ -124,14 +125,39 @@ def test_factored_form_is_taken_when_the_decay_allows_and_shorter_chunks_before_
     x, dt, _, B, C, D, h0 = [t.float() for t in ssd_inputs(2, 64, 4, 8, 1, 16, False, seed=8)]
     A = torch.tensor([-1.0, -3.0, -6.0, -9.0])
     gentle = torch.full_like(dt, 0.05)               # 32-bar chunks decay at most e^−14.4
-    assert engine._ssd_forward_any(x, gentle, A, B, C, D, h0, 32)[3]
-    steep = torch.full_like(dt, 1.0)                 # e^−288 per 32 bars, e^−72 per 8: 8-bar chunks
-    y, _, _, factored = engine._ssd_forward_any(x, steep, A, B, C, D, h0, 32)
+    assert kernels._ssd_forward_any(x, gentle, A, B, C, D, h0, 32)[3]
+    steep = torch.full_like(dt, 0.4)                 # e^−115 per 32 bars, e^−58 per 16: 16-bar chunks
+    y, _, _, factored = kernels._ssd_forward_any(x, steep, A, B, C, D, h0, 32)
     assert factored
     y_ref, _ = recurrence(*(t.double() for t in (x, steep, A, B, C, D, h0)))
     assert rel(y, y_ref) < 1e-5
-    cliff = torch.full_like(dt, 5.0)                 # e^−45 per bar: the masked form
-    assert not engine._ssd_forward_any(x, cliff, A, B, C, D, h0, 32)[3]
+    cliff = torch.full_like(dt, 1.0)                 # e^−144 per 16 bars: the masked form
+    assert not kernels._ssd_forward_any(x, cliff, A, B, C, D, h0, 32)[3]
+    # chunks longer than 32 bars go to the masked form in float32 however gentle the decay (its
+    # gradients stay precise there, the factored form's do not), not in float64
+    assert not kernels._ssd_forward_any(x, gentle, A, B, C, D, h0, 64)[3]
+    as64 = [t.double() for t in (x, gentle, A, B, C, D, h0)]
+    assert kernels._ssd_forward_any(*as64, 64)[3]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_layer_gradients_at_long_chunks_match_the_float64_reference(seed):
+    """Issue #14: at a 256-bar chunk the factored form's dt_bias gradient was 1.1e-4 off in
+    float32. A DeepMamba-sized layer at init, 256 bars: every gradient within 1e-5 at chunk sizes
+    64, 128 and 256 (and the CPU default)."""
+    torch.manual_seed(seed)
+    layer = Mamba2(64, d_state=32, headdim=16)
+    u = torch.randn(2, 256, 64, requires_grad=True)
+    g = torch.randn(2, 256, 64)
+    layer64 = Mamba2(64, d_state=32, headdim=16).double()
+    layer64.load_state_dict(layer.state_dict())
+    reference = _reference_grads(layer64, u.detach().double().requires_grad_(), g.double())
+    names = ["u"] + [n for n, _ in layer.named_parameters()]
+    for chunk_size in (CPU_CHUNK_SIZE, 64, 128, 256):
+        layer.chunk_size = chunk_size
+        ours = torch.autograd.grad((layer(u) * g).sum(), [u, *layer.parameters()])
+        for name, grad, grad_ref in zip(names, ours, reference):
+            assert rel(grad, grad_ref) < 1e-5, (chunk_size, name)
 
 
 def test_ssd_strong_decay_gives_finite_gradients():
@@ -261,7 +287,7 @@ def test_layer_step_equals_forward_at_every_position(kwargs):
         state = layer.allocate_state(3)
         stepped = []
         for t in range(u.shape[1]):
-            y, state = layer.step(u[:, t], state)
+            y, state = mamba2_step(layer, u[:, t], state)
             stepped.append(y)
         assert rel(torch.stack(stepped, 1), full) < 1e-5
         # the forward's final state is the step loop's
@@ -277,23 +303,66 @@ def test_layer_prefill_then_step_and_resume_on_a_warm_state():
         _, state = layer(u[:, :30], return_state=True)      # prefill 30 bars (L not multiple)
         tail = []
         for t in range(30, 40):
-            y, state = layer.step(u[:, t], state)
+            y, state = mamba2_step(layer, u[:, t], state)
             tail.append(y)
         assert rel(torch.stack(tail, 1), full[:, 30:40]) < 1e-5
         resumed = layer(u[:, 40:], state=state)               # a multi-bar forward on the cache
         assert rel(resumed, full[:, 40:]) < 1e-5
         _, short = layer(u[:, :2], return_state=True)          # L < d_conv
-        y, _ = layer.step(u[:, 2], short)
+        y, _ = mamba2_step(layer, u[:, 2], short)
         assert rel(y, full[:, 2]) < 1e-5
 
 
-def test_step_leaves_the_given_state_untouched():
+def test_mamba2_step_leaves_the_given_state_untouched():
     layer = small_layer()
     state = layer.allocate_state(1)
     before = [s.clone() for s in state]
     with torch.no_grad():
-        layer.step(torch.randn(1, 32), state)
+        mamba2_step(layer, torch.randn(1, 32), state)
     assert all(torch.equal(a, b) for a, b in zip(before, state))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"ngroups": 2, "D_has_hdim": True}])
+def test_a_caller_written_for_mamba_ssm_steps_our_layer(kwargs):
+    """mamba_ssm.Mamba2's decoding API: allocate_inference_cache, then step(hidden_states,
+    conv_state, ssm_state) per token, the states updated in place (the caller keeps using the
+    tensors it allocated)."""
+    layer = small_layer(**kwargs)
+    u = torch.randn(3, 37, 32)
+    with torch.no_grad():
+        full = layer(u)
+        conv_state, ssm_state = layer.allocate_inference_cache(3, max_seqlen=37)
+        assert conv_state.shape == (3, layer.conv_dim, layer.d_conv)
+        assert ssm_state.shape == (3, layer.nheads, layer.headdim, layer.d_state)
+        assert conv_state.stride(1) == 1                    # upstream's transposed (b, W, C) buffer
+        assert not conv_state.any() and not ssm_state.any()
+        pointers = conv_state.data_ptr(), ssm_state.data_ptr()
+        outputs = []
+        for t in range(u.shape[1]):
+            out, conv_out, ssm_out = layer.step(u[:, t:t + 1], conv_state, ssm_state)
+            assert out.shape == (3, 1, 32)
+            assert conv_out is conv_state and ssm_out is ssm_state
+            outputs.append(out)
+        assert (conv_state.data_ptr(), ssm_state.data_ptr()) == pointers
+        assert rel(torch.cat(outputs, 1), full) < 1e-5
+        _, (conv_final, ssm_final) = layer(u, return_state=True)
+        assert rel(conv_state, conv_final) < 1e-6 and rel(ssm_state, ssm_final) < 1e-5
+        with pytest.raises(ValueError):
+            layer.step(u[:, :2], conv_state, ssm_state)
+
+
+def test_inference_cache_dtypes_are_upstream_s_and_the_recurrence_stays_float32():
+    layer = small_layer().to(torch.bfloat16)
+    conv_state, ssm_state = layer.allocate_inference_cache(2, 10)
+    assert conv_state.dtype == ssm_state.dtype == torch.bfloat16       # the weights' dtype
+    as32 = layer.allocate_inference_cache(2, 10, dtype=torch.float32)
+    assert all(s.dtype == torch.float32 for s in as32)
+    u = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        expected = small_layer()(u)                                  # float32 weights, same seed
+        for t in range(12):
+            out, _, _ = layer.step(u[:, t:t + 1].bfloat16(), *as32)
+        assert rel(out[:, 0], expected[:, -1]) < 3e-2                  # bf16 weights, not state
 
 
 def test_deepmamba_step_and_prefill_equal_forward():
