@@ -8,6 +8,8 @@ Modes:
             `--mode backtest --use-optimizer` runs it too (the seed's command).
   data      what the embedded data is (sources, periods, what is synthetic) and the synthetic
             option chain a strategy would see at one bar.
+  stress    the stress test (core/stress.py): parameter shocks, IV/gap/vol-of-vol market shocks and
+            the embedded data's historical crises, side by side with SPY, in one run folder.
   live      paper-trade the strategy on Alpaca (core/live.py): the same engine and risk manager,
             each condor one multi-leg order, a journal that makes restarts safe (`--alpaca` is the
             seed's spelling; `--dry-run` decides and journals without sending).
@@ -63,11 +65,13 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
         epilog=SIZING_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--mode", choices=["backtest", "optimize", "data", "live", "ingest"], default="backtest",
+    parser.add_argument("--mode", choices=["backtest", "optimize", "data", "live", "ingest", "stress"],
+                        default="backtest",
                         help="backtest: run the strategy and write a run folder; optimize: the 6-phase "
                              "optimizer; data: describe the embedded data and show a synthetic chain at one "
                              "bar; live: paper-trade on Alpaca; ingest: load vendor option files into a chain "
-                             "store (default: backtest)")
+                             "store; stress: parameter shocks, market shocks and historical crises "
+                             "(core/stress.py) (default: backtest)")
     parser.add_argument("--config", metavar="FILE", help="YAML configuration (partial files allowed)")
     run = parser.add_argument_group("backtest")
     for entry in CLI_FLAGS:
@@ -91,6 +95,8 @@ def _build_parser(config_defaults) -> argparse.ArgumentParser:
                      help="run folder to create (default: runs/<timestamp>)")
     from core.optimizer import add_arguments as add_optimizer_arguments
     add_optimizer_arguments(parser)
+    from core.stress import add_arguments as add_stress_arguments
+    add_stress_arguments(parser)
     live = parser.add_argument_group("live mode (keys from APCA_API_KEY_ID / APCA_API_SECRET_KEY or --credentials; "
                                       "endpoints from APCA_API_BASE_URL / APCA_API_DATA_URL)")
     live.add_argument("--alpaca", action="store_true", help="the broker: Alpaca (the seed's spelling of --mode live)")
@@ -205,7 +211,8 @@ def _check_mode_flags(parser, args, optimize: bool) -> None:
         if args.compare:
             raise ConfigError("--compare is a backtest-mode ablation; the optimizer does not run it (drop --compare)")
         return
-    given = [name for name in OPTIMIZER_DESTS if getattr(args, name) != parser.get_default(name)]
+    given = [name for name in OPTIMIZER_DESTS if getattr(args, name) != parser.get_default(name)
+             and not (args.mode == "stress" and name == "workers")]      # stress runs on the optimizer's pool
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise ConfigError(f"{flag} is an optimizer flag: add --mode optimize (or --use-optimizer)")
@@ -509,8 +516,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         optimize = args.mode == "optimize" or args.use_optimizer
+        from core.stress import check_flags as check_stress_flags
+        check_stress_flags(parser, args)
         _check_mode_flags(parser, args, optimize)
         config = _load_config(args.config, _overrides(args))
+        if args.mode == "stress":
+            from core.stress import run as run_stress
+            return run_stress(args, config, argv)
         if args.mode == "data":
             return _run_data_mode(args, config)
         if args.mode == "ingest":
