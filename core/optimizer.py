@@ -393,6 +393,9 @@ def evaluate(overrides: Mapping[str, Any], window: tuple[int, int] | None = None
     if with_equity:
         outcome["equity"] = session_closes(equity).to_numpy(dtype=np.float64)
         outcome["trades"] = result.trades
+        # Why entries were refused (the sizing rule that cut them to zero), for a report of the run.
+        outcome["refusals"] = {key: result.metrics[key] for key in ("entry_rejections", "sizing_note")
+                               if key in result.metrics}
     return outcome
 
 
@@ -543,6 +546,16 @@ class ProcessExecutor:
             self._busy[worker] += 1
             self._seen[worker].add(affinity)
         future = self._pools[worker].submit(evaluate, dict(overrides), window, with_equity)
+        future.add_done_callback(lambda _, worker=worker: self._finished(worker))
+        return future
+
+    def submit_call(self, function, *args) -> futures.Future:
+        """Any picklable call on the least busy worker (the stress runner's scenarios), in the
+        same forked processes that hold the market and feature tables."""
+        with self._lock:
+            worker = self._busy.index(min(self._busy))
+            self._busy[worker] += 1
+        future = self._pools[worker].submit(function, *args)
         future.add_done_callback(lambda _, worker=worker: self._finished(worker))
         return future
 
@@ -1154,7 +1167,7 @@ def sensitivity(best: Mapping[str, Any], phases: Sequence[Phase], window: Window
             current = best.get(parameter.path)
             if current is None:
                 continue
-            at = _nearest_index(values, current)
+            at = nearest_index(values, current)
             for step in (-1, 1):
                 k = at + step
                 if 0 <= k < len(values) and values[k] != current:
@@ -1173,7 +1186,7 @@ def sensitivity(best: Mapping[str, Any], phases: Sequence[Phase], window: Window
                                        "change", "trades", "error"])
 
 
-def _nearest_index(values: list, current) -> int:
+def nearest_index(values: list, current) -> int:
     if current in values:
         return values.index(current)
     try:

@@ -181,7 +181,7 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     titles = title_lines(config_dict, data_description, replayed)
     extra_files = dict(extra_files or {})
 
-    staging = _make_staging_dir(out_dir)
+    staging = make_staging_dir(out_dir)
     try:
         _write_text(staging / "config.yaml",
                     "# CondorBrain resolved configuration; load with core.config.Config.from_yaml.\n"
@@ -227,7 +227,7 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     return out_dir
 
 
-def _make_staging_dir(out_dir: Path) -> Path:
+def make_staging_dir(out_dir: Path) -> Path:
     """A new, uniquely named sibling ``<name>.partial-<pid>-<token>`` of ``out_dir``.
 
     os.mkdir rather than tempfile.mkdtemp: mkdtemp makes the folder private (0700), and the

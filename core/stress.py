@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from core.config import Config, ConfigError
-from core.optimizer import SEED_PHASES, ProcessExecutor, _nearest_index, fitness
+from core.optimizer import SEED_PHASES, ProcessExecutor, fitness, nearest_index
 from data_factory.shocks import DEFAULT_SHOCKS, ShockSpec, parse_shock
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def run_job(job: StressJob) -> dict:
             return {"error": outcome["error"], "seconds": time.perf_counter() - started}
         metrics = outcome["metrics"]
         if not metrics.get("trade_count"):
-            metrics = {**metrics, **_refusals(context, job.overrides)}
+            metrics = {**metrics, **outcome.get("refusals", {})}
         return _row_figures(metrics, outcome["equity"], cash, started)
     from analytics.performance import session_closes
     from core.backtest_engine import run_backtest
@@ -285,25 +285,6 @@ def run_job(job: StressJob) -> dict:
                          index=spy.index[:len(closes) + 1])
     out["curve"] = pd.DataFrame({"strategy": strategy, "spy": spy["close"] / spy["close"].iloc[0]})
     return out
-
-
-def _refusals(context: StressContext, overrides: dict) -> dict:
-    """The entry refusals and sizing note of a run without trades. ``core.optimizer.evaluate``
-    keeps only the performance metrics, so the (rare) run that made no trade is run once more
-    with ``run_backtest`` for them, on the same market, features and candidate memo."""
-    import core.optimizer as optimizer
-    from core.backtest_engine import run_backtest
-    from core.market_data import bar_features
-
-    config = context.config.override(dict(overrides), source="stress: why no trade")
-    features = bar_features(config, context.market)
-    market = getattr(optimizer, "_QUOTES", None) or context.market
-    try:
-        candidates = optimizer.candidate_memo(config, context.market, features)
-    except Exception:                       # the memo is a speed-up only
-        candidates = None
-    metrics = run_backtest(config, market, features=features, candidates=candidates).metrics
-    return {key: metrics[key] for key in ("entry_rejections", "sizing_note") if key in metrics}
 
 
 def no_trade_reason(metrics: dict) -> tuple[str, str]:
@@ -398,7 +379,7 @@ def parameter_jobs(config: Config) -> list[StressJob]:
             section, name = parameter.path.split(".")
             current = getattr(getattr(config, section), name)
             values = list(parameter.values)
-            at = _nearest_index(values, current)
+            at = nearest_index(values, current)
             for step in (-1, 1):
                 k = at + step
                 if 0 <= k < len(values) and values[k] != current:
@@ -417,19 +398,6 @@ def value_text(value) -> str:
     return str(value)
 
 
-class StressExecutor(ProcessExecutor):
-    """The optimizer's process pool (forked workers that inherit the market and feature tables),
-    running stress jobs: each goes to the least busy worker."""
-
-    def submit_job(self, job: StressJob) -> futures.Future:
-        with self._lock:
-            worker = self._busy.index(min(self._busy))
-            self._busy[worker] += 1
-        future = self._pools[worker].submit(run_job, job)
-        future.add_done_callback(lambda _, worker=worker: self._finished(worker))
-        return future
-
-
 def run_jobs(jobs: list[StressJob], workers: int, on_done=None) -> list[dict]:
     """Every job's figures, in the order given; ``on_done(job)`` after each. At most one job per
     worker is in flight, so a long job never holds a queue of short ones behind it."""
@@ -440,14 +408,14 @@ def run_jobs(jobs: list[StressJob], workers: int, on_done=None) -> list[dict]:
             if on_done:
                 on_done(job)
         return results
-    executor = StressExecutor(workers)
+    executor = ProcessExecutor(workers)
     try:
         pending = list(enumerate(jobs))
         in_flight: dict = {}
         while pending or in_flight:
             while pending and len(in_flight) < workers:
                 i, job = pending.pop(0)
-                in_flight[executor.submit_job(job)] = i
+                in_flight[executor.submit_call(run_job, job)] = i
             done, _ = futures.wait(in_flight, return_when=futures.FIRST_COMPLETED)
             for future in done:
                 i = in_flight.pop(future)
@@ -1203,7 +1171,7 @@ def write_stress_folder(out_dir, config: Config, table: pd.DataFrame, curves: di
 
     import yaml
 
-    from core.report import ReportError, _make_staging_dir, check_output_dir, csv_ready, to_json, to_plain
+    from core.report import ReportError, check_output_dir, csv_ready, make_staging_dir, to_json, to_plain
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
@@ -1213,7 +1181,7 @@ def write_stress_folder(out_dir, config: Config, table: pd.DataFrame, curves: di
                 "Market shocks: change vs the baseline (market_shocks.png)": render_shocks_png(table),
                 "Historical windows: equity vs SPY (windows.png)": render_windows_png(curves)}
     files = dict(zip(("tornado.png", "market_shocks.png", "windows.png"), pngs.values()))
-    staging = _make_staging_dir(out_dir)
+    staging = make_staging_dir(out_dir)
     try:
         csv_ready(table).to_csv(staging / "stress.csv", index=False, lineterminator="\n")
         (staging / "stress.json").write_text(to_json(info), encoding="utf-8")
