@@ -19,6 +19,12 @@ All use ``torch.optim.AdamW(fused=True)``. An anchor that is not installed is sk
 Step latency: ``DeepMamba.step`` at batch 1, one thread, under ``torch.inference_mode()``, median
 and p99 over --step-iters bars after a warm-up; mambapy's ``step`` beside it when installed.
 
+Inference (--inference-bars N, default 20000; 0 skips): the shipped checkpoint
+(models/mamba_active.pth, or --model), one thread, on N bars of scaled random features: the
+whole-period stateful pass (``intelligence.mamba_inference.run_stateful``, every head of every bar
+from one causal pass) against the windowed path (``Forecaster.forecast_rows``: one 128-bar window
+recomputed per target bar, the pre-issue-#14 inference), both timed in this run; bars/s of each.
+
 Memory allocator: glibc returning freed pages to the OS costs small-model CPU training up to half
 its time (shared/reference/performance-facts.md), so unless --default-malloc is given the script
 re-executes itself with MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ raised, for every model
@@ -27,6 +33,7 @@ alike, and prints which setting the figures used.
 Usage:  .venv/bin/python benchmarks/bench_mamba.py [--sizes small,large] [--threads 1,2]
         [--steps 3] [--rounds 3] [--warmup 1] [--tf-chunk 32] [--step-iters 1000]
         [--chunk-sweep] [--default-malloc] [--skip-train] [--skip-step]
+        [--inference-bars 20000] [--model models/mamba_active.pth]
 """
 from __future__ import annotations
 
@@ -183,6 +190,9 @@ def main(argv=None):
     parser.add_argument("--default-malloc", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--inference-bars", type=int, default=20000,
+                        help="bars for the stateful-vs-windowed inference timing (0: skip)")
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "models" / "mamba_active.pth"))
     args = parser.parse_args(argv)
 
     malloc = ("glibc defaults" if args.default_malloc else
@@ -257,6 +267,40 @@ def main(argv=None):
             median, p99 = step_latency(mambapy_once, args.step_iters)
             print(f"  mambapy (small)  median {median * 1e3:.3f} ms   p99 {p99 * 1e3:.3f} ms")
         print("  transformers: step not timed (its cache API needs a generation loop)")
+
+    if args.inference_bars > 0:
+        time_inference(args.model, args.inference_bars)
+
+
+def time_inference(path, n_bars, windowed_bars=4000):
+    """Whole-period stateful pass vs windowed per-bar inference, shipped model, one thread."""
+    import numpy as np
+
+    from intelligence.mamba_inference import STATEFUL_CHUNK, load_forecaster, run_stateful
+    torch.set_num_threads(1)
+    forecaster = load_forecaster(path)
+    n_features = len(forecaster.feature_names)
+    features = torch.randn(n_bars, n_features, generator=torch.Generator().manual_seed(0)).clamp(-4, 4)
+    print(f"\nInference, {Path(path).name} ({forecaster.inference} checkpoint), one thread, "
+          f"{n_bars:,} bars of random scaled features")
+    run_stateful(forecaster.model, features[:4096])                          # warm-up
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        run_stateful(forecaster.model, features)
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    print(f"  stateful whole-period pass (chunk {STATEFUL_CHUNK}): {n_bars / best:10,.0f} bars/s "
+          f"(best of 3: {best:.2f} s; every head of every bar)")
+    lookback = forecaster.lookback
+    rows = np.arange(lookback - 1, min(n_bars, lookback - 1 + windowed_bars))
+    forecaster.forecast_rows(features, rows[:256])                           # warm-up
+    t0 = time.perf_counter()
+    forecaster.forecast_rows(features, rows)
+    windowed = time.perf_counter() - t0
+    print(f"  windowed ({lookback}-bar window per bar):      {len(rows) / windowed:10,.0f} bars/s "
+          f"({len(rows):,} target bars in {windowed:.2f} s)")
+    print(f"  → stateful / windowed: ×{(n_bars / best) / (len(rows) / windowed):.0f}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def _neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None)
     description = {
         "model": str(forecaster.path), "lookback": forecaster.lookback,
         "trained_on": f"{forecaster.metadata.get('data_first_bar')} … {forecaster.metadata.get('data_last_bar')}",
-        "method": "one lookback window per bar (as trained); 0.5 until the window is full",
+        "method": forecaster.method(),
     }
     return values, description
 

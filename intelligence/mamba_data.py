@@ -605,3 +605,52 @@ class WindowBatchSampler(Sampler):
     def __len__(self) -> int:
         n = len(range(0, self.n_windows, self.stride))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contiguous streams (stateful training)
+
+class StreamSegments:
+    """Segment start rows for stateful training with truncated BPTT.
+
+    Rows [first, stop) of one split are cut into ``n_streams`` contiguous streams of equal length
+    (a whole number of ``segment``-bar segments), each beginning ``offset`` rows later than the
+    previous epoch's (a fresh random offset in [0, segment) per epoch, so segment boundaries move).
+    ``epoch()`` gives a (segments, streams) array of start rows in which entry [k + 1, j] =
+    [k, j] + segment: batch k holds segment k of every stream, so the recurrent state after batch
+    k is the state entering batch k + 1. Streams start from a zero state, so the first
+    ``burn_in`` bars of each are left out of the loss (the caller masks them).
+
+    Fewer streams are used when the split is too short for ``n_streams`` streams of at least
+    ``min_segments`` segments each (at least one stream is always made; ValueError if even one
+    segment does not fit).
+    """
+
+    def __init__(self, first: int, stop: int, n_streams: int, segment: int, shuffle: bool = True,
+                 seed: int = 0, min_segments: int = 2):
+        self.first, self.stop, self.segment = int(first), int(stop), int(segment)
+        self.shuffle = shuffle
+        usable = self.stop - self.first - (self.segment - 1 if shuffle else 0)   # room for any offset
+        if usable < self.segment:
+            raise ValueError(f"rows [{first}, {stop}) hold no {segment}-bar segment")
+        most = max(1, usable // (self.segment * max(1, int(min_segments))))
+        self.n_streams = max(1, min(int(n_streams), most))
+        self.n_segments = usable // (self.segment * self.n_streams)
+        self.stream_length = self.n_segments * self.segment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.n_segments
+
+    def epoch(self) -> np.ndarray:
+        offset = int(torch.randint(0, self.segment, (1,), generator=self.generator)) if self.shuffle else 0
+        stream_starts = self.first + offset + self.stream_length * np.arange(self.n_streams)
+        return stream_starts[None, :] + self.segment * np.arange(self.n_segments)[:, None]
+
+    @staticmethod
+    def gather(tensor: torch.Tensor, starts, segment: int) -> torch.Tensor:
+        """(rows, width) tensor → (len(starts), segment, width): the rows of each segment."""
+        tensor = tensor.contiguous()                 # no-op when it is (train() makes it so once)
+        n, width = tensor.shape
+        windows = tensor.as_strided((n - segment + 1, segment, width), (width, width, 1))
+        return windows[torch.as_tensor(np.asarray(starts), dtype=torch.long)]

@@ -506,23 +506,44 @@ class DeepMamba(nn.Module):
 
     def prefill(self, x, strike_distance=None):
         """Run the history x (b, L, n_features) → (last bar's outputs, state for step)."""
+        h, state = self._blocks_from(x, None)
+        if strike_distance is not None and strike_distance.dim() == 3:
+            strike_distance = strike_distance[:, -1]
+        return self._heads(h[:, -1], strike_distance), state
+
+    def forward_stateful(self, x, state=None, strike_distance=None):
+        """x (b, L, n_features), starting from ``state`` (``allocate_state``/``prefill``/a previous
+        call; None = zeros, the state before the first bar) → ({name: (b, L)} per position, state
+        after the last bar).
+
+        One causal pass: chaining calls over consecutive pieces of a series, each from the state
+        the previous one returned, equals one call over the whole series and equals ``step`` bar
+        by bar (tests/test_mamba_stateful.py). Differentiable, including through ``state``
+        (truncated BPTT detaches it between segments). A mamba_ssm mixer is stepped bar by bar.
+        """
+        h, state = self._blocks_from(x, state)
+        return self._heads(h, strike_distance), state
+
+    def _blocks_from(self, x, state):
+        """The blocks over x (b, L, n_features) from ``state`` (None: zeros) → (final-normed
+        hidden states (b, L, d_model), the state after the last bar)."""
         h = self.embed(x)
-        state = []
-        for block in self.layers:
+        new_state = []
+        for i, block in enumerate(self.layers):
+            layer_state = None if state is None else state[i]
             if isinstance(block.mixer, Mamba2):
-                y, layer_state = block.mixer(block.norm(h), return_state=True)
+                y, layer_state = block.mixer(block.norm(h), state=layer_state, return_state=True)
             else:                                              # a kernel mixer: step through
-                layer_state = _allocate(block.mixer, x.shape[0], None, None)
+                if layer_state is None:
+                    layer_state = _allocate(block.mixer, x.shape[0], None, None)
                 ys = []
                 for t in range(h.shape[1]):
                     y_t, layer_state = mamba2_step(block.mixer, block.norm(h[:, t]), layer_state)
                     ys.append(y_t)
                 y = torch.stack(ys, 1)
             h = h + y
-            state.append(layer_state)
-        if strike_distance is not None and strike_distance.dim() == 3:
-            strike_distance = strike_distance[:, -1]
-        return self._heads(self.norm_f(h[:, -1]), strike_distance), state
+            new_state.append(layer_state)
+        return self.norm_f(h), new_state
 
     def step(self, x_t, state, strike_distance=None):
         """One new bar x_t (b, n_features) → ({name: (b,)}, new state); O(1) per bar.

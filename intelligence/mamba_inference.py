@@ -1,18 +1,25 @@
-"""Inference with a trained DeepMamba checkpoint: μ_Mamba for every trading bar.
+"""Inference with a trained DeepMamba checkpoint: μ_Mamba and every head for every trading bar.
 
-Owns ``load_forecaster`` (checkpoint → ``Forecaster``: model + metadata, checked) and
+Owns ``load_forecaster`` (checkpoint → ``Forecaster``: model + metadata, checked),
+``Forecaster.forecast_per_bar`` (every head at the target bars) and
 ``Forecaster.neural_membership_per_bar``, the per-bar neural membership the fuzzy engine blends
 in (``intelligence.features.BarFeatures.with_neural``). Features are rebuilt with the training
 code (``intelligence.mamba_data.build_features``) and scaled with the checkpoint's train-split
 statistics, so inference sees exactly what training saw.
 
-Each target bar's forecast comes from the ``lookback`` bars ending at it (the last position of
-one window, as in training and evaluation), computed in batches of windows under
-torch.inference_mode. This equals stepping the recurrent ``DeepMamba.step`` through the same
-window from a zero state (a test holds them together).
-Cost: lookback tokens per target bar; the default model ran ~900 target bars/s on one CPU core
-(about 2 minutes for the ~98k bars of 2014–2018). Threads are the caller's choice
-(``torch.set_num_threads``).
+Two inference methods; the checkpoint's metadata says which one its model was trained for:
+- ``"inference": "stateful"`` (``train_mamba`` writes these): ONE causal pass over the whole
+  period (``run_stateful``: the series in chunks, the recurrent state carried from chunk to
+  chunk), starting from a zero state at the first row with every feature defined, as the training
+  streams did; every bar's forecast reads all bars up to and including it. The first ``burn_in``
+  bars of the pass (left out of the training loss) get μ = 0.5. Equal to stepping
+  ``DeepMamba.step`` bar by bar from that start (tests/test_mamba_stateful.py). ~55k bars/s on
+  one CPU core for the shipped model (benchmarks/bench_mamba.py).
+- ``"windowed"`` (checkpoints without the key, trained on independent 128-bar windows before the
+  stateful scheme): one ``lookback``-bar window per target bar, from a zero state, batched
+  (``forecast_rows``); ~1,000 target bars/s. Kept so such checkpoints still give the forecasts
+  they were trained for, and as the benchmark's "before".
+Threads are the caller's choice (``torch.set_num_threads``).
 """
 from __future__ import annotations
 
@@ -30,11 +37,40 @@ NEUTRAL_MEMBERSHIP = NEUTRAL_NEURAL_MEMBERSHIP   # the fuzzy engine's "no opinio
 # Windows per forward pass: on a CPU core 32 windows × 128 bars ran ~120k tokens/s, 4096 windows
 # ~22k tokens/s at 5 GB peak memory (the SSD blocks no longer fit in cache).
 MICRO_BATCH = 32
+# Bars per forward call of the stateful pass: on a CPU core 512–2048-bar chunks ran 54–59k bars/s,
+# 256 46k, one 16k-bar call 41k (the scan's blocks fall out of cache).
+STATEFUL_CHUNK = 2048
+INFERENCE_METHODS = ("stateful", "windowed")
 REQUIRED_METADATA = ("model_config", "lookback", "feature_names", "scaler")
 
 
 class ModelFileError(ValueError):
     """A checkpoint that is missing, unreadable or does not fit the code (names the file)."""
+
+
+@torch.inference_mode()
+def run_stateful(model: DeepMamba, features, chunk: int = STATEFUL_CHUNK, state=None, progress=None):
+    """One causal pass of ``model`` over ``features`` (rows, n_features), oldest first, from
+    ``state`` (None = zeros) → ({output name: (rows,) float64} plus 'mu', state after the last row).
+
+    The rows go through ``DeepMamba.forward_stateful`` ``chunk`` at a time, each chunk starting
+    from the state the previous one ended in, so the result does not depend on ``chunk`` beyond
+    rounding. ``progress(done)``, if given, is called after each chunk with the rows done.
+    """
+    features = torch.as_tensor(features, dtype=torch.float32)
+    n = len(features)
+    out: dict[str, np.ndarray] = {}
+    chunk = max(1, int(chunk))
+    for c0 in range(0, n, chunk):
+        o, state = model.forward_stateful(features[c0:c0 + chunk].unsqueeze(0), state)
+        o["mu"] = membership_tensor(o)
+        for name, value in o.items():
+            if name not in out:
+                out[name] = np.empty(n, dtype=np.float64)
+            out[name][c0:c0 + chunk] = value[0].double().cpu().numpy()
+        if progress is not None:
+            progress(min(n, c0 + chunk))
+    return out, state
 
 
 class Forecaster:
@@ -48,6 +84,20 @@ class Forecaster:
         self.feature_names = tuple(metadata["feature_names"])
         self.scaler = md.Scaler.from_dict(metadata["scaler"])
         self.warmup_rows = int(metadata.get("warmup_rows", 0))
+        self.inference = str(metadata.get("inference", "windowed"))
+        # stateful: bars of the pass before its forecasts count (left out of the training loss)
+        self.burn_in = int(metadata.get("burn_in", 0)) if self.inference == "stateful" else 0
+
+    @property
+    def stateful(self) -> bool:
+        return self.inference == "stateful"
+
+    def method(self) -> str:
+        """One line saying how forecasts are made (for run descriptions)."""
+        if self.stateful:
+            return (f"one causal pass over the whole period (recurrent state carried bar to bar, as "
+                    f"trained); 0.5 for the first {self.burn_in} bars after the indicator warm-up")
+        return "one lookback window per bar (as trained); 0.5 until the window is full"
 
     def scaled_features(self, bars_5min: pd.DataFrame, iv_index) -> np.ndarray:
         """(rows, features) float32, built and scaled as in training; NaN warm-up rows → 0."""
@@ -90,18 +140,22 @@ class Forecaster:
             return {"mu": np.empty(0)}
         return {name: np.concatenate(values) for name, values in out.items()}
 
-    def neural_membership_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
-                                  chunk: int = 4096, micro_batch: int = MICRO_BATCH,
-                                  progress=None) -> np.ndarray:
-        """μ_Mamba ∈ [0, 1] for each target bar (UTC ns close times, each one of ``bars_5min``'s
-        bars), from the ``lookback`` bars of ``bars_5min`` ending at it.
+    def forecast_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
+                         chunk: int | None = None, micro_batch: int = MICRO_BATCH,
+                         progress=None) -> dict:
+        """Every head and μ_Mamba ('mu') for each target bar (UTC ns close times, each one of
+        ``bars_5min``'s bars) → {name: (len(targets),) float64}; NaN (μ: 0.5, the neutral value)
+        where the model has no forecast yet (indicator warm-up, then the stateful burn-in or an
+        unfilled window).
 
         ``bars_5min``: canonical 5-minute bars (tz-aware close-time index, open high low close
-        volume) from early enough before the first target bar to fill the window and warm up the
-        indicators; ``iv_index``: the IV index (VIX points) per bar of ``bars_5min``
-        (``mamba_data.causal_bar_iv_index`` gives the causal one training used). Where the window
-        is not yet full (or still holds indicator warm-up rows) μ is 0.5, the neutral value.
-        ``progress(done, total)``, if given, is called after each chunk of target bars.
+        volume) from early enough before the first target bar to warm up the indicators (and the
+        state, or fill the window); ``iv_index``: the IV index (VIX points) per bar of
+        ``bars_5min`` (``mamba_data.causal_bar_iv_index`` gives the causal one training used).
+        A forecast at a bar reads bars ≤ it only. Stateful checkpoints: one pass from the first
+        fully-defined row up to the last target bar (``chunk`` rows per call, default
+        STATEFUL_CHUNK); windowed ones: ``forecast_rows`` (``chunk`` default 4096 target bars).
+        ``progress(done, total)``, if given, is called after each chunk.
         """
         index = pd.DatetimeIndex(bars_5min.index)
         if index.tz is None:
@@ -115,18 +169,47 @@ class Forecaster:
             raise ValueError(f"neural_membership_per_bar: no bar of bars_5min closes at {first} "
                              f"({int((~found).sum())} target bars unmatched)")
         raw = md.build_features(bars_5min, iv_index).to_numpy()
-        first_full = md.warmup_rows(raw) + self.lookback - 1     # first row with a clean full window
         features = self.scaler.transform(raw)
-        mu = np.full(len(rows), NEUTRAL_MEMBERSHIP)
-        ready = rows >= first_full
-        skipped = int((~ready).sum())
-        report = None if progress is None else (lambda done: progress(skipped + done, len(rows)))
-        if ready.any():
-            forecast = self.forecast_rows(features, rows[ready], chunk, micro_batch, progress=report)
-            mu[ready] = np.nan_to_num(forecast["mu"], nan=NEUTRAL_MEMBERSHIP)
-        elif progress is not None:
-            progress(len(rows), len(rows))
-        return mu
+        warm = md.warmup_rows(raw)
+        out = {"mu": np.full(len(rows), NEUTRAL_MEMBERSHIP)}
+        if self.stateful:
+            ready = rows >= warm + self.burn_in
+            stop = int(rows.max()) + 1 if len(rows) else 0
+            total = max(0, stop - warm)
+            report = None if progress is None else (lambda done: progress(done, total))
+            if ready.any():
+                period, _ = run_stateful(self.model, features[warm:stop],
+                                         chunk or STATEFUL_CHUNK, progress=report)
+                picked = rows[ready] - warm
+                for name, values in period.items():
+                    column = np.full(len(rows), np.nan)
+                    column[ready] = values[picked]
+                    out[name] = column
+            elif progress is not None:
+                progress(total, total)
+        else:
+            ready = rows >= warm + self.lookback - 1          # first row with a clean full window
+            skipped = int((~ready).sum())
+            report = None if progress is None else (lambda done: progress(skipped + done, len(rows)))
+            if ready.any():
+                forecast = self.forecast_rows(features, rows[ready], chunk or 4096, micro_batch,
+                                              progress=report)
+                for name, values in forecast.items():
+                    column = np.full(len(rows), np.nan)
+                    column[ready] = values
+                    out[name] = column
+            elif progress is not None:
+                progress(len(rows), len(rows))
+        out["mu"] = np.where(np.isfinite(out["mu"]), out["mu"], NEUTRAL_MEMBERSHIP)
+        return out
+
+    def neural_membership_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
+                                  chunk: int | None = None, micro_batch: int = MICRO_BATCH,
+                                  progress=None) -> np.ndarray:
+        """μ_Mamba ∈ [0, 1] for each target bar (see ``forecast_per_bar``); 0.5, the neutral
+        value, where the model has no forecast yet."""
+        return self.forecast_per_bar(bars_5min, iv_index, target_close_ns, chunk, micro_batch,
+                                     progress)["mu"]
 
 
 def load_forecaster(path) -> Forecaster:
@@ -150,6 +233,10 @@ def load_forecaster(path) -> Forecaster:
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ModelFileError(f"{path}: metadata lacks {missing}")
+    inference = metadata.get("inference", "windowed")
+    if inference not in INFERENCE_METHODS:
+        raise ModelFileError(f"{path}: metadata names inference {inference!r}; this code runs "
+                             f"{' or '.join(INFERENCE_METHODS)}")
     config = dict(metadata["model_config"])
     n_features = len(metadata["feature_names"])
     if config.get("n_features") != n_features or len(metadata["scaler"]["mean"]) != n_features:

@@ -11,6 +11,15 @@ SYNTHETIC 5-minute bars (default 2001-01-02 … 2013-12-31, so the shipped model
 date into train / validation / test (in that order, gaps ≥ the target horizon between them).
 Features and targets: ``intelligence.mamba_data``. Model: ``intelligence.mamba_engine.DeepMamba``.
 
+Stateful training (truncated BPTT), for the one-pass inference it is used with: the train split is
+cut into --batch-size contiguous streams (``mamba_data.StreamSegments``); step k trains on segment
+k (--lookback bars) of every stream, starting from the recurrent state segment k − 1 ended in
+(detached: gradients reach back one segment, the state reaches back to the stream's start). Each
+stream starts from a zero state and its first --burn-in bars are left out of the loss; each epoch
+moves the segment boundaries by a random offset. Validation and the test evaluation run one
+causal pass over their split from a zero state, as ``intelligence.mamba_inference`` does over a
+backtest period. The checkpoint's metadata says ``"inference": "stateful"``.
+
 Outputs
 - ``--out`` (default models/mamba_trained.pth): the best-validation weights and metadata (features,
   scaling, model config, target rules, data period/source, git commit, torch version, metrics),
@@ -45,7 +54,8 @@ import torch
 
 from data_factory.errors import DataError
 from intelligence import mamba_data as md
-from intelligence.mamba_engine import CPU_CHUNK_SIZE, DeepMamba, loss, membership_tensor
+from intelligence.mamba_engine import CPU_CHUNK_SIZE, DeepMamba, loss
+from intelligence.mamba_inference import run_stateful
 
 CHECKPOINT_FORMAT = 1
 GPU_CHUNK_SIZE = 256
@@ -84,11 +94,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--layers", type=int, default=4)
     model.add_argument("--d-state", type=int, default=32)
     model.add_argument("--headdim", type=int, default=32)
-    model.add_argument("--lookback", type=int, default=128, help="input bars per window")
+    model.add_argument("--lookback", type=int, default=128,
+                       help="bars per training segment (truncated BPTT: the state carries over from "
+                            "segment to segment, gradients reach back one segment)")
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=int, default=100,
                        help="an epoch puts each train row in about one window")
-    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--batch-size", type=int, default=32,
+                       help="parallel contiguous streams of the train split (one segment of each per step)")
     train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     train.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = ratio × lr")
     train.add_argument("--warmup-steps", type=int, default=200,
@@ -96,7 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--weight-decay", type=float, default=0.1)
     train.add_argument("--grad-clip", type=float, default=1.0)
     train.add_argument("--burn-in", type=int, default=None,
-                       help="first positions of each window left out of the loss (default lookback/4)")
+                       help="first bars of each stream (and of each validation/inference pass), run from a "
+                            "zero state, left out of the loss; μ_Mamba is 0.5 there (default: lookback)")
     train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     train.add_argument("--patience", type=int, default=10,
                        help="stop after this many epochs without a better validation loss (0: never)")
@@ -176,9 +190,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(f"--out {args.out} is the shipped model every backtest uses by default; give another --out (the "
              f"default is models/mamba_trained.pth) or add --replace-shipped to replace it")
     if args.burn_in is None:
-        args.burn_in = args.lookback // 4
-    if not 0 <= args.burn_in < args.lookback:
-        fail(f"--burn-in must be in [0, lookback), got {args.burn_in}")
+        args.burn_in = args.lookback
+    if args.burn_in < 0:
+        fail(f"--burn-in must be >= 0, got {args.burn_in}")
     if args.local_data is None:
         args.train_start = args.train_start or "2001-01-02"
         args.train_end = args.train_end or "2013-12-31"
@@ -305,29 +319,44 @@ class StepResult:
     loss: float
     heads: dict
     grad_norm: float
+    state: list | None = None       # stateful steps: the state after the segment, detached
 
 
-def train_step(model, optimizer, x, y, lr, grad_clip=1.0, burn_in=0, autocast=None) -> StepResult:
+def detach_state(state):
+    return [tuple(t.detach() for t in layer) for layer in state]
+
+
+def train_step(model, optimizer, x, y, lr, grad_clip=1.0, burn_in=0, autocast=None,
+               stateful=False, state=None) -> StepResult:
     """Forward, loss, backward, clip, AdamW step. A non-finite loss or gradient norm skips the
-    update (gradients dropped, weights untouched) and returns ok=False."""
+    update (gradients dropped, weights untouched) and returns ok=False.
+
+    stateful: the segment runs from ``state`` (None = zeros) with ``forward_stateful`` and the
+    result carries the state after it, detached (truncated BPTT); otherwise a plain forward of
+    independent windows. burn_in: the first positions left out of the loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    new_state = None
     with autocast if autocast is not None else contextlib.nullcontext():
-        outputs = model(x)
+        if stateful:
+            outputs, new_state = model.forward_stateful(x, state)
+            new_state = detach_state(new_state)
+        else:
+            outputs = model(x)
     outputs = {k: v.float() for k, v in outputs.items()}
     total, heads = loss(outputs, target_dict(y, burn_in))
     if not torch.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(False, total.item(), {k: v.item() for k, v in heads.items()}, float("nan"))
+        return StepResult(False, total.item(), {k: v.item() for k, v in heads.items()}, float("nan"), new_state)
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     values = {k: v.item() for k, v in heads.items()}
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(False, total.item(), values, grad_norm.item())
+        return StepResult(False, total.item(), values, grad_norm.item(), new_state)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(True, total.item(), values, grad_norm.item())
+    return StepResult(True, total.item(), values, grad_norm.item(), new_state)
 
 
 class NanGuard:
@@ -358,49 +387,31 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, min_ratio: float)
 # ----------------------------------------------------------------------------------------------
 # Validation, prediction, pictures
 
-@torch.inference_mode()
-def validation_loss(model, dataset: md.WindowDataset, batch_size: int, burn_in: int, autocast=None):
-    """Mean loss over non-overlapping windows of a split (in time order) → (loss, per-head
-    losses, last-position forecasts {output: (n,)}, last-position targets (n, 5))."""
+def split_pass(model, prep: Prepared, split: str, autocast=None):
+    """One causal pass over a split from a zero state (rows from max(split start, first
+    defined row) to its end), as inference runs → ({output: (rows,) numpy} plus 'mu', first row)."""
+    s = prep.splits[split]
+    first = max(s.start, prep.first_row)
+    was_training = model.training
     model.eval()
-    sampler = md.WindowBatchSampler(len(dataset), batch_size, stride=dataset.lookback, shuffle=False)
-    totals, heads_sum, count, last_pred, last_y = 0.0, {}, 0, {}, []
-    for indices in sampler:
-        x, y = dataset.batch(indices)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            outputs = model(x)
-        outputs = {k: v.float() for k, v in outputs.items()}
-        total, heads = loss(outputs, target_dict(y, burn_in))
-        totals += total.item() * len(indices)
-        for k, v in heads.items():
-            heads_sum[k] = heads_sum.get(k, 0.0) + v.item() * len(indices)
-        count += len(indices)
-        for k, v in outputs.items():
-            last_pred.setdefault(k, []).append(v[:, -1].cpu().numpy())
-        last_y.append(y[:, -1].float().cpu().numpy())
-    model.train()
-    return (totals / count, {k: v / count for k, v in heads_sum.items()},
-            {k: np.concatenate(v) for k, v in last_pred.items()}, np.concatenate(last_y))
+    with autocast if autocast is not None else contextlib.nullcontext():
+        out, _ = run_stateful(model, prep.features[first:s.stop].to(next(model.parameters()).device))
+    model.train(was_training)
+    return out, first
 
 
 @torch.inference_mode()
-def predict_last(model, dataset: md.WindowDataset, window_indices, batch_size=32, autocast=None):
-    """Forecasts at the last bar of each given window → ({output: (n,) numpy}, rows)."""
-    model.eval()
-    outs, rows = {}, []
-    window_indices = np.asarray(window_indices)
-    for i in range(0, len(window_indices), batch_size):
-        chunk = window_indices[i:i + batch_size]
-        x, _ = dataset.batch(chunk)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            o = model(x, last_only=True)
-        o = {k: v.float() for k, v in o.items()}
-        o["mu"] = membership_tensor(o)
-        for k, v in o.items():
-            outs.setdefault(k, []).append(v.cpu().numpy())
-        rows.append(chunk + dataset.first_start + dataset.lookback - 1)
-    model.train()
-    return {k: np.concatenate(v) for k, v in outs.items()}, np.concatenate(rows)
+def validation_loss(model, prep: Prepared, split: str, burn_in: int, sample_every: int, autocast=None):
+    """Loss over one causal pass of a split from a zero state, its first burn_in bars left out
+    → (loss, per-head losses, forecasts every ``sample_every`` bars {output: (n,)}, their
+    targets (n, 5))."""
+    out, first = split_pass(model, prep, split, autocast)
+    y = prep.targets[first:prep.splits[split].stop].unsqueeze(0)
+    outputs = {k: torch.from_numpy(v).float().unsqueeze(0) for k, v in out.items()}
+    total, heads = loss(outputs, target_dict(y, burn_in))
+    sample = np.arange(min(burn_in, y.shape[1] - 1), y.shape[1], max(1, sample_every))
+    return (total.item(), {k: v.item() for k, v in heads.items()},
+            {k: v[sample].astype(np.float32) for k, v in out.items()}, y[0, sample].numpy())
 
 
 def scatter_figure(pred: dict, actual: np.ndarray, title: str):
@@ -506,12 +517,13 @@ def _rmse(a, b):
 
 
 def evaluate(model, prep: Prepared, args, split="test", autocast=None) -> dict:
-    """Forecasts every --eval-stride bars of ``split`` (each from its full lookback window, as at
-    inference) against naive baselines, per target; see the .md report for the definitions."""
-    dataset = md.WindowDataset.for_split(prep.features, prep.targets, args.lookback,
-                                         prep.splits[split], prep.first_row)
-    windows = np.arange(0, len(dataset), args.eval_stride)
-    pred, rows = predict_last(model, dataset, windows, autocast=autocast)
+    """Forecasts every --eval-stride bars of ``split`` against naive baselines, per target; see
+    the .md report for the definitions. The forecasts come from one causal pass over the split
+    from a zero state (as inference runs); they are scored from the split's first row +
+    lookback − 1 on (the rows the earlier windowed models were scored on, so tables compare)."""
+    period, first = split_pass(model, prep, split, autocast)
+    rows = np.arange(first + args.lookback - 1, prep.splits[split].stop, args.eval_stride)
+    pred = {k: v[rows - first] for k, v in period.items()}
     y = prep.targets.numpy()[rows].astype(np.float64)
     sigma, last = prep.extras["sigma_bar"][rows], prep.extras["last_return"][rows]
     trailing_rv, implied = prep.extras["trailing_rv"][rows], prep.extras["implied_vol"][rows]
@@ -579,7 +591,8 @@ def report_markdown(ev: dict, meta: dict) -> str:
         f"# DeepMamba evaluation — {Path(meta['out']).name}",
         "",
         (f"Out-of-sample ({ev['split']} split, {ev['first']} … {ev['last']}): {ev['forecasts']} forecasts, "
-        f"one every {ev['every_n_bars']} bars, each from its full {meta['lookback']}-bar window."),
+        f"one every {ev['every_n_bars']} bars from bar {meta['lookback']} of the split on, all from "
+        f"one causal pass over the split (recurrent state carried bar to bar, as at inference)."),
         "",
         ("**Data: the intraday bars are SYNTHETIC** (seeded Brownian bridges through REAL S&P 500 daily "
          "OHLC; IV index before 2014 a GARCH proxy). These numbers say how the model does on that series, "
@@ -635,18 +648,20 @@ def train(args, prep: Prepared, device: torch.device, *, quiet=False, write_outp
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    features, targets = prep.features.to(device), prep.targets.to(device)
-    train_set = md.WindowDataset.for_split(features, targets, args.lookback, prep.splits["train"], prep.first_row)
-    val_set = md.WindowDataset.for_split(features, targets, args.lookback, prep.splits["validation"], prep.first_row)
-    sampler = md.WindowBatchSampler(len(train_set), args.batch_size, stride=args.lookback, seed=args.seed)
-    steps_per_epoch = len(sampler)
+    features, targets = prep.features.to(device).contiguous(), prep.targets.to(device).contiguous()
+    train_split = prep.splits["train"]
+    segments = md.StreamSegments(max(train_split.start, prep.first_row), train_split.stop, args.batch_size,
+                                 args.lookback, seed=args.seed,
+                                 min_segments=2 + args.burn_in // args.lookback)
+    steps_per_epoch = len(segments)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     warmup_steps = min(args.warmup_steps, max(1, total_steps // 5))   # short runs still reach the peak
 
     config = model_config(args, features.shape[1], device)
-    model = DeepMamba(**config, prefer_kernels=cuda).to(device)
+    # our mixer on every device: it resumes from a state (mamba_ssm's Mamba2.forward does not)
+    model = DeepMamba(**config, prefer_kernels=False).to(device)
     optimizer = model.configure_optimizer(lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     n_params = sum(p.numel() for p in model.parameters())
     guard = NanGuard(args.max_bad_steps)
@@ -681,7 +696,8 @@ def train(args, prep: Prepared, device: torch.device, *, quiet=False, write_outp
         else:
             print(text, flush=True)
 
-    say(f"DeepMamba {n_params:,} parameters, {config}; {len(train_set):,} train windows, "
+    say(f"DeepMamba {n_params:,} parameters, {config}; {segments.n_streams} streams of "
+        f"{segments.stream_length:,} bars in {args.lookback}-bar segments, "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, device {device}, threads {torch.get_num_threads()}")
     history = {"train_step": [], "train_loss": [], "val_step": [], "val_loss": []}
     best = {"val_loss": float("inf"), "state": None, "step": None, "epoch": None, "heads": None}
@@ -690,13 +706,21 @@ def train(args, prep: Prepared, device: torch.device, *, quiet=False, write_outp
     try:
         while step < total_steps:
             epoch += 1
-            for indices in sampler:
+            state, bars_run = None, 0          # every stream starts the epoch from a zero state
+            for starts in segments.epoch():
                 if step >= total_steps:
                     break
                 t0 = time.perf_counter()
-                x, y = train_set.batch(indices)
+                x = md.StreamSegments.gather(features, starts, args.lookback)
+                y = md.StreamSegments.gather(targets, starts, args.lookback)
                 lr = cosine_lr(step, total_steps, args.lr, warmup_steps, args.min_lr_ratio)
-                result = train_step(model, optimizer, x, y, lr, args.grad_clip, args.burn_in, autocast)
+                state_before = state
+                result = train_step(model, optimizer, x, y, lr, args.grad_clip,
+                                    max(0, args.burn_in - bars_run), autocast, stateful=True, state=state)
+                if result.ok:
+                    state, bars_run = result.state, bars_run + args.lookback
+                else:                          # a poisoned state is not carried: restart the streams
+                    state, bars_run = None, 0
                 if cuda:
                     torch.cuda.synchronize()
                 train_seconds += time.perf_counter() - t0
@@ -715,7 +739,8 @@ def train(args, prep: Prepared, device: torch.device, *, quiet=False, write_outp
                 if writer is not None and args.scatter_every and step % args.scatter_every == 0:
                     with torch.inference_mode(), autocast if autocast is not None else contextlib.nullcontext():
                         model.eval()
-                        out = {k: v.float()[:, -1].cpu().numpy() for k, v in model(x).items()}
+                        out = {k: v.float()[:, -1].cpu().numpy()
+                               for k, v in model.forward_stateful(x, state_before)[0].items()}
                         model.train()
                     fig = scatter_figure(out, y[:, -1].float().cpu().numpy(), f"train batch, step {step}")
                     writer.add_figure("scatter/train_batch", fig, step)
@@ -725,7 +750,7 @@ def train(args, prep: Prepared, device: torch.device, *, quiet=False, write_outp
                                                           f"{tokens / max(train_seconds, 1e-9):,.0f} tok/s")
             # per-epoch validation (also after a partial last epoch)
             val_loss, val_heads, val_pred, val_actual = validation_loss(
-                model, val_set, 32, args.burn_in, autocast)
+                model, prep, "validation", args.burn_in, args.lookback, autocast)
             history["val_step"].append(step)
             history["val_loss"].append(val_loss)
             improved = val_loss < best["val_loss"]
@@ -774,6 +799,12 @@ def build_metadata(args, prep: Prepared, config, best, history, step, tokens, tr
         "model_class": "intelligence.mamba_engine.DeepMamba",
         "model_config": config,
         "lookback": args.lookback,
+        "inference": "stateful",
+        "stateful_training": {"streams": args.batch_size, "segment_bars": args.lookback,
+                              "burn_in": args.burn_in,
+                              "scheme": "contiguous streams of the train split, state carried across "
+                                        "segments (detached: truncated BPTT), zero state + burn-in at "
+                                        "stream starts"},
         "feature_names": list(md.FEATURE_NAMES),
         "scaler": prep.scaler.to_dict(),
         "warmup_rows": prep.first_row,

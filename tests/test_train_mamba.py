@@ -217,22 +217,26 @@ def test_module_entry_point_shows_help():
 
 def test_per_bar_membership_equals_the_recurrent_step(smoke_run):
     forecaster = load_forecaster(smoke_run["out"])
+    assert forecaster.stateful and forecaster.metadata["inference"] == "stateful"
+    assert forecaster.burn_in == 32                                  # default burn-in = lookback
     bars, iv = smoke_run["bars"], smoke_run["iv"]
     bars, iv = bars.iloc[:600], iv[:600]
     bar_ns = bars.index.tz_convert("UTC").as_unit("ns").asi8
-    targets = np.array([5, 100, 108, 109, 350, 599])
-    mu = forecaster.neural_membership_per_bar(bars, iv, bar_ns[targets], chunk=3, micro_batch=2)
+    targets = np.array([5, 100, 109, 110, 350, 599])
+    mu = forecaster.neural_membership_per_bar(bars, iv, bar_ns[targets], chunk=7)
     warm = md.warmup_rows(md.build_features(bars, iv).to_numpy())
-    assert warm + 31 == 109 and (mu[:3] == 0.5).all()                # window not yet full/warm
+    assert warm + 32 == 110 and (mu[:3] == 0.5).all()                # warm-up, then burn-in
+    # one pass from the first fully-defined row, stepped bar by bar from a zero state
     features = torch.from_numpy(forecaster.scaled_features(bars, iv))
     model = forecaster.model
+    state, expected = model.allocate_state(1), {}
+    with torch.inference_mode():
+        for t in range(warm, 600):
+            outputs, state = model.step(features[t:t + 1], state)
+            expected[t] = float(membership_tensor(outputs))
     for k, row in enumerate(targets[3:], start=3):
-        state = model.allocate_state(1)
-        with torch.inference_mode():
-            for t in range(row - 31, row + 1):
-                outputs, state = model.step(features[t:t + 1], state)
-        expected = float(membership_tensor(outputs))
-        assert mu[k] == pytest.approx(expected, abs=1e-5)
+        assert mu[k] == pytest.approx(expected[row], abs=1e-5)
+    assert len({round(float(v), 6) for v in mu[3:]}) == 3             # not one constant
     assert ((0 <= mu) & (mu <= 1)).all()
     with pytest.raises(ValueError, match="no bar of bars_5min closes at"):
         forecaster.neural_membership_per_bar(bars, iv, bar_ns[[3]] + 1)
