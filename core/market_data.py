@@ -90,7 +90,7 @@ FEATURE_WARMUP_SESSIONS = 10
 DAILY_HISTORY_DAYS = 400
 
 
-def _embedded_inputs(config: Config, provider: SyntheticChainProvider) -> dict:
+def embedded_feature_inputs(config: Config, provider: SyntheticChainProvider) -> dict:
     """What a feature table of the embedded data is built from: 1-minute bars of the run's seed
     from a warm-up before the start (``base``), the calendar close of each base bar's session,
     daily IV closes (GARCH proxy before 2014), SPY/QQQ daily bars and the trading bars' close
@@ -126,17 +126,17 @@ def _embedded_inputs(config: Config, provider: SyntheticChainProvider) -> dict:
 def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neural=None,
                           forecaster=None, progress=None):
     """The run's feature table (``intelligence.features``) from the embedded data
-    (``_embedded_inputs``) and the provider's per-bar IV index.
+    (``embedded_feature_inputs``) and the provider's per-bar IV index.
 
     ``neural``: μ_Mamba per bar, or None; ``forecaster`` (``load_forecaster``): compute μ_Mamba
     here from the checkpoint, over the warm-up and run bars (batch inference, one window per bar;
     ``progress(done, total)`` reports it)."""
     from intelligence.features import compute_bar_features
 
-    inputs = _embedded_inputs(config, provider)
+    inputs = embedded_feature_inputs(config, provider)
     description = None
     if neural is None and forecaster is not None:
-        neural, description = _neural_from_inputs(config, inputs, forecaster, progress)
+        neural, description = neural_from_inputs(config, inputs, forecaster, progress)
     features = compute_bar_features(config, inputs["base"], inputs["target"], provider.iv_index_bars().to_numpy(),
                                     inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"], neural=neural,
                                     session_close_ns=inputs["session_close_ns"])
@@ -155,11 +155,11 @@ def embedded_bar_features(config: Config, provider: SyntheticChainProvider, neur
 def embedded_neural_memberships(config: Config, provider: SyntheticChainProvider, forecaster, progress=None):
     """μ_Mamba per trading bar of ``provider`` from the checkpoint ``forecaster``, and a
     description of where it came from."""
-    inputs = vendor_feature_inputs(config, provider) if is_vendor_market(provider) else _embedded_inputs(config, provider)
-    return _neural_from_inputs(config, inputs, forecaster, progress)
+    inputs = vendor_feature_inputs(config, provider) if is_vendor_market(provider) else embedded_feature_inputs(config, provider)
+    return neural_from_inputs(config, inputs, forecaster, progress)
 
 
-def _neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None):
+def neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None):
     values = neural_memberships(forecaster, inputs["base"], inputs["session_close_ns"], inputs["daily_iv"],
                                 inputs["target"], config, progress)
     description = {

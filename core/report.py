@@ -18,6 +18,7 @@ complete run. A process killed outright leaves at most a folder whose name says 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import enum
 import html
@@ -181,8 +182,7 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     titles = title_lines(config_dict, data_description, replayed)
     extra_files = dict(extra_files or {})
 
-    staging = make_staging_dir(out_dir)
-    try:
+    with staged_folder(out_dir) as staging:
         _write_text(staging / "config.yaml",
                     "# CondorBrain resolved configuration; load with core.config.Config.from_yaml.\n"
                     + yaml.safe_dump(to_plain(config_dict), sort_keys=False, default_flow_style=False,
@@ -215,6 +215,17 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
                                 trades=trades_out, metrics=metrics, run_info=run_info, png=png,
                                 extra_html=extra_html, replayed=replayed, greeks_png=greeks_png,
                                 trades_png=trades_png))
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: Path):
+    """A staging folder beside ``out_dir`` to write a run folder into; renamed to ``out_dir`` when
+    the block ends without an error, removed when it raises, so the folder appears complete or not
+    at all (the backtest's run folder, the stress test's)."""
+    staging = make_staging_dir(out_dir)
+    try:
+        yield staging
         try:
             # POSIX rename replaces an empty folder in one step and refuses a non-empty one, so a
             # folder created meanwhile by someone else is never overwritten.
@@ -224,7 +235,6 @@ def write_run(out_dir: str | os.PathLike[str], *, config_dict: Mapping[str, Any]
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def make_staging_dir(out_dir: Path) -> Path:

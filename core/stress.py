@@ -327,16 +327,16 @@ def spy_closes(symbol: str, sessions: pd.DatetimeIndex) -> pd.DataFrame:
 
 def shocked_bar_features(config: Config, market):
     """The feature table of a run on a ``ShockedMarket``: the embedded inputs
-    (``core.market_data._embedded_inputs``) with the shock applied where the strategy reads
+    (``core.market_data.embedded_feature_inputs``) with the shock applied where the strategy reads
     prices — the 1-minute base bars and the daily SPY and QQQ closes moved by each session's
     spot multiplier (a gap is market-wide, so the SPY/QQQ ratio does not see it as a divergence),
     the daily IV closes by the multiplier at each session's last bar — and the shocked per-bar IV
     index. Causal as the unshocked table is: the multipliers of a session apply from its open."""
-    from core.market_data import _embedded_inputs, _neural_from_inputs, load_configured_forecaster, uses_neural
+    from core.market_data import embedded_feature_inputs, neural_from_inputs, load_configured_forecaster, uses_neural
     from core.skew_history import embedded_skew_reference
     from intelligence.features import BarFeatures, compute_bar_features
 
-    inputs = _embedded_inputs(config, market)
+    inputs = embedded_feature_inputs(config, market)
     bar_days = market.bar_times.tz_localize(None).normalize()
     spot_by_session = pd.Series(market.spot_scale, index=bar_days).groupby(level=0).first()
     iv_by_session = pd.Series(market.iv_scale, index=bar_days).groupby(level=0).last()
@@ -361,7 +361,7 @@ def shocked_bar_features(config: Config, market):
     if uses_neural(config):
         forecaster = load_configured_forecaster(config, explicit=False)
         if forecaster is not None:
-            neural, _ = _neural_from_inputs(config, inputs, forecaster)
+            neural, _ = neural_from_inputs(config, inputs, forecaster)
     features = compute_bar_features(config, inputs["base"], inputs["target"], market.iv_index_bars().to_numpy(),
                                     inputs["daily_iv"], inputs["daily_spot"], inputs["daily_pair"], neural=neural,
                                     session_close_ns=inputs["session_close_ns"])
@@ -1166,12 +1166,11 @@ def stress_html(table: pd.DataFrame, pngs: dict, info: dict) -> str:
 
 def write_stress_folder(out_dir, config: Config, table: pd.DataFrame, curves: dict, info: dict):
     """The run folder, staged beside it and renamed into place (complete or not at all)."""
-    import shutil
     from pathlib import Path
 
     import yaml
 
-    from core.report import ReportError, check_output_dir, csv_ready, make_staging_dir, to_json, to_plain
+    from core.report import check_output_dir, csv_ready, staged_folder, to_json, to_plain
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
@@ -1181,8 +1180,7 @@ def write_stress_folder(out_dir, config: Config, table: pd.DataFrame, curves: di
                 "Market shocks: change vs the baseline (market_shocks.png)": render_shocks_png(table),
                 "Historical windows: equity vs SPY (windows.png)": render_windows_png(curves)}
     files = dict(zip(("tornado.png", "market_shocks.png", "windows.png"), pngs.values()))
-    staging = make_staging_dir(out_dir)
-    try:
+    with staged_folder(out_dir) as staging:
         csv_ready(table).to_csv(staging / "stress.csv", index=False, lineterminator="\n")
         (staging / "stress.json").write_text(to_json(info), encoding="utf-8")
         (staging / "config.yaml").write_text(
@@ -1192,11 +1190,4 @@ def write_stress_folder(out_dir, config: Config, table: pd.DataFrame, curves: di
             if png:
                 (staging / name).write_bytes(png)
         (staging / "stress.html").write_text(stress_html(table, pngs, info), encoding="utf-8")
-        try:
-            os.rename(staging, out_dir)
-        except OSError as error:
-            raise ReportError(out_dir, "could not be created", error.strerror or str(error)) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

@@ -7,7 +7,7 @@ and daily bars from ``StockHistoricalDataClient`` and option-chain snapshots fro
 * the bar contract: 5-minute trading bars stamped at their CLOSE (America/New_York), positions
   ``0 … len(bar_times) − 1`` growing as bars close, warm-up history and live bars alike;
 * the inputs of the feature table (``feature_inputs()``: what ``intelligence.features.
-  compute_bar_features`` takes, as ``core.market_data._embedded_inputs`` builds them for the
+  compute_bar_features`` takes, as ``core.market_data.embedded_feature_inputs`` builds them for the
   embedded data).
 
 Bars
@@ -880,7 +880,7 @@ class AlpacaFeed:
     # ------------------------------------------------------------------------------------------
     # the feature table's inputs
     def feature_inputs(self) -> dict:
-        """What ``compute_bar_features`` takes (as ``core.market_data._embedded_inputs``): base
+        """What ``compute_bar_features`` takes (as ``core.market_data.embedded_feature_inputs``): base
         bars, their sessions' calendar closes, daily IV closes, daily bars of the underlying and
         the pair (from ``daily_history_days`` before the last bar) and the trading-bar closes
         (UTC ns). The per-bar IV index is ``iv_index_bars()``."""
