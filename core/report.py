@@ -841,6 +841,11 @@ def title_lines(config_dict: Mapping[str, Any], data_description: Mapping[str, A
 # the picture
 # ---------------------------------------------------------------------------------------------
 
+def _dollar_tick(value: float, _position=None) -> str:
+    """An axis tick in dollars with the sign in front: −$125, $40."""
+    return f"−${abs(value):,.0f}" if value < 0 else f"${value:,.0f}"
+
+
 def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str], starting_cash: float | None = None) -> bytes:
     """Equity (at mid, and at liquidation value lighter) above drawdown %, sharing the time axis;
     1400 × 800 pixels. ``equity`` has a ``timestamp`` column and an ``equity`` column. With an
@@ -897,7 +902,7 @@ def render_equity_png(equity: pd.DataFrame, titles: tuple[str, str], starting_ca
                 bottom.text(0.5, 0.5, "no drawdown column", ha="center", va="center",
                             transform=bottom.transAxes)
         top.set_ylabel("equity ($)", fontsize=12)
-        top.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"${value:,.0f}"))
+        top.yaxis.set_major_formatter(FuncFormatter(_dollar_tick))
         for axis in (top, bottom):
             axis.tick_params(labelsize=11)
         return _time_axes_png(figure, (top, bottom), top_margin=0.87, bottom_margin=0.07)
@@ -998,7 +1003,7 @@ def render_trades_png(trades: pd.DataFrame, min_credit_to_width: float | None = 
                 left.axvline(value, color="#111827", linestyle=style, linewidth=1.3,
                              label=f"{name} {format_value(value, 'usd')}")
             left.legend(loc="upper left", fontsize=11, frameon=False)
-            left.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"${value:,.0f}"))
+            left.xaxis.set_major_formatter(FuncFormatter(_dollar_tick))
             left.set_xlabel("P&L per trade (after fees)", fontsize=12)
             left.set_ylabel("trades", fontsize=12)
             if {"credit", "short_put", "long_put", "short_call", "long_call"} <= set(trades.columns):
@@ -1113,7 +1118,7 @@ def _drawdown_to_plot(equity: pd.DataFrame):
         return values, "drawdown (%)", lambda value, _: f"{value:.3g} %"
     if "drawdown" in equity.columns:
         values = -np.abs(equity["drawdown"].to_numpy(dtype=float))
-        return values, "drawdown ($)", lambda value, _: f"${value:,.0f}"
+        return values, "drawdown ($)", _dollar_tick
     return None, "", None
 
 
