@@ -422,18 +422,18 @@ class _ApiError(Exception):
 
 
 @dataclass
-class _Reply:
+class Reply:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
-    return _Reply(status, json.dumps(payload, separators=(",", ":")).encode(), headers=headers or {})
+def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, json.dumps(payload, separators=(",", ":")).encode(), headers=headers or {})
 
 
-def _error_reply(status: int, code: int, message: str, headers=None, **extra) -> _Reply:
+def _error_reply(status: int, code: int, message: str, headers=None, **extra) -> Reply:
     return _json_reply(status, {"code": code, "message": message, **extra}, headers)
 
 
@@ -620,12 +620,45 @@ class LocalHTTPServer(ThreadingHTTPServer):
                 pass
 
 
-class _Handler(BaseHTTPRequestHandler):
+class ReplyHandler(BaseHTTPRequestHandler):
+    """What an imitation server's request handler shares (FakeAlpaca's and FakeIVolatility's):
+    keep-alive HTTP/1.1, buffered writes, no request log, and ``send_reply``."""
+
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's requests session expects
     timeout = 60                   # idle keep-alive connections end on their own
     # Buffered writes: the status line, headers and body leave in one send. Unbuffered, the body
     # is a second small segment, and Nagle plus delayed ACK hold it ~40 ms on every request.
     wbufsize = 1 << 16
+
+    def send_reply(self, reply: "Reply | None") -> None:
+        """Answer with ``reply``; None closes the socket without a byte of answer (a dropped
+        connection). A 204 carries no body and no entity headers (RFC 9110 §15.3.5)."""
+        if reply is None:
+            self.close_connection = True
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        try:
+            self.send_response(reply.status)
+            if reply.status != 204:
+                self.send_header("Content-Type", reply.content_type)
+                self.send_header("Content-Length", str(len(reply.body)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if reply.body and reply.status != 204:
+                self.wfile.write(reply.body)
+            self.wfile.flush()
+        except OSError:  # the client gave up (e.g. its own timeout) before the answer
+            self.close_connection = True
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+        pass
+
+
+class _Handler(ReplyHandler):
     fake: "FakeAlpaca"             # set on the per-server subclass
 
     def do_GET(self):
@@ -647,29 +680,8 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         raw_body = self.rfile.read(length) if length else b""
-        reply = self.fake._handle(method, parts.path, parts.query, raw_body, self.headers)
-        if reply is None:  # accept_then_drop: close the socket without a byte of answer
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        try:
-            self.send_response(reply.status)
-            self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in reply.headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            if reply.body:
-                self.wfile.write(reply.body)
-            self.wfile.flush()
-        except OSError:  # the client gave up (e.g. its own timeout) before the answer
-            self.close_connection = True
-
-    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
-        pass
+        # None: accept_then_drop, the socket closes without an answer
+        self.send_reply(self.fake._handle(method, parts.path, parts.query, raw_body, self.headers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1118,7 +1130,7 @@ class FakeAlpaca(ServedFake):
 
     # ----- request handling --------------------------------------------------------------------
 
-    def _route_table(self) -> list[tuple[str, re.Pattern, Callable[[_Request], _Reply]]]:
+    def _route_table(self) -> list[tuple[str, re.Pattern, Callable[[_Request], Reply]]]:
         table = [
             ("GET", r"/v2/clock", self._get_clock),
             ("GET", r"/v2/account", self._get_account),
@@ -1143,14 +1155,14 @@ class FakeAlpaca(ServedFake):
         ]
         return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
 
-    def _handle(self, method: str, path: str, query_text: str, raw_body: bytes, headers) -> _Reply | None:
+    def _handle(self, method: str, path: str, query_text: str, raw_body: bytes, headers) -> Reply | None:
         """Serve one request; None means "close the connection without answering"."""
         # A '+' of an unencoded offset would read as a space; the SDK encodes it, a raw test may not.
         query = {key: values[-1].replace(" ", "+") if key in ("after", "until", "start", "end") else values[-1]
                  for key, values in parse_qs(query_text, keep_blank_values=True).items()}
         logged_body = None
         body = None
-        reply: _Reply | None = None
+        reply: Reply | None = None
         if raw_body:
             try:
                 logged_body = json.loads(raw_body)
@@ -1201,7 +1213,7 @@ class FakeAlpaca(ServedFake):
                     return fault
         return None
 
-    def _fault_reply(self, fault: Fault) -> _Reply | None:
+    def _fault_reply(self, fault: Fault) -> Reply | None:
         """The answer of a fault that replaces the normal handling (None: handle normally)."""
         if fault.kind == "429":
             # Wall-clock epoch seconds, not the fake clock: a client compares it with time.time().
@@ -1211,11 +1223,11 @@ class FakeAlpaca(ServedFake):
         if fault.kind == "500":
             return _error_reply(500, 50010000, "internal server error occurred")
         if fault.kind == "502":
-            return _Reply(502, _HTML_502, content_type="text/html")
+            return Reply(502, _HTML_502, content_type="text/html")
         if fault.kind == "503":
             return _error_reply(503, 50310000, "service unavailable")
         if fault.kind == "504":
-            return _Reply(504, _HTML_504, content_type="text/html")
+            return Reply(504, _HTML_504, content_type="text/html")
         if fault.kind == "reject":
             with self._lock:
                 available = self._cash
@@ -1224,7 +1236,7 @@ class FakeAlpaca(ServedFake):
                                 f"(required: {required:.2f}, available: {available:.2f})")
         return None
 
-    def _route(self, request: _Request) -> _Reply:
+    def _route(self, request: _Request) -> Reply:
         path_known = False
         for method, pattern, handler in self._routes:
             match = pattern.fullmatch(request.path)
@@ -1248,13 +1260,13 @@ class FakeAlpaca(ServedFake):
 
     # ----- trading: clock, account, positions --------------------------------------------------
 
-    def _get_clock(self, request: _Request) -> _Reply:
+    def _get_clock(self, request: _Request) -> Reply:
         now = self._now
         return _json_reply(200, {"timestamp": _local_text(now), "is_open": self._sessions.is_open(now),
                                  "next_open": _local_text(self._sessions.next_open(now)),
                                  "next_close": _local_text(self._sessions.next_close(now))})
 
-    def _get_account(self, request: _Request) -> _Reply:
+    def _get_account(self, request: _Request) -> Reply:
         long_value = short_value = 0.0
         for symbol, pos in self._positions.items():
             value = pos.qty * self._mark(symbol) * CONTRACT_MULTIPLIER
@@ -1299,18 +1311,18 @@ class FakeAlpaca(ServedFake):
             "current_price": _number_text(price, 4), "qty_available": str(available),
         }
 
-    def _get_positions(self, request: _Request) -> _Reply:
+    def _get_positions(self, request: _Request) -> Reply:
         return _json_reply(200, [self._position_json(symbol, pos)
                                  for symbol, pos in sorted(self._positions.items())])
 
-    def _get_position(self, request: _Request) -> _Reply:
+    def _get_position(self, request: _Request) -> Reply:
         key = request.groups[0]
         contract = self._contract_by_symbol.get(key) or self._contract_by_id.get(key)
         if contract is None or contract.symbol not in self._positions:
             raise _ApiError(404, 40410000, "position does not exist")
         return _json_reply(200, self._position_json(contract.symbol, self._positions[contract.symbol]))
 
-    def _get_fill_activities(self, request: _Request) -> _Reply:
+    def _get_fill_activities(self, request: _Request) -> Reply:
         rows = list(self._activities)
         if "after" in request.query:
             after = self._parse_time(request.query["after"], "after")
@@ -1330,7 +1342,7 @@ class FakeAlpaca(ServedFake):
 
     # ----- trading: orders ---------------------------------------------------------------------
 
-    def _post_order(self, request: _Request) -> _Reply:
+    def _post_order(self, request: _Request) -> Reply:
         partial = request.fault is not None and request.fault.kind == "partial"
         if partial and isinstance(request.body, dict):
             qty = self._whole_number(request.body.get("qty"), "qty")
@@ -1521,7 +1533,7 @@ class FakeAlpaca(ServedFake):
                             f"(requested: {requested}, available: {max(available, 0)})",
                             held_for_orders=str(max(owned - max(available, 0), 0)), related_orders=related)
 
-    def _get_orders(self, request: _Request) -> _Reply:
+    def _get_orders(self, request: _Request) -> Reply:
         query = request.query
         status = query.get("status", "open")
         if status not in ("open", "closed", "all"):
@@ -1560,27 +1572,27 @@ class FakeAlpaca(ServedFake):
             return None, next(leg for leg in parent.body["legs"] if leg["id"] == order_id)
         raise _ApiError(404, 40410000, "order not found")
 
-    def _get_order(self, request: _Request) -> _Reply:
+    def _get_order(self, request: _Request) -> Reply:
         _, body = self._order_or_404(request.groups[0])
         return _json_reply(200, body)
 
-    def _get_order_by_client_id(self, request: _Request) -> _Reply:
+    def _get_order_by_client_id(self, request: _Request) -> Reply:
         client_order_id = request.query.get("client_order_id", "")
         for order in self._orders:
             if order.body["client_order_id"] == client_order_id:
                 return _json_reply(200, order.body)
         raise _ApiError(404, 40410000, "order not found")
 
-    def _delete_order(self, request: _Request) -> _Reply:
+    def _delete_order(self, request: _Request) -> Reply:
         order, _ = self._order_or_404(request.groups[0])
         if order is None:
             raise _ApiError(422, 42210000, "cannot cancel individual legs of a mleg order")
         if not order.is_open:
             raise _ApiError(422, 42210000, "The order status is not cancelable")
         self._end_order(order, "canceled", self._now)
-        return _Reply(204)
+        return Reply(204)
 
-    def _delete_orders(self, request: _Request) -> _Reply:
+    def _delete_orders(self, request: _Request) -> Reply:
         results = []
         for order in self._orders:
             if order.is_open:
@@ -1588,7 +1600,7 @@ class FakeAlpaca(ServedFake):
                 results.append({"id": order.body["id"], "status": 200, "body": None})
         return _json_reply(207, results)
 
-    def _patch_order(self, request: _Request) -> _Reply:
+    def _patch_order(self, request: _Request) -> Reply:
         old, _ = self._order_or_404(request.groups[0])
         if old is None:
             raise _ApiError(422, 42210000, "cannot replace individual legs of a mleg order")
@@ -1744,7 +1756,7 @@ class FakeAlpaca(ServedFake):
 
     # ----- option data -------------------------------------------------------------------------
 
-    def _get_contracts(self, request: _Request) -> _Reply:
+    def _get_contracts(self, request: _Request) -> Reply:
         query = request.query
         underlyings = set(filter(None, query.get("underlying_symbols", "").split(",")))
         if underlyings and UNDERLYING not in underlyings:
@@ -1766,7 +1778,7 @@ class FakeAlpaca(ServedFake):
         return _json_reply(200, {"option_contracts": [self._contract_json(c) for c in page],
                                  "next_page_token": token})
 
-    def _get_contract(self, request: _Request) -> _Reply:
+    def _get_contract(self, request: _Request) -> Reply:
         key = request.groups[0]
         contract = self._contract_by_symbol.get(key) or self._contract_by_id.get(key)
         if contract is None:
@@ -1798,7 +1810,7 @@ class FakeAlpaca(ServedFake):
         if query.get("feed") not in (None, "indicative", "opra"):
             raise _ApiError(400, 40010000, f"invalid feed: {query['feed']}")
 
-    def _snapshot_page(self, query: dict, contracts: list[_Contract]) -> _Reply:
+    def _snapshot_page(self, query: dict, contracts: list[_Contract]) -> Reply:
         limit = self._int_param(query, "limit", 100, 1, 1000)
         offset = _decode_page_token(query.get("page_token"))
         page = contracts[offset:offset + limit]
@@ -1806,7 +1818,7 @@ class FakeAlpaca(ServedFake):
         return _json_reply(200, {"snapshots": {c.symbol: self._snapshot_json(c) for c in page},
                                  "next_page_token": token})
 
-    def _get_chain(self, request: _Request) -> _Reply:
+    def _get_chain(self, request: _Request) -> Reply:
         self._check_feed(request.query)
         if request.groups[0] != UNDERLYING or request.query.get("root_symbol") not in (None, UNDERLYING):
             return _json_reply(200, {"snapshots": {}, "next_page_token": None})
@@ -1819,18 +1831,18 @@ class FakeAlpaca(ServedFake):
             raise _ApiError(400, 40010000, "symbols is required")
         return [self._contract_by_symbol[s] for s in symbols if s in self._contract_by_symbol]
 
-    def _get_snapshots(self, request: _Request) -> _Reply:
+    def _get_snapshots(self, request: _Request) -> Reply:
         self._check_feed(request.query)
         return self._snapshot_page(request.query, self._symbols_param(request.query))
 
-    def _get_option_latest_quotes(self, request: _Request) -> _Reply:
+    def _get_option_latest_quotes(self, request: _Request) -> Reply:
         self._check_feed(request.query)
         return _json_reply(200, {"quotes": {c.symbol: self._snapshot_json(c)["latestQuote"]
                                             for c in self._symbols_param(request.query)}})
 
     # ----- stock data --------------------------------------------------------------------------
 
-    def _get_stock_bars(self, request: _Request) -> _Reply:
+    def _get_stock_bars(self, request: _Request) -> Reply:
         query = request.query
         minutes = _timeframe_minutes(query.get("timeframe"))
         if query.get("feed") not in (None, "iex", "sip", "delayed_sip"):
@@ -1921,14 +1933,14 @@ class FakeAlpaca(ServedFake):
             raise _ApiError(400, 40010000, "symbols is required")
         return UNDERLYING in symbols
 
-    def _get_stock_latest_trades(self, request: _Request) -> _Reply:
+    def _get_stock_latest_trades(self, request: _Request) -> Reply:
         if not self._spy_symbols(request.query):
             return _json_reply(200, {"trades": {}})
         return _json_reply(200, {"trades": {UNDERLYING: {
             "t": _utc_text(self._now, 9), "p": self._spot_at(self._now), "s": 100, "x": "V",
             "c": ["@"], "i": _seeded_int(str(self._now.value), self._seed, 1, 2**31 - 1), "z": "B"}}})
 
-    def _get_stock_latest_quotes(self, request: _Request) -> _Reply:
+    def _get_stock_latest_quotes(self, request: _Request) -> Reply:
         if not self._spy_symbols(request.query):
             return _json_reply(200, {"quotes": {}})
         spot = self._spot_at(self._now)

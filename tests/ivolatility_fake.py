@@ -59,18 +59,16 @@ import gzip
 import io
 import json
 import math
-import socket
 import threading
 import uuid
 import zlib
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from tests.alpaca_fake import LocalHTTPServer, ServedFake
+from tests.alpaca_fake import LocalHTTPServer, Reply, ReplyHandler, ServedFake
 
 __all__ = ["FakeIVolatility", "Fault", "FAULT_KINDS", "JSON_FIELDS", "FILE_FIELDS"]
 
@@ -108,16 +106,8 @@ class Fault:
             raise ValueError("a fault needs times >= 1")
 
 
-@dataclass
-class _Reply:
-    status: int
-    body: bytes = b""
-    content_type: str = "application/json"
-    headers: dict | None = None
-
-
-def _json(status: int, payload) -> _Reply:
-    return _Reply(status, json.dumps(payload).encode())
+def _json(status: int, payload) -> Reply:
+    return Reply(status, json.dumps(payload).encode())
 
 
 def _sessions(first: dt.date, last: dt.date) -> list[dt.date]:
@@ -133,38 +123,12 @@ def _third_friday(year: int, month: int) -> dt.date:
     return first + dt.timedelta(days=(4 - first.weekday()) % 7 + 14)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 60
-    wbufsize = 1 << 16
+class _Handler(ReplyHandler):
     fake: "FakeIVolatility"
 
     def do_GET(self):
         parts = urlsplit(self.path)
-        reply = self.fake._handle(parts.path, parts.query, self.headers)
-        if reply is None:                       # "drop": close without a byte of answer
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            return
-        try:
-            self.send_response(reply.status)
-            if reply.status != 204:
-                self.send_header("Content-Type", reply.content_type)
-                self.send_header("Content-Length", str(len(reply.body)))
-            for name, value in (reply.headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if reply.body and reply.status != 204:
-                self.wfile.write(reply.body)
-            self.wfile.flush()
-        except OSError:
-            self.close_connection = True
-
-    def log_message(self, format, *args):  # noqa: A002
-        pass
+        self.send_reply(self.fake._handle(parts.path, parts.query, self.headers))   # None: "drop"
 
 
 class FakeIVolatility(ServedFake):
@@ -332,7 +296,7 @@ class FakeIVolatility(ServedFake):
     def _authorized(self, query: dict, headers) -> bool:
         return headers.get("apiKey") == self.api_key or query.get("apiKey") == self.api_key
 
-    def _handle(self, path: str, query_text: str, headers) -> _Reply | None:
+    def _handle(self, path: str, query_text: str, headers) -> Reply | None:
         query = {k: v[-1] for k, v in parse_qs(query_text, keep_blank_values=True).items()}
         with self._lock:
             self._requests.append((path, dict(query), headers.get("apiKey") is not None, "apiKey" in query))
@@ -355,7 +319,7 @@ class FakeIVolatility(ServedFake):
                 with self._lock:
                     token = self._jobs[job]["token"]
                 port = self._server.server_address[1]
-                return _Reply(302, b"", "text/plain",
+                return Reply(302, b"", "text/plain",
                               {"Location": f"http://localhost:{port}/data/download/{job}.csv.gz?token={token}"})
             if path == "/equities/eod/options-rawiv":
                 return self._options_rawiv(query)
@@ -371,17 +335,17 @@ class FakeIVolatility(ServedFake):
             return _json(500, {"message": f"fake error: {error}"})
 
     @staticmethod
-    def _fault_reply(fault: Fault) -> _Reply | None:
+    def _fault_reply(fault: Fault) -> Reply | None:
         if fault.kind == "drop":
             return None
         if fault.kind == "429":
             headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-            return _Reply(429, json.dumps({"message": "Too many requests"}).encode(), headers=headers)
+            return Reply(429, json.dumps({"message": "Too many requests"}).encode(), headers=headers)
         if fault.kind == "502":
-            return _Reply(502, _HTML_502, "text/html")
+            return Reply(502, _HTML_502, "text/html")
         return _json(int(fault.kind), {"message": "Internal server error"})
 
-    def _options_rawiv(self, query: dict) -> _Reply:
+    def _options_rawiv(self, query: dict) -> Reply:
         symbol = query.get("symbol", "").strip().upper()
         try:
             if "date" in query:
@@ -399,7 +363,7 @@ class FakeIVolatility(ServedFake):
             self.queries_left = max(0, self.queries_left - 1)
             left = self.queries_left
         if not rows:
-            return _Reply(204)
+            return Reply(204)
         if len(rows) <= self.inline_limit:
             return _json(200, {"status": {"executionTime": 12, "recordsFound": len(rows), "code": "DONE",
                                           "urlForDetails": None, "queriesLeftEOD": left},
@@ -412,7 +376,7 @@ class FakeIVolatility(ServedFake):
                                       "urlForDetails": details, "queriesLeftEOD": left},
                            "query": {"requestUUID": job}, "data": []})
 
-    def _info(self, job: str) -> _Reply:
+    def _info(self, job: str) -> Reply:
         with self._lock:
             entry = self._jobs.get(job)
             if entry is None:
@@ -426,7 +390,7 @@ class FakeIVolatility(ServedFake):
                             "data": [{"urlForDownload": link,
                                       "fileSize": len(entry["rows"]) * 120}]}])
 
-    def _download(self, job: str) -> _Reply:
+    def _download(self, job: str) -> Reply:
         with self._lock:
             entry = self._jobs.get(job)
         if entry is None:
@@ -445,4 +409,4 @@ class FakeIVolatility(ServedFake):
                     value = dt.date.fromisoformat(value).strftime("%m/%d/%Y")
                 values.append("" if value is None else value)
             writer.writerow(values)
-        return _Reply(200, gzip.compress(buffer.getvalue().encode()), "application/octet-stream")
+        return Reply(200, gzip.compress(buffer.getvalue().encode()), "application/octet-stream")
