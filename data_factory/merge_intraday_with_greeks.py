@@ -57,6 +57,7 @@ if str(_PROJECT_ROOT) not in sys.path:       # `python data_factory/merge_intrad
     sys.path.insert(0, str(_PROJECT_ROOT))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -335,9 +336,25 @@ def prepare_bars(table: pa.Table, symbol: str, first=None, last=None, fill_gaps:
 
 
 # ============================================================================== the store steps
-def _staging_next_to(target: Path, tag: str) -> Path:
+@contextlib.contextmanager
+def _building_store(target: Path, tag: str):
+    """(staging, scratch) for building a store that replaces ``target``: ``staging`` is a free path
+    beside it (not created: ``ingest`` creates the store there, and an empty folder is not a store
+    yet), ``scratch`` a temporary folder for intermediate files. When the block ends, the store
+    takes ``target``'s place in one rename; when it raises, ``target`` is as it was. Either way the
+    scratch folder goes."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{tag}-", dir=target.parent))
+    staging.rmdir()                                  # the name is ours; the folder is ingest's to make
+    scratch = Path(tempfile.mkdtemp(prefix=f"{tag}-scratch-"))
+    try:
+        yield staging, scratch
+        _put_in_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _check_target(target: Path, replace: bool) -> None:
@@ -390,9 +407,7 @@ def merge(options, bars, store_dir, symbol: str = "SPY", start=None, end=None, o
     option_files = input_files(options, "option")
     bar_table, bar_reports = load_bars(bars, symbol, on_bad_rows)
     by_width, bar_report = prepare_bars(bar_table, symbol, first, last, fill_gaps)
-    staging = _staging_next_to(store_dir, "merge")
-    scratch = Path(tempfile.mkdtemp(prefix="merge-inputs-"))
-    try:
+    with _building_store(store_dir, "merge") as (staging, scratch):
         chain_parts, option_reports = _chain_parts(option_files, options_format, on_bad_rows, symbol, first, last,
                                                    scratch)
         bar_parts = []
@@ -400,7 +415,6 @@ def merge(options, bars, store_dir, symbol: str = "SPY", start=None, end=None, o
             path = scratch / f"bars-{width}min.parquet"
             pq.write_table(table, path)
             bar_parts.append(path)
-        shutil.rmtree(staging)                   # ingest creates it (an empty folder is not a store yet)
         summary = ingest([*chain_parts, *bar_parts], staging)
         store = ChainStore.open(staging)
         chain_days = store.dates()
@@ -420,12 +434,6 @@ def merge(options, bars, store_dir, symbol: str = "SPY", start=None, end=None, o
                 "chain_only_sessions": chain_only, "bar_only_sessions": bars_only,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         _annotate(staging, "merge", note)
-        _put_in_place(staging, store_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {"store": str(store_dir), "chain_rows": summary.chain_rows, "bar_rows": summary.bar_rows,
             "chain_sessions": len(chain_days), "first_session": str(chain_days[0].date()),
             "last_session": str(chain_days[-1].date()), "sessions_with_both": len(both),
@@ -459,10 +467,7 @@ def expand(store_dir, expanded_dir, minutes: int, symbol: str = "SPY", start=Non
     bars = source.read_bars(symbol.upper())
     if bars is None or not bars.num_rows:
         raise DataError(f"{store_dir}: the store holds no {symbol.upper()} bars to expand along")
-    staging = _staging_next_to(expanded_dir, "expand")
-    scratch = Path(tempfile.mkdtemp(prefix="expand-bars-"))
-    try:
-        shutil.rmtree(staging)
+    with _building_store(expanded_dir, "expand") as (staging, scratch):
         args = argparse.Namespace(input=[str(store_dir)], format=None, bars=None, minutes=int(minutes),
                                   store=str(staging), dte_max=dte_max, strike_band=strike_band, start=start, end=end,
                                   underlying=symbol.upper(), rate=rate, dividend_yield=dividend_yield,
@@ -478,12 +483,6 @@ def expand(store_dir, expanded_dir, minutes: int, symbol: str = "SPY", start=Non
                                      "note": "15-minute chains are the expansion at 15-minute closes (the same "
                                              "quotes as every third bar of a 5-minute expansion)"
                                      if int(minutes) == 15 else None})
-        _put_in_place(staging, expanded_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 

@@ -388,6 +388,24 @@ def test_merge_cli_builds_the_store_then_expands_it(vendors, tmp_path, capsys):
     assert set(chains.loc[chains["quote_time"] == at, "underlying_price"]) == {close[at.tz_convert("UTC")]}
 
 
+def test_a_failed_replacing_merge_leaves_the_store_and_its_folder_as_they_were(vendors, tmp_path):
+    alpaca, options = vendors
+    download(options, tmp_path / "ivol", start="2018-04-09", end="2018-04-11")
+    april_10 = write_bar_csv(alpaca_bars(alpaca, "1Min", "2018-04-10T00:00:00Z", "2018-04-11T00:00:00Z"),
+                             tmp_path / "bars10" / "SPY.csv")
+    april_13 = write_bar_csv(alpaca_bars(alpaca, "1Min", "2018-04-13T00:00:00Z", "2018-04-14T00:00:00Z"),
+                             tmp_path / "bars13" / "SPY.csv")
+    store = tmp_path / "stores" / "spy"
+    merging.merge([tmp_path / "ivol"], [april_10], store)
+    manifest = (store / "manifest.json").read_text()
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    with pytest.raises(DataError, match="share no session"):
+        merging.merge([tmp_path / "ivol"], [april_13], store, replace=True)
+    assert (store / "manifest.json").read_text() == manifest
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+    assert [p.name for p in store.parent.iterdir()] == ["spy"]          # no staging folder left beside it
+
+
 # ============================================================================== the pipeline end to end
 PIPELINE = ROOT / "scripts" / "run_production_pipeline.py"
 START, END = "2018-04-09", "2018-04-13"                 # no DST change within the listed expirations
