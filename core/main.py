@@ -218,6 +218,21 @@ def _check_mode_flags(parser, args, optimize: bool) -> None:
         raise ConfigError(f"{flag} is an optimizer flag: add --mode optimize (or --use-optimizer)")
 
 
+def _check_options_data_mode(config, args, optimize: bool) -> None:
+    """User option data (``backtest.options_data``, from --options-data or a config file) is read by
+    the backtest mode only: refused where it would be silently ignored."""
+    from core.config import ConfigError
+
+    path = config.backtest.options_data
+    if not path or (args.mode == "backtest" and not optimize) or args.mode in ("ingest", "stress"):
+        return                                  # the stress runner refuses it with its own reason
+    uses = ("the optimizer runs its trials on the embedded synthetic chains" if optimize else
+            "a live run trades Alpaca's own chains" if args.mode == "live" else
+            "--mode data shows the embedded synthetic chain")
+    raise ConfigError(f"--options-data {path}: your option data is read by backtests only ({uses}); "
+                      f"drop --options-data (or backtest.options_data in the config)")
+
+
 def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
@@ -520,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         check_stress_flags(parser, args)
         _check_mode_flags(parser, args, optimize)
         config = _load_config(args.config, _overrides(args))
+        _check_options_data_mode(config, args, optimize)
         if args.mode == "stress":
             from core.stress import run as run_stress
             return run_stress(args, config, argv)

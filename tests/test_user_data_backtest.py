@@ -111,3 +111,15 @@ def test_end_of_day_chains_trade_at_the_snapshot_unless_the_user_set_a_window_th
                  "--out", str(refused)]) == 2
     error = capsys.readouterr().err
     assert "every decision bar is outside the entry window 09:45 … 11:00" in error and not refused.exists()
+
+
+@pytest.mark.parametrize("mode, says", [(["--mode", "optimize"], "the optimizer runs its trials on the embedded"),
+                                        (["--use-optimizer"], "the optimizer runs its trials on the embedded"),
+                                        (["--mode", "live", "--dry-run"], "a live run trades Alpaca's own chains"),
+                                        (["--mode", "data"], "--mode data shows the embedded synthetic chain")])
+def test_option_data_outside_a_backtest_is_refused_not_ignored(mode, says, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*mode, "--options-data", str(tmp_path / "store"), "--out", str(out)]
+                if mode[-1] != "data" else [*mode, "--options-data", str(tmp_path / "store")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and says in error[0] and "read by backtests only" in error[0] and not out.exists()
