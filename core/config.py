@@ -312,6 +312,13 @@ class FiltersConfig(_Section):
     # reflection principle) exceeds this.
     use_probability_filter: bool = True
     max_breach_probability: float = Field(0.40, gt=0.0, le=1.0)
+    # Where that touch probability comes from: "delta" (2|delta| of each short leg, the
+    # reflection principle on a lognormal) or "diffusion" (the DeepMamba checkpoint's diffusion
+    # head at mamba.weights_path: N sampled forward price paths per entry bar; the share of paths
+    # that touch each short strike before expiry). "diffusion" needs a checkpoint trained with
+    # `--diffusion-head` whose paths reach strategy.dte_max.
+    pop_source: Literal["delta", "diffusion"] = "delta"
+    diffusion_paths: int = Field(64, ge=8, le=4096, description="paths sampled per entry bar (pop_source diffusion)")
     # Liquidity gate: every leg quoted with a bid, and the condor's total bid/ask spread at most
     # this share of its mid credit (spread paid in and out eats the premium).
     liquidity_max_spread_to_credit: float = Field(0.50, gt=0.0, le=10.0)
@@ -559,6 +566,15 @@ class RegimeConfig(_Section):
     use_regime_wings: bool = True
     wing_scale_crash: float = Field(2.0, gt=0.0, le=10.0)
     wing_scale_low_vol: float = Field(0.6, gt=0.0, le=10.0)
+    # Topological (TDA) features of daily log returns (intelligence/tda.py): persistent homology
+    # of the delay embedding of the trailing `tda_window` session returns, known at the previous
+    # session's close (lagged one session, no look-ahead). Off by default: over 2014-2018 they
+    # correlate weakly with the regime labels and forward moves (|rho| <= 0.3), so they feed the
+    # trade log's context and the bar table, not the classifier or the fuzzy engine.
+    tda_features: bool = False
+    tda_window: int = Field(60, ge=8, le=5000, description="sessions")
+    tda_dim: int = Field(3, ge=2, le=10, description="delay-embedding dimension")
+    tda_tau: int = Field(1, ge=1, le=20, description="delay, sessions")
 
     @model_validator(mode="after")
     def _ordered(self) -> RegimeConfig:
@@ -1266,6 +1282,13 @@ CLI_FLAGS: tuple[CliFlag, ...] = (
             "backtest on your own option chains: a chain store (--mode ingest) or vendor files / a folder of them "
             "(OptionsDX, Cboe DataShop, IVolatility, ORATS, ...; ingested into a cache store on first use); without "
             "it, the embedded synthetic chains", str, metavar="PATH"),
+    CliFlag("--pop-source", "filters.pop_source",
+            "where the probability filter's short-strike touch probability comes from: 2|delta| or the DeepMamba "
+            "checkpoint's diffusion paths (needs a model trained with --diffusion-head)", str,
+            choices=("delta", "diffusion")),
+    CliFlag("--diffusion-paths", "filters.diffusion_paths", "paths sampled per entry bar with --pop-source diffusion",
+            int),
+    CliFlag("--tda-window", "regime.tda_window", "TDA features: trailing sessions per persistence diagram", int),
     CliFlag("--engine", "backtest.engine", "driver: the Backtrader event loop or the fast event-skipping driver, "
             "same trades", str, choices=("backtrader", "fast")),
     CliFlag("--fees", "backtest.fees", "commission and fee preset", str, choices=("ibkr", "alpaca", "none")),
@@ -1293,6 +1316,9 @@ CLI_FLAGS: tuple[CliFlag, ...] = (
     CliFlag("--no-risk-limits", "risk.use_risk_limits",
             "risk manager's Greek caps, risk budget and kill switch off (max positions and max alloc still apply)",
             sets=False),
+    CliFlag("--tda-features", "regime.tda_features",
+            "add the topological (persistent homology) features of daily returns to the bar table and trade log",
+            sets=True),
     CliFlag("--no-plot", "backtest.plot", "skip the equity/drawdown PNG", sets=False),
     CliFlag("--fill-next-bar", "backtest.fill_on_next_bar", "fill at the bar after the signal instead of the signal bar",
             sets=True),
