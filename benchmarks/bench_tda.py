@@ -15,6 +15,14 @@ Anchors, measured in the same run on the same windows:
 - floor: numpy/scipy pairwise distances of the same windows (the part any method must pay);
 - per-bar intraday: one window per 5-minute bar (97,650 windows), extrapolated from 2,000 bars,
   which is why the intraday variant is one value per session.
+
+Wiring (what a run pays when the features are switched on):
+- bar table: ``intelligence.features.lagged_daily_tda`` (what ``compute_bar_features`` calls with
+  ``regime.tda_features``) for every 5-minute trading bar of the period, daily closes from 400
+  days before the start (as ``core.market_data.embedded_feature_inputs`` gives them), window 60;
+- DeepMamba inputs: ``build_features(bars, iv, tda={window 60, dim 3, tau 1})`` against
+  ``build_features(bars, iv)`` on the period's SYNTHETIC 5-minute bars
+  (``embedded_training_bars``), with a constant IV array.
 """
 from __future__ import annotations
 
@@ -26,6 +34,9 @@ from scipy.spatial.distance import pdist
 
 import gudhi
 from data_factory import embedded, intraday
+from core.config import Config
+from intelligence import mamba_data
+from intelligence.features import lagged_daily_tda
 from intelligence.tda import (
     TDA_COLUMNS,
     delay_embedding,
@@ -58,6 +69,29 @@ def _naive(clouds):
 def _floor(clouds):
     for cloud in clouds:
         pdist(cloud)
+
+
+def _wiring(row) -> None:
+    """The cost of the features as the bar table and the DeepMamba inputs compute them."""
+    print(f"\nwired into the bar table and the DeepMamba inputs (window {DAILY_WINDOW}, dim {DIM}, tau {TAU}):")
+    regime = Config().override({"regime.tda_features": True}).regime
+    history = embedded.daily_bars("SPY", pd.Timestamp(START) - pd.Timedelta(days=400), END)
+    bars, _, _ = mamba_data.embedded_training_bars(START, END)
+    session_ns = mamba_data._session_dates(pd.DatetimeIndex(bars.index))
+    day_row = np.searchsorted(pd.DatetimeIndex(history.index).as_unit("ns").asi8, session_ns)
+    columns, seconds = _timed(lagged_daily_tda, history, day_row, regime)
+    undefined = int(np.isnan(columns[TDA_COLUMNS[0]]).sum())
+    row(f"bar table: lagged_daily_tda, {len(day_row):,} bars ({undefined} NaN)",
+        len(np.unique(day_row)), seconds)
+    iv = np.full(len(bars), 15.0)
+    plain, plain_seconds = _timed(mamba_data.build_features, bars, iv)
+    tda = {"window": DAILY_WINDOW, "dim": DIM, "tau": TAU}
+    with_tda, seconds = _timed(mamba_data.build_features, bars, iv, tda=tda)
+    sessions = len(np.unique(session_ns))
+    row(f"build_features(tda=...), {len(bars):,} bars", sessions, seconds)
+    row("  anchor: build_features without tda", sessions, plain_seconds)
+    print(f"    -> TDA adds {seconds - plain_seconds:.2f} s; warmup_rows {mamba_data.warmup_rows(plain.to_numpy()):,} "
+          f"without, {mamba_data.warmup_rows(with_tda.to_numpy()):,} with ({DAILY_WINDOW + 1} sessions)")
 
 
 def main() -> None:
@@ -97,6 +131,8 @@ def main() -> None:
     _, seconds = _timed(tda_features_at, bar_returns, sample, window=SESSION_WINDOW, dim=DIM, tau=TAU)
     row(f"  per-bar intraday (window {SESSION_WINDOW}), 2,000 bars", len(sample), seconds)
     print(f"    -> extrapolated to {len(bars)} bars: {seconds * len(bars) / len(sample):.1f} s")
+
+    _wiring(row)
 
     # --- regimes ---------------------------------------------------------------------------
     iv = embedded.daily_iv_index(START, END)["iv_index"]

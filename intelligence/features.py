@@ -8,7 +8,10 @@ up to and including that bar's close only:
   bars are the bars a longer run would have replayed);
 - higher-timeframe votes count only once their bar has closed (``intelligence.mtf_consensus``);
 - session-level inputs (gap, SPY/QQQ divergence, IV rank's history) use completed sessions, plus
-  the current bar's own IV index for the rank.
+  the current bar's own IV index for the rank;
+- with ``regime.tda_features`` on, the ``TDA_COLUMNS`` (``intelligence.tda``: persistent homology
+  of the trailing ``regime.tda_window`` daily log returns) are those of the sessions up to the
+  previous session's close, like ``divergence_z``. Context only: nothing gates or sizes on them.
 
 The neural factor is 0.5 (neutral) unless a forecaster supplies ``neural`` per bar.
 """
@@ -37,6 +40,7 @@ from intelligence.mtf_consensus import (
     resample_session_bars,
 )
 from intelligence.regime_filter import classify_regime
+from intelligence.tda import TDA_COLUMNS, TDAInputError, lagged_close_tda, min_lagged_closes
 
 TRADING_BAR_MINUTES = 5
 FULL_SESSION_MINUTES = 390
@@ -137,6 +141,43 @@ def intraday_iv_rank(session_of_bar: np.ndarray, bar_iv: np.ndarray, daily_iv: p
     return np.where(hi == lo, 50.0, rank)
 
 
+def lagged_daily_tda(daily_spot: pd.DataFrame, day_row: np.ndarray, regime) -> dict[str, np.ndarray]:
+    """The ``TDA_COLUMNS`` per trading bar: bar ``i`` (session row ``day_row[i]`` of
+    ``daily_spot``) gets the features of the ``regime.tda_window`` daily log returns ending at the
+    previous session's close. NaN while fewer closes precede the session (warm-up).
+
+    Raises ``TDAInputError`` (one message naming ``regime.tda_window``) when no bar gets a value.
+    """
+    window, dim, tau = regime.tda_window, regime.tda_dim, regime.tda_tau
+    sessions = pd.DatetimeIndex(daily_spot.index)
+    if len(day_row) == 0:
+        return {name: np.empty(0) for name in TDA_COLUMNS}
+    needed = min_lagged_closes(window)
+    # Daily sessions strictly before the first / last trading bar's session.
+    before_first, before_last = int(day_row.min()), int(day_row.max())
+
+    def day(row):
+        return sessions[min(row, len(sessions) - 1)].date()
+
+    if before_last < needed:
+        most = before_last - 1
+        advice = (f"lower --tda-window (at most {most:,} here)" if most >= 8 else
+                  "lower --tda-window or run a longer period")
+        raise TDAInputError(
+            f"regime.tda_window = {window:,} sessions but the daily data holds {before_last:,} sessions before the "
+            f"last trading session {day(before_last)} ({before_first:,} before the first, {day(before_first)}): "
+            f"a TDA value needs tda_window + 1 = {needed:,} earlier daily closes, so no bar would get one; {advice}")
+    # Only the closes the bars can see: from `needed` sessions before the first bar's session.
+    lo = max(0, before_first - needed)
+    try:
+        lagged = lagged_close_tda(daily_spot["close"].to_numpy(float)[lo:before_last + 1], window, dim, tau)
+    except TDAInputError as error:
+        raise TDAInputError(f"regime.tda_window = {window}, regime.tda_dim = {dim}, regime.tda_tau = {tau} "
+                            f"(daily closes {day(lo)} .. {day(before_last)}): "
+                            f"{error}") from None
+    return {name: lagged[day_row - lo, k] for k, name in enumerate(TDA_COLUMNS)}
+
+
 def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.ndarray, bar_iv_index: np.ndarray,
                          daily_iv: pd.Series, daily_spot: pd.DataFrame, daily_pair: pd.DataFrame | None,
                          neural: np.ndarray | None = None,
@@ -224,6 +265,10 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
         columns["divergence_z"] = np.full(len(target_close_ns), np.nan)
         columns["divergence_bias"] = np.zeros(len(target_close_ns))
 
+    if regime.tda_features:
+        # Each session sees the features of completed sessions only (yesterday's close and before).
+        columns.update(lagged_daily_tda(daily_spot, day_row, regime))
+
     columns["regime"] = classify_regime(columns["adx"], columns["iv_index"], columns["close"],
                                         columns["sma_fast"], columns["sma_slow"], trend_adx=regime.trend_adx,
                                         crash_vix=regime.crash_vix,
@@ -255,5 +300,9 @@ def compute_bar_features(config, base_bars: pd.DataFrame, target_close_ns: np.nd
         "divergence_pair": None if daily_pair is None else daily_pair.attrs.get("symbol", "pair"),
         "neural": "neutral 0.5 (no forecaster)" if neural is None else "supplied",
     }
+    if regime.tda_features:
+        description["tda"] = {"window": regime.tda_window, "dim": regime.tda_dim, "tau": regime.tda_tau,
+                              "lagged": "one session",
+                              "bars_without_value": int(np.isnan(columns[TDA_COLUMNS[0]]).sum())}
     return BarFeatures({name: np.ascontiguousarray(values, dtype=float) for name, values in columns.items()},
                        np.asarray(target_close_ns, dtype=np.int64), description)

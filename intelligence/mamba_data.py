@@ -6,7 +6,8 @@ Owns
   ``embedded_training_bars`` (the embedded S&P 500 proxy expanded to SYNTHETIC 5-minute bars).
 - ``causal_bar_iv_index`` / ``realized_vol_iv_proxy``: an IV index per bar that uses only what is
   known at the bar's close.
-- ``build_features``: the model's input columns (``FEATURE_NAMES``); row t uses bars ≤ t only.
+- ``build_features``: the model's input columns (``FEATURE_NAMES``, plus ``TDA_FEATURE_NAMES`` with
+  ``tda=``; ``feature_names(tda)`` says which); row t uses bars ≤ t only.
 - ``build_targets``: what the heads learn (``TARGET_NAMES``), under ``TargetRules``.
 - ``Scaler``: z-score from the TRAIN split only, then soft clipping clip·tanh(z/clip); stored with
   the model so inference scales exactly as training did.
@@ -34,6 +35,15 @@ from torch.utils.data import Dataset, Sampler
 from analytics import indicators
 from analytics.realized_vol import log_returns, realized_vol
 from data_factory.errors import DataError
+from intelligence.tda import (
+    DEFAULT_DIM,
+    DEFAULT_TAU,
+    DEFAULT_WINDOW,
+    TDA_COLUMNS,
+    TDAInputError,
+    lagged_close_tda,
+    min_lagged_closes,
+)
 
 EXCHANGE_TZ = "America/New_York"
 BAR_MINUTES = 5                          # the bar width every feature, target and the backtest use
@@ -56,6 +66,11 @@ FEATURE_NAMES = (
     "minutes_since_open",  # (bar close time − 09:30) / 390 minutes
     "bar_range",           # ln(high / low) of the bar
 )
+# Optional topological inputs (``build_features(..., tda=...)``): persistent homology of the trailing
+# ``window`` SESSION log returns (session close = the session's last bar), lagged one session and
+# broadcast to every bar of the session (intelligence.tda.lagged_close_tda).
+TDA_FEATURE_NAMES = TDA_COLUMNS
+TDA_KEYS = ("window", "dim", "tau")
 TARGET_NAMES = ("next_return", "realized_vol", "max_up", "max_down", "pop")
 DEFAULT_CLIP = 4.0
 
@@ -302,11 +317,59 @@ def realized_vol_iv_proxy(close, multiplier: float = 1.2, window: int = BARS_PER
 # ----------------------------------------------------------------------------------------------
 # Features and targets
 
-def build_features(bars: pd.DataFrame, iv_index) -> pd.DataFrame:
+def feature_names(tda: dict | None = None) -> tuple:
+    """The columns ``build_features(..., tda=tda)`` returns, in order."""
+    return FEATURE_NAMES if tda is None else FEATURE_NAMES + TDA_FEATURE_NAMES
+
+
+def tda_parameters(tda: dict) -> tuple[int, int, int]:
+    """(window, dim, tau) of a ``tda`` setting (keys ``TDA_KEYS``; a missing one takes
+    intelligence.tda's default); TDAInputError on an unknown key."""
+    if not isinstance(tda, dict):
+        raise TDAInputError(f"tda: give a dict with keys {', '.join(TDA_KEYS)} (or None), got {tda!r}")
+    unknown = sorted(set(tda) - set(TDA_KEYS))
+    if unknown:
+        raise TDAInputError(f"tda: unknown key {unknown[0]!r} (the keys are {', '.join(TDA_KEYS)})")
+    return (tda.get("window", DEFAULT_WINDOW), tda.get("dim", DEFAULT_DIM), tda.get("tau", DEFAULT_TAU))
+
+
+def session_tda_columns(bars: pd.DataFrame, tda: dict) -> dict[str, np.ndarray]:
+    """The TDA_FEATURE_NAMES per bar: each session's bars get the features of the trailing
+    ``window`` session log returns ending at the PREVIOUS session's close (its last bar), so a bar
+    never sees its own session's close. NaN for the first ``window + 1`` sessions.
+
+    TDAInputError when the bars hold too few sessions for any bar to get a value."""
+    window, dim, tau = tda_parameters(tda)
+    index = pd.DatetimeIndex(bars.index)
+    sessions = _session_dates(index) if len(index) else np.empty(0, np.int64)
+    first = np.r_[True, sessions[1:] != sessions[:-1]] if len(sessions) else np.zeros(0, bool)
+    n_sessions = int(first.sum())
+    needed = min_lagged_closes(window) + 1        # window + 1 earlier closes, then the session itself
+    if n_sessions < needed:
+        span = (f" ({pd.Timestamp(sessions[0]).date()} .. {pd.Timestamp(sessions[-1]).date()})"
+                if n_sessions else "")
+        raise TDAInputError(f"tda window = {window:,} sessions but the bars hold {n_sessions:,} sessions{span}: "
+                            f"a TDA value needs window + 1 = {needed - 1:,} earlier session closes, so no bar "
+                            f"would get one; lower the TDA window (at most {n_sessions - 2:,} here) or give "
+                            f"more bars")
+    last = np.r_[first[1:], True]
+    session_close = bars["close"].to_numpy(float)[last]
+    lagged = lagged_close_tda(session_close, window, dim, tau)
+    session_id = np.cumsum(first) - 1
+    return {name: lagged[session_id, k] for k, name in enumerate(TDA_FEATURE_NAMES)}
+
+
+def build_features(bars: pd.DataFrame, iv_index, *, tda: dict | None = None) -> pd.DataFrame:
     """The FEATURE_NAMES columns (float64, NaN during indicator warm-up), one row per bar.
 
+    ``tda`` ({"window", "dim", "tau"}; sessions): also the TDA_FEATURE_NAMES columns
+    (``session_tda_columns``: per session, lagged one session, NaN for the first window + 1
+    sessions); ``feature_names(tda)`` gives the columns. TDAInputError when the bars hold too few
+    sessions for any bar to get a TDA value.
+
     Causal: row t depends on bars 0..t and iv_index[0..t] only, so cutting the input after row t
-    leaves rows ≤ t unchanged (tests hold it to that).
+    leaves rows ≤ t unchanged (tests hold it to that; with ``tda``, for cuts that leave enough
+    sessions not to raise).
     """
     iv_index = np.asarray(iv_index, dtype=float)
     if len(iv_index) != len(bars):
@@ -328,8 +391,10 @@ def build_features(bars: pd.DataFrame, iv_index) -> pd.DataFrame:
             "minutes_since_open": _minutes_since_open(pd.DatetimeIndex(bars.index)) / SESSION_MINUTES,
             "bar_range": np.log(h / lo),
         }
+    if tda is not None:
+        columns.update(session_tda_columns(bars, tda))
     frame = pd.DataFrame(columns, index=bars.index)
-    return frame[list(FEATURE_NAMES)]
+    return frame[list(feature_names(tda))]
 
 
 def _minutes_since_open(index: pd.DatetimeIndex) -> np.ndarray:

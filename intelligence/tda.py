@@ -1,8 +1,9 @@
 """Topological (TDA) features of returns: persistent homology of sliding-window delay embeddings.
 
 Owns: ``rolling_tda_features`` (one row per return, causal), ``tda_features_at`` (rows at chosen
-window ends only), ``session_tda_features`` (one row per intraday session), the helpers
-``delay_embedding`` and ``session_log_returns``, ``TDA_COLUMNS`` and ``TDAInputError``.
+window ends only), ``session_tda_features`` (one row per intraday session), ``lagged_close_tda``
+(one row per session close, lagged one session: what the bar table and the DeepMamba inputs use),
+the helpers ``delay_embedding`` and ``session_log_returns``, ``TDA_COLUMNS`` and ``TDAInputError``.
 
 Method, per window of the trailing ``window`` log returns ending at a point (nothing after it):
 
@@ -52,7 +53,8 @@ except ImportError:  # pragma: no cover - only on a GUDHI that renamed its priva
     _gudhi_ripser_full = None
 
 __all__ = ["TDA_COLUMNS", "TDAInputError", "delay_embedding", "rolling_tda_features", "tda_features_at",
-           "session_tda_features", "session_log_returns", "persistence_diagrams"]
+           "session_tda_features", "session_log_returns", "persistence_diagrams", "lagged_close_tda",
+           "min_lagged_closes"]
 
 TDA_COLUMNS = ("tda_h0_total", "tda_h1_total", "tda_h1_max", "tda_h0_entropy", "tda_h1_entropy",
                "tda_betti1_peak", "tda_betti1_mid")
@@ -248,3 +250,38 @@ def session_tda_features(log_returns, session, window: int = DEFAULT_SESSION_WIN
     frame.index = pd.Index(session[ends], name="session")
     return frame
 
+
+
+def min_lagged_closes(window: int) -> int:
+    """Closes ``lagged_close_tda`` needs before its first defined row: row ``k`` is defined from
+    ``k = window + 1`` on (``window`` returns need ``window + 1`` closes, all before session ``k``)."""
+    return window + 1
+
+
+def lagged_close_tda(close, window: int = DEFAULT_WINDOW, dim: int = DEFAULT_DIM,
+                     tau: int = DEFAULT_TAU) -> np.ndarray:
+    """``(len(close), 7)`` float64: row ``k`` holds the ``TDA_COLUMNS`` of the trailing ``window``
+    log returns of ``close`` ending at close ``k - 1``, so it is known before session ``k`` opens
+    (lagged one session; close ``k`` and later never enter row ``k``). NaN for the first
+    ``min_lagged_closes(window)`` rows (all rows when ``close`` is that short or shorter).
+
+    ``close``: one close per session, in time order (daily bars' closes, or the last intraday bar
+    of each session). Raises ``TDAInputError`` on bad parameters or a non-positive / non-finite
+    close (naming its position).
+    """
+    close = np.asarray(close, dtype=float)
+    if close.ndim != 1:
+        raise TDAInputError(f"tda: close must be one-dimensional, got shape {close.shape}")
+    bad = np.flatnonzero(~(np.isfinite(close) & (close > 0.0)))
+    if len(bad):
+        raise TDAInputError(f"tda: {len(bad)} close(s) are not positive finite numbers, first at position "
+                            f"{bad[0]} of {len(close)} ({close[bad[0]]})")
+    out = np.full((len(close), len(TDA_COLUMNS)), np.nan)
+    first = min_lagged_closes(window)
+    if len(close) <= first:
+        _check_params(window, window, dim, tau)   # bad parameters still fail loudly
+        return out
+    # Returns ending at closes 1 .. n-2 (the last close is never read: it belongs to no lagged row).
+    returns = np.diff(np.log(close[:-1]))
+    out[2:] = rolling_tda_features(returns, window, dim, tau).to_numpy()
+    return out

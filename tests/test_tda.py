@@ -141,3 +141,28 @@ def test_non_finite_returns_are_rejected_with_their_position(bad):
     returns[17] = bad
     with pytest.raises(TDAInputError, match="log_returns.*position 17"):
         rolling_tda_features(returns, window=30)
+
+
+def test_lagged_close_tda_row_k_ends_at_close_k_minus_1():
+    from intelligence.tda import lagged_close_tda, min_lagged_closes
+    close = 100.0 * np.exp(np.cumsum(_noise(40, seed=4)))
+    lagged = lagged_close_tda(close, window=12, dim=3, tau=1)
+    rolling = rolling_tda_features(np.diff(np.log(close)), window=12, dim=3, tau=1).to_numpy()
+    assert lagged.shape == (40, len(TDA_COLUMNS)) and min_lagged_closes(12) == 13
+    assert np.isnan(lagged[:13]).all() and np.isfinite(lagged[13:]).all()
+    np.testing.assert_array_equal(lagged[2:], rolling[:-1])        # returns row k-2 ends at close k-1
+    # The last close belongs to no row; changing it changes nothing, changing the one before does.
+    bumped = close.copy()
+    bumped[-1] *= 1.5
+    np.testing.assert_array_equal(lagged_close_tda(bumped, window=12, dim=3, tau=1), lagged)
+    bumped[-2] *= 1.5
+    assert not np.array_equal(lagged_close_tda(bumped, window=12, dim=3, tau=1)[-1], lagged[-1])
+
+
+def test_lagged_close_tda_short_or_bad_input():
+    from intelligence.tda import lagged_close_tda
+    assert np.isnan(lagged_close_tda(np.linspace(100, 110, 13), window=12)).all()
+    with pytest.raises(TDAInputError, match="window=8 is too short"):
+        lagged_close_tda(np.linspace(100, 110, 5), window=8)          # bad parameters still raise
+    with pytest.raises(TDAInputError, match="first at position 3"):
+        lagged_close_tda(np.r_[100.0, 101.0, 102.0, np.nan, 103.0], window=12)
