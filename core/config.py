@@ -827,6 +827,13 @@ class Config(BaseModel):
             f"{', '.join(sorted(self.data_pipeline.max_lag_sec))}; a new symbol needs an entry in "
             f"data_pipeline.max_lag_sec)",
         )
+        _require(
+            self.filters.pop_source == "delta"
+            or (self.filters.use_entry_gates and self.filters.use_probability_filter),
+            "filters.pop_source = diffusion feeds the probability filter, which is off ("
+            + ("filters.use_entry_gates = false / --no-gates" if not self.filters.use_entry_gates
+               else "filters.use_probability_filter = false") + "): turn the filter on or leave pop_source at delta",
+        )
         return self
 
     # ---- construction -----------------------------------------------------------------------

@@ -511,7 +511,7 @@ class DeepMamba(nn.Module):
             strike_distance = strike_distance[:, -1]
         return self._heads(h[:, -1], strike_distance), state
 
-    def forward_stateful(self, x, state=None, strike_distance=None):
+    def forward_stateful(self, x, state=None, strike_distance=None, return_hidden=False):
         """x (b, L, n_features), starting from ``state`` (``allocate_state``/``prefill``/a previous
         call; None = zeros, the state before the first bar) → ({name: (b, L)} per position, state
         after the last bar).
@@ -520,9 +520,14 @@ class DeepMamba(nn.Module):
         the previous one returned, equals one call over the whole series and equals ``step`` bar
         by bar (tests/test_mamba_stateful.py). Differentiable, including through ``state``
         (truncated BPTT detaches it between segments). A mamba_ssm mixer is stepped bar by bar.
+        ``return_hidden``: the outputs also hold 'hidden', the final-normed hidden states
+        (b, L, d_model) the heads read (the diffusion head's condition).
         """
         h, state = self._blocks_from(x, state)
-        return self._heads(h, strike_distance), state
+        outputs = self._heads(h, strike_distance)
+        if return_hidden:
+            outputs["hidden"] = h
+        return outputs, state
 
     def _blocks_from(self, x, state):
         """The blocks over x (b, L, n_features) from ``state`` (None: zeros) → (final-normed

@@ -31,6 +31,7 @@ import torch
 
 from intelligence import mamba_data as md
 from intelligence.fuzzy_engine import NEUTRAL_NEURAL_MEMBERSHIP
+from intelligence.mamba_diffusion import DiffusionHead, PathForecast, PathInputError, PathRules
 from intelligence.mamba_engine import DeepMamba, membership_tensor
 
 NEUTRAL_MEMBERSHIP = NEUTRAL_NEURAL_MEMBERSHIP   # the fuzzy engine's "no opinion"
@@ -49,9 +50,11 @@ class ModelFileError(ValueError):
 
 
 @torch.inference_mode()
-def run_stateful(model: DeepMamba, features, chunk: int = STATEFUL_CHUNK, state=None, progress=None):
+def run_stateful(model: DeepMamba, features, chunk: int = STATEFUL_CHUNK, state=None, progress=None,
+                 return_hidden: bool = False):
     """One causal pass of ``model`` over ``features`` (rows, n_features), oldest first, from
     ``state`` (None = zeros) → ({output name: (rows,) float64} plus 'mu', state after the last row).
+    ``return_hidden``: also 'hidden', the final hidden state per row, (rows, d_model) float32.
 
     The rows go through ``DeepMamba.forward_stateful`` ``chunk`` at a time, each chunk starting
     from the state the previous one ended in, so the result does not depend on ``chunk`` beyond
@@ -62,12 +65,14 @@ def run_stateful(model: DeepMamba, features, chunk: int = STATEFUL_CHUNK, state=
     out: dict[str, np.ndarray] = {}
     chunk = max(1, int(chunk))
     for c0 in range(0, n, chunk):
-        o, state = model.forward_stateful(features[c0:c0 + chunk].unsqueeze(0), state)
+        o, state = model.forward_stateful(features[c0:c0 + chunk].unsqueeze(0), state,
+                                          return_hidden=return_hidden)
         o["mu"] = membership_tensor(o)
         for name, value in o.items():
             if name not in out:
-                out[name] = np.empty(n, dtype=np.float64)
-            out[name][c0:c0 + chunk] = value[0].double().cpu().numpy()
+                out[name] = (np.empty((n, value.shape[-1]), dtype=np.float32) if name == "hidden"
+                             else np.empty(n, dtype=np.float64))
+            out[name][c0:c0 + chunk] = value[0].cpu().numpy() if name == "hidden" else value[0].double().cpu().numpy()
         if progress is not None:
             progress(min(n, c0 + chunk))
     return out, state
@@ -84,9 +89,20 @@ class Forecaster:
         self.feature_names = tuple(metadata["feature_names"])
         self.scaler = md.Scaler.from_dict(metadata["scaler"])
         self.warmup_rows = int(metadata.get("warmup_rows", 0))
+        # TDA inputs ({"window", "dim", "tau"}) when the model was trained with --tda-features
+        self.tda = metadata.get("tda")
         self.inference = str(metadata.get("inference", "windowed"))
         # stateful: bars of the pass before its forecasts count (left out of the training loss)
         self.burn_in = int(metadata.get("burn_in", 0)) if self.inference == "stateful" else 0
+        # The diffusion path head and its path rules, when the checkpoint has one (load_forecaster)
+        self.diffusion: DiffusionHead | None = None
+        self.path_rules: PathRules | None = None
+
+    @property
+    def history_sessions(self) -> int:
+        """Sessions of bars before the first forecast bar the features need to be defined: the
+        TDA inputs' window + 1 (their lag) + 1 when the model reads them, else 0."""
+        return int(self.tda.get("window", 60)) + 2 if self.tda else 0
 
     @property
     def stateful(self) -> bool:
@@ -101,7 +117,7 @@ class Forecaster:
 
     def scaled_features(self, bars_5min: pd.DataFrame, iv_index) -> np.ndarray:
         """(rows, features) float32, built and scaled as in training; NaN warm-up rows → 0."""
-        raw = md.build_features(bars_5min, iv_index)
+        raw = md.build_features(bars_5min, iv_index, tda=self.tda)
         if tuple(raw.columns) != self.feature_names:
             raise ModelFileError(f"{self.path}: the model was trained on features {list(self.feature_names)}, "
                                  f"this code builds {list(raw.columns)}")
@@ -142,7 +158,7 @@ class Forecaster:
 
     def forecast_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
                          chunk: int | None = None, micro_batch: int = MICRO_BATCH,
-                         progress=None) -> dict:
+                         progress=None, return_hidden: bool = False) -> dict:
         """Every head and μ_Mamba ('mu') for each target bar (UTC ns close times, each one of
         ``bars_5min``'s bars) → {name: (len(targets),) float64}; NaN (μ: 0.5, the neutral value)
         where the model has no forecast yet (indicator warm-up, then the stateful burn-in or an
@@ -155,8 +171,12 @@ class Forecaster:
         A forecast at a bar reads bars ≤ it only. Stateful checkpoints: one pass from the first
         fully-defined row up to the last target bar (``chunk`` rows per call, default
         STATEFUL_CHUNK); windowed ones: ``forecast_rows`` (``chunk`` default 4096 target bars).
-        ``progress(done, total)``, if given, is called after each chunk.
+        ``progress(done, total)``, if given, is called after each chunk. ``return_hidden``
+        (stateful checkpoints): also 'hidden', (len(targets), d_model) float32, NaN rows where
+        there is no forecast (the diffusion head's condition).
         """
+        if return_hidden and not self.stateful:
+            raise ModelFileError(f"{self.path}: a windowed checkpoint has no per-bar hidden state for path sampling")
         index = pd.DatetimeIndex(bars_5min.index)
         if index.tz is None:
             raise ValueError("bars_5min: the index must be tz-aware bar close times")
@@ -168,7 +188,11 @@ class Forecaster:
             first = pd.Timestamp(int(targets[~found][0]), tz="UTC").tz_convert(md.EXCHANGE_TZ)
             raise ValueError(f"neural_membership_per_bar: no bar of bars_5min closes at {first} "
                              f"({int((~found).sum())} target bars unmatched)")
-        raw = md.build_features(bars_5min, iv_index).to_numpy()
+        raw = md.build_features(bars_5min, iv_index, tda=self.tda)
+        if tuple(raw.columns) != self.feature_names:
+            raise ModelFileError(f"{self.path}: the model was trained on features {list(self.feature_names)}, "
+                                 f"this code builds {list(raw.columns)}")
+        raw = raw.to_numpy()
         features = self.scaler.transform(raw)
         warm = md.warmup_rows(raw)
         out = {"mu": np.full(len(rows), NEUTRAL_MEMBERSHIP)}
@@ -179,14 +203,16 @@ class Forecaster:
             report = None if progress is None else (lambda done: progress(done, total))
             if ready.any():
                 period, _ = run_stateful(self.model, features[warm:stop],
-                                         chunk or STATEFUL_CHUNK, progress=report)
+                                         chunk or STATEFUL_CHUNK, progress=report, return_hidden=return_hidden)
                 picked = rows[ready] - warm
                 for name, values in period.items():
-                    column = np.full(len(rows), np.nan)
+                    column = np.full((len(rows), *values.shape[1:]), np.nan, dtype=values.dtype)
                     column[ready] = values[picked]
                     out[name] = column
             elif progress is not None:
                 progress(total, total)
+            if return_hidden and "hidden" not in out:
+                out["hidden"] = np.full((len(rows), self.model.d_model), np.nan, dtype=np.float32)
         else:
             ready = rows >= warm + self.lookback - 1          # first row with a clean full window
             skipped = int((~ready).sum())
@@ -202,6 +228,24 @@ class Forecaster:
                 progress(len(rows), len(rows))
         out["mu"] = np.where(np.isfinite(out["mu"]), out["mu"], NEUTRAL_MEMBERSHIP)
         return out
+
+    def path_forecast(self, bars_5min: pd.DataFrame, iv_index, target_close_ns, n_paths: int = 64,
+                      seed: int = 0, progress=None) -> PathForecast:
+        """The diffusion head's sampler over the target bars (``PathForecast``: paths drawn
+        lazily at the bars asked about, ``n_paths`` each, seeded per bar). Same inputs as
+        ``forecast_per_bar``; ModelFileError when the checkpoint has no diffusion head."""
+        if self.diffusion is None:
+            raise ModelFileError(f"{self.path}: this checkpoint has no diffusion path head (train one with "
+                                 f"`python -m intelligence.train_mamba --diffusion-head`, or add it to this "
+                                 f"model with `--init-from {self.path} --diffusion-head --out NEW.pth`)")
+        hidden = self.forecast_per_bar(bars_5min, iv_index, target_close_ns, progress=progress,
+                                       return_hidden=True)["hidden"]
+        index = pd.DatetimeIndex(bars_5min.index).tz_convert("UTC").as_unit("ns").asi8
+        rows = np.searchsorted(index, np.asarray(target_close_ns, dtype=np.int64))
+        bar_iv = np.asarray(iv_index, dtype=float)[rows]
+        return PathForecast(self.diffusion, self.path_rules, hidden, bar_iv, n_paths=n_paths, seed=seed,
+                            description=f"{self.path}: diffusion head, {n_paths} paths per bar of "
+                                        f"{self.path_rules.steps} steps × {self.path_rules.step_bars} bars")
 
     def neural_membership_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
                                   chunk: int | None = None, micro_batch: int = MICRO_BATCH,
@@ -249,4 +293,17 @@ def load_forecaster(path) -> Forecaster:
     except (RuntimeError, TypeError) as exc:
         raise ModelFileError(f"{path}: weights do not fit the model config {config}: "
                              f"{str(exc).splitlines()[0]} …") from None
-    return Forecaster(model, metadata, str(path))
+    forecaster = Forecaster(model, metadata, str(path))
+    if "diffusion" in metadata:
+        if "diffusion_state" not in checkpoint:
+            raise ModelFileError(f"{path}: metadata describes a diffusion head but the file holds no weights for it")
+        try:
+            head = DiffusionHead(**metadata["diffusion"]["config"])
+            head.load_state_dict(checkpoint["diffusion_state"], strict=True)
+            rules = PathRules(**{k: v for k, v in metadata["diffusion"]["path_rules"].items()
+                                 if k in ("steps", "step_bars")})
+        except (RuntimeError, TypeError, KeyError, PathInputError) as exc:
+            raise ModelFileError(f"{path}: the diffusion head does not fit its config: "
+                                 f"{str(exc).splitlines()[0]} …") from None
+        forecaster.diffusion, forecaster.path_rules = head.eval(), rules
+    return forecaster

@@ -55,7 +55,10 @@ import torch
 from data_factory.errors import DataError
 from intelligence import mamba_data as md
 from intelligence.mamba_engine import CPU_CHUNK_SIZE, DeepMamba, loss
+from intelligence.mamba_diffusion import PathInputError, PathRules
 from intelligence.mamba_inference import run_stateful
+from intelligence.tda import TDAInputError
+from intelligence.path_training import calibration_markdown
 
 CHECKPOINT_FORMAT = 1
 GPU_CHUNK_SIZE = 256
@@ -87,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--test-fraction", type=float, default=0.15)
     data.add_argument("--horizon-bars", type=int, default=md.TargetRules.horizon_bars,
                       help="target horizon in 5-minute bars (780 = 10 sessions)")
+    data.add_argument("--tda-features", action="store_true",
+                      help="add the 7 topological features (persistent homology of the trailing --tda-window "
+                           "session returns, lagged one session) to the model's inputs")
+    data.add_argument("--tda-window", type=int, default=60, help="sessions per persistence diagram (--tda-features)")
     data.add_argument("--pop-k", type=float, default=md.TargetRules.pop_k,
                       help="POP strikes at close·exp(±k·IV·√horizon)")
     model = p.add_argument_group("model")
@@ -137,6 +144,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--eval-stride", type=int, default=6,
                      help="evaluate a forecast every N test bars (1 = every bar)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    paths = p.add_argument_group("diffusion path head (stage 2, on the trained model, frozen)")
+    paths.add_argument("--diffusion-head", action="store_true",
+                       help="after training, fit the conditional diffusion head over forward price paths "
+                            "(--pop-source diffusion in backtests) and write its calibration")
+    paths.add_argument("--init-from", metavar="CHECKPOINT", default=None,
+                       help="skip training: add the diffusion head to this trained checkpoint (same data and "
+                            "features), written to --out")
+    paths.add_argument("--path-steps", type=int, default=32, help="steps per sampled path")
+    paths.add_argument("--path-step-bars", type=int, default=78,
+                       help="5-minute bars per path step (78 = one session: 32 steps ≈ 45 calendar days)")
+    paths.add_argument("--diffusion-iters", type=int, default=6000, help="optimizer steps of the head")
+    paths.add_argument("--diffusion-batch", type=int, default=1024, help="paths per step")
+    paths.add_argument("--diffusion-lr", type=float, default=1e-3, help="peak learning rate (cosine to 0)")
+    paths.add_argument("--diffusion-hidden", type=int, default=128, help="width of the denoiser MLP")
+    paths.add_argument("--calibration-every", type=int, default=26,
+                       help="calibration: one test forecast every N bars (64 sampled paths each)")
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--sweep", type=int, default=0, metavar="N",
                        help="Optuna TPE over d_model/layers/lr, N trials (objective: validation "
@@ -170,6 +193,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                  "horizon_bars", "threads", "eval_stride", "max_bad_steps", "log_every"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tda_window < 2:
+        fail(f"--tda-window must be >= 2 sessions, got {args.tda_window}")
+    if args.path_steps < 1 or args.path_step_bars < 1:
+        fail(f"--path-steps and --path-step-bars must be >= 1 (the path horizon is their product), got "
+             f"{args.path_steps} and {args.path_step_bars}")
+    for name in ("diffusion_iters", "diffusion_batch", "diffusion_hidden", "calibration_every"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.init_from and not args.diffusion_head:
+        fail("--init-from adds a diffusion head to a trained checkpoint: give --diffusion-head with it")
+    if args.init_from and args.sweep:
+        fail("--init-from and --sweep do not go together")
     if args.max_steps is not None and args.max_steps < 1:
         fail(f"--max-steps must be >= 1, got {args.max_steps}")
     if (2 * args.d_model) % args.headdim:
@@ -281,7 +316,11 @@ def prepare_data(args) -> Prepared:
             iv = md.realized_vol_iv_proxy(bars["close"].to_numpy(float))
     else:
         bars, iv, description = md.embedded_training_bars(args.train_start, args.train_end, args.data_seed)
-    raw_features = md.build_features(bars, iv).to_numpy()
+    tda = {"window": args.tda_window, "dim": 3, "tau": 1} if args.tda_features else None
+    try:
+        raw_features = md.build_features(bars, iv, tda=tda).to_numpy()
+    except TDAInputError as exc:
+        raise DataError(f"--tda-window: {exc}") from None
     target_frame = md.build_targets(bars, iv, rules)
     splits = md.make_splits(bars.index, rules.horizon_bars, args.val_fraction, args.test_fraction)
     first_row = md.warmup_rows(raw_features)
@@ -292,12 +331,14 @@ def prepare_data(args) -> Prepared:
         md.mask_targets_to_split(targets, split, rules.horizon_bars)
     train_targets = targets[train_rows]
     base_rates = {name: float(np.nanmean(train_targets[:, k])) for k, name in enumerate(md.TARGET_NAMES)}
-    description = {**description, "rows_used": len(bars)}
+    description = {**description, "rows_used": len(bars), "feature_names": list(md.feature_names(tda)), "tda": tda}
     return Prepared(
         features=torch.from_numpy(scaler.transform(raw_features)),
         targets=torch.from_numpy(targets.astype(np.float32)),
-        extras={name: target_frame[name].to_numpy(float)
-                for name in ("sigma_bar", "last_return", "trailing_rv", "implied_vol")},
+        extras={**{name: target_frame[name].to_numpy(float)
+                   for name in ("sigma_bar", "last_return", "trailing_rv", "implied_vol")},
+                **{name: bars[name].to_numpy(float) for name in ("close", "high", "low")},
+                "iv": np.asarray(iv, dtype=float)},
         splits=splits, scaler=scaler, rules=rules, first_row=first_row, description=description,
         index_first=str(bars.index[0]), index_last=str(bars.index[-1]), train_base_rates=base_rates)
 
@@ -476,13 +517,17 @@ def epoch_snapshot(path: Path, history: dict, pred: dict, actual: np.ndarray, ep
 # ----------------------------------------------------------------------------------------------
 # Checkpoint
 
-def save_checkpoint(path: Path, state_dict: dict, metadata: dict) -> None:
-    """torch.save to a temp file beside ``path``, then os.replace: never a half-written file."""
+def save_checkpoint(path: Path, state_dict: dict, metadata: dict, diffusion_state: dict | None = None) -> None:
+    """torch.save to a temp file beside ``path``, then os.replace: never a half-written file.
+    ``diffusion_state``: the diffusion path head's weights (``metadata['diffusion']`` describes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    payload = {"format": CHECKPOINT_FORMAT, "model_state": {k: v.detach().cpu() for k, v in state_dict.items()},
+               "metadata": metadata}
+    if diffusion_state is not None:
+        payload["diffusion_state"] = {k: v.detach().cpu() for k, v in diffusion_state.items()}
     try:
-        torch.save({"format": CHECKPOINT_FORMAT, "model_state": {k: v.detach().cpu() for k, v in state_dict.items()},
-                    "metadata": metadata}, tmp)
+        torch.save(payload, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -805,7 +850,8 @@ def build_metadata(args, prep: Prepared, config, best, history, step, tokens, tr
                               "scheme": "contiguous streams of the train split, state carried across "
                                         "segments (detached: truncated BPTT), zero state + burn-in at "
                                         "stream starts"},
-        "feature_names": list(md.FEATURE_NAMES),
+        "feature_names": list(prep_feature_names(prep)),
+        "tda": prep.description.get("tda"),
         "scaler": prep.scaler.to_dict(),
         "warmup_rows": prep.first_row,
         "target_names": list(md.TARGET_NAMES),
@@ -835,6 +881,85 @@ def build_metadata(args, prep: Prepared, config, best, history, step, tokens, tr
                              *(sys.argv[1:] if args._argv is None else args._argv)]),
         "out": str(args.out),
     }
+
+
+def load_trained(args, prep: Prepared, device):
+    """--init-from: the checkpoint's trunk (frozen) → (model, metadata, state dict). DataError
+    when it is not a stateful DeepMamba trained on the features and scaling ``prep`` has."""
+    from intelligence.mamba_inference import ModelFileError, load_forecaster
+    try:
+        forecaster = load_forecaster(args.init_from)
+    except ModelFileError as exc:
+        raise DataError(str(exc)) from None
+    meta = copy.deepcopy(forecaster.metadata)
+    if not forecaster.stateful:
+        raise DataError(f"{args.init_from}: a windowed checkpoint; the path head conditions on the stateful "
+                        f"pass's hidden state (retrain it with this version of train_mamba)")
+    if list(meta["feature_names"]) != [str(name) for name in prep_feature_names(prep)]:
+        raise DataError(f"{args.init_from}: trained on features {meta['feature_names']}, this run builds "
+                        f"{list(prep_feature_names(prep))}")
+    theirs, ours = md.Scaler.from_dict(meta["scaler"]), prep.scaler
+    if not (np.allclose(theirs.mean, ours.mean, rtol=1e-6, atol=1e-9)
+            and np.allclose(theirs.std, ours.std, rtol=1e-6, atol=1e-9)):
+        raise DataError(f"{args.init_from}: its feature scaling differs from this run's data: give the data "
+                        f"options it was trained with (`{meta.get('command')}`)")
+    args.burn_in = int(meta.get("burn_in", args.burn_in))
+    args.lookback = int(meta["lookback"])
+    model = forecaster.model.to(device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    meta["trunk_from"] = str(args.init_from)
+    meta["out"] = str(args.out)
+    return model, meta, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def prep_feature_names(prep: Prepared) -> tuple:
+    return tuple(prep.description.get("feature_names", md.FEATURE_NAMES))
+
+
+def fit_path_head(args, prep: Prepared, model, meta: dict, device, out: Path):
+    """Stage 2 (intelligence/path_training.py): fit the diffusion head on the frozen ``model``,
+    calibrate it on the test split, write the figure beside ``out`` and the description into
+    ``meta['diffusion']`` → (head state dict, calibration dict for the reports)."""
+    from intelligence.path_training import calibrate_paths, calibration_figure, train_diffusion_head
+
+    rules = PathRules(args.path_steps, args.path_step_bars)
+    writer = None
+    if args.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(log_dir=str(Path(args.log_dir) / (datetime.now().strftime("%Y%m%d-%H%M%S") + "-paths")))
+    try:
+        fitted = train_diffusion_head(model, prep, args, rules, writer=writer, device=device)
+        t0 = time.perf_counter()
+        calibration = calibrate_paths(model, fitted["head"], prep, args, rules, every=args.calibration_every,
+                                      seed=args.seed, device=device)
+        print(f"calibration: {calibration['forecasts']} test forecasts × 64 paths in {time.perf_counter() - t0:.1f} s; "
+              + "; ".join(f"{level} interval covers {row['all_steps']:.3f}" for level, row in calibration["coverage"].items())
+              + "; touch Brier " + ", ".join(f"|Δ| {name[6:]}: diffusion {row['brier']['diffusion']:.4f} vs delta "
+                                              f"{row['brier']['delta']:.4f}" for name, row in calibration["touch"].items()),
+              flush=True)
+        figure = calibration_figure(calibration, f"{out.name}: diffusion path head, test split")
+        figure_path = out.with_name(out.name + ".paths.png")
+        figure_path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(figure_path, dpi=80)
+        if writer is not None:
+            writer.add_figure("paths/test_calibration_and_45_day_trajectories", figure, 0)
+    finally:
+        if writer is not None:
+            writer.close()
+    calibration.pop("_arrays")
+    meta["diffusion"] = {
+        "config": fitted["config"], "path_rules": rules.as_dict(), "sampler": "DDIM (eta 0), 20 levels",
+        "condition": "DeepMamba final hidden state at the forecast bar (norm_f output), trunk frozen",
+        "training": {"iterations": args.diffusion_iters, "batch": args.diffusion_batch, "lr": args.diffusion_lr,
+                     "best_val_loss": fitted["best_val_loss"], "best_iter": fitted["best_iter"],
+                     "seconds": fitted["seconds"], "train_rows": fitted["train_rows"],
+                     "val_rows": fitted["val_rows"]},
+        "calibration": calibration,
+        "command": " ".join(["python -m intelligence.train_mamba",
+                             *(sys.argv[1:] if args._argv is None else args._argv)]),
+    }
+    return fitted["head"].state_dict(), calibration
 
 
 def run_sweep(args, prep: Prepared, device) -> int:
@@ -925,22 +1050,42 @@ def main(argv=None) -> int:
               f"(from {BACKTEST_START}); a backtest there would not be out of sample", flush=True)
     if args.sweep:
         return run_sweep(args, prep, device)
-    try:
-        result = train(args, prep, device)
-    except TrainingError as exc:
-        print(f"train_mamba: error: {exc}", file=sys.stderr)
-        return 1
-    model, meta = result["model"], result["metadata"]
-    ev = evaluate(model, prep, args, "test", result["autocast"])
+    if args.init_from:
+        try:
+            model, meta, best_state = load_trained(args, prep, device)
+        except DataError as exc:
+            print(f"train_mamba: error: {exc}", file=sys.stderr)
+            return 2
+        autocast = None
+        print(f"trunk: {args.init_from} (trained by `{meta['command']}`), frozen", flush=True)
+    else:
+        try:
+            result = train(args, prep, device)
+        except TrainingError as exc:
+            print(f"train_mamba: error: {exc}", file=sys.stderr)
+            return 1
+        model, meta, best_state, autocast = (result["model"], result["metadata"], result["best_state"],
+                                             result["autocast"])
+    ev = evaluate(model, prep, args, "test", autocast)
     meta["metrics"]["test"] = ev
     out = Path(args.out)
-    save_checkpoint(out, result["best_state"], meta)
+    diffusion_state, calibration = None, None
+    if args.diffusion_head:
+        try:
+            diffusion_state, calibration = fit_path_head(args, prep, model, meta, device, out)
+        except (ValueError, PathInputError) as exc:
+            print(f"train_mamba: error: {exc}", file=sys.stderr)
+            return 2
+    save_checkpoint(out, best_state, meta, diffusion_state)
     eval_json = out.with_name(out.name + ".eval.json")
     eval_md = out.with_name(out.name + ".eval.md")
     write_text_atomic(eval_json, json.dumps({"evaluation": ev, "validation": meta["metrics"],
                                              "data": meta["data"], "target_rules": meta["target_rules"],
-                                             "command": meta["command"]}, indent=2, default=str))
-    write_text_atomic(eval_md, report_markdown(ev, meta))
+                                             "command": meta["command"], "paths": calibration},
+                                            indent=2, default=str))
+    write_text_atomic(eval_md, report_markdown(ev, meta)
+                      + ("" if calibration is None else "\n" + calibration_markdown(calibration)
+                         + f"\n![calibration]({out.name}.paths.png)\n"))
     nr, rv, pop = ev["next_return"], ev["realized_vol"], ev["pop"]
     print(f"saved {out} ({out.stat().st_size / 1e6:.2f} MB); test: next-return MSE {nr['mse']['model']:.4f} "
           f"(zero {nr['mse']['zero']:.4f}), RV MAE {rv['mae']['model']:.4f} (trailing {rv['mae']['trailing_rv']:.4f}, "
