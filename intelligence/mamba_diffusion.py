@@ -195,15 +195,22 @@ class DiffusionHead(nn.Module):
             h = block(h, embedding, repeat)
         return self.output(F.silu(self.out_norm(h)))
 
-    def loss(self, cond, target, generator: torch.Generator | None = None):
+    def loss(self, cond, target, generator: torch.Generator | None = None, cond_dropout: float = 0.0):
         """DDPM ε-prediction loss (mean squared error) of paths ``target`` (b, steps) given
         ``cond`` (b, cond_dim); rows with any non-finite target are left out. ``generator``
-        fixes the noise levels and noises (a validation loss that does not move between calls)."""
+        fixes the noise levels and noises (a validation loss that does not move between calls).
+        ``cond_dropout``: the share of rows whose condition is zeroed (training only), so the
+        head also learns the unconditional path distribution and leans on the condition only
+        as far as it helps: the targets of neighbouring bars overlap almost entirely, and without
+        it the head soon memorises the train split's hidden states."""
         finite = torch.isfinite(target).all(dim=1)
         if not bool(finite.any()):
             return torch.zeros((), device=cond.device, requires_grad=cond.requires_grad)
         x0, cond = target[finite].to(cond.dtype), cond[finite]
         device = cond.device
+        if cond_dropout > 0.0:
+            keep = torch.rand(len(cond), 1, device=device) >= cond_dropout
+            cond = cond * keep
         tau = torch.randint(0, self.train_steps, (len(x0),), generator=generator,
                             device="cpu" if generator is not None else device).to(device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu" if generator is not None else device)

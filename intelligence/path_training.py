@@ -109,7 +109,7 @@ def train_diffusion_head(model, prep, args, rules: PathRules, say=print, writer=
         for group in optimizer.param_groups:
             group["lr"] = lr
         pick = torch.from_numpy(generator.integers(0, len(train_rows), batch))
-        loss = head.loss(cond_train[pick], target_train[pick])
+        loss = head.loss(cond_train[pick], target_train[pick], cond_dropout=args.diffusion_cond_dropout)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -209,7 +209,7 @@ def calibrate_paths(model, head: DiffusionHead, prep, args, rules: PathRules, sp
                                       "chi2_dof": PIT_BINS - 1},
         "touch": touch,
         "_arrays": {"rows": rows, "cum_samples": cum_samples, "cum_real": cum_real, "pit": pit,
-                    "close": close[rows]},
+                    "close": close[rows], "close_ns": prep.extras["close_ns"][rows] if "close_ns" in prep.extras else None},
     }
 
 
@@ -293,7 +293,10 @@ def calibration_figure(cal: dict, title: str = ""):
         x = np.arange(paths.shape[1])
         ax.plot(x, paths.T, color="tab:blue", alpha=0.12, lw=0.8)
         ax.plot(x, spot * np.exp(np.r_[0.0, cum_real[i]]), color="k", lw=2, label="realised")
-        ax.set_title(f"forecast {i}: 64 sampled paths vs realised")
+        stamps = arrays.get("close_ns")
+        when = (f"{np.datetime64(int(stamps[i]), 'ns').astype('datetime64[m]')} UTC" if stamps is not None
+                else f"forecast {i}")
+        ax.set_title(f"{when}: {cum_samples.shape[1]} sampled paths vs realised", fontsize=10)
         ax.set_xlabel("sessions ahead")
         ax.legend(fontsize=8)
     fig.suptitle(title)

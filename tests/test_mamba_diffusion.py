@@ -174,7 +174,7 @@ def test_path_forecast_samples_lazily_and_per_bar_seeds_do_not_depend_on_order()
 # ---------------------------------------------------------------------------------------------
 # train_mamba --diffusion-head
 
-PATHS = ["--diffusion-head", "--path-steps", "4", "--path-step-bars", "13", "--diffusion-iters", "60",
+PATHS = ["--diffusion-head", "--diffusion-cond-dropout", "0.2", "--path-steps", "4", "--path-step-bars", "13", "--diffusion-iters", "60",
          "--diffusion-batch", "64", "--diffusion-hidden", "16", "--calibration-every", "13"]
 
 
@@ -249,7 +249,9 @@ def test_a_model_without_a_head_is_refused_for_path_sampling(tmp_path, path_run)
 def test_bad_path_flags_exit_2_with_one_message(capsys):
     for argv, expected in ((["--diffusion-head", "--path-steps", "0"], "--path-steps and --path-step-bars"),
                            (["--init-from", "x.pth"], "give --diffusion-head with it"),
-                           (["--diffusion-head", "--diffusion-iters", "0"], "--diffusion-iters must be >= 1")):
+                           (["--diffusion-head", "--diffusion-iters", "0"], "--diffusion-iters must be >= 1"),
+                           (["--diffusion-cond-dropout", "1"], "--diffusion-cond-dropout must be in [0, 1)"),
+                           (["--ema", "1"], "--ema must be in [0, 1)")):
         with pytest.raises(SystemExit) as stop:
             tm.parse_args(argv)
         assert stop.value.code == 2
