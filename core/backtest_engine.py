@@ -43,7 +43,7 @@ from core.dto import (
     RiskEvent,
     TradeDecision,
 )
-from core.engine import CONTEXT_FEATURES, BarClock, PositionPaths, TradingEngine
+from core.engine import CONTEXT_FEATURES, TDA_COLUMNS, BarClock, PositionPaths, TradingEngine
 from core.execution import (
     FillModel,
     fee_schedule,
@@ -93,7 +93,10 @@ class BacktestSession:
     """One backtest's state and the per-bar step shared by both drivers."""
 
     def __init__(self, config, market: MarketData, progress=None, every_bar: bool = True, features=None,
-                 candidates=None):
+                 candidates=None, paths=None):
+        if paths is None and config.filters.pop_source == "diffusion":
+            from core.market_data import path_forecast_per_bar
+            paths = path_forecast_per_bar(config, market)
         market = require_market_data(market)
         self.config = config
         self.market = market
@@ -126,7 +129,7 @@ class BacktestSession:
         self.risk = RiskManager(config)
         self.engine = TradingEngine(config, self.portfolio, self.fill_model, self.clock, features, self.risk,
                                     None if candidates is None else candidates.view(self.bar_times.asi8),
-                                    timestamps=self._timestamps)
+                                    timestamps=self._timestamps, paths=paths)
         self.feature_columns = self.engine.feature_columns
         self.share_cost = float(config.hedge.share_cost)
 
@@ -313,15 +316,16 @@ class BacktestSession:
 
 def run_backtrader(config, market: MarketData, progress=None,
                    empty_strategy: bool = False, analyzers: bool = True,
-                   analyzers_on_empty: bool = False, features=None, candidates=None) -> BacktestResult:
+                   analyzers_on_empty: bool = False, features=None, candidates=None, paths=None) -> BacktestResult:
     """Replay the bars through Backtrader with the engine hosted in a ``bt.Strategy``.
 
     ``empty_strategy`` runs the same Cerebro and feed with a strategy that does nothing (the
     benchmark's anchor; ``analyzers_on_empty`` attaches the analyzers to it too); ``analyzers``
-    False leaves Backtrader's analyzers off (benchmark decomposition)."""
+    False leaves Backtrader's analyzers off (benchmark decomposition). ``paths``: the path
+    forecast of a ``filters.pop_source`` diffusion run (None: ``path_forecast_per_bar``'s)."""
     import backtrader as bt
 
-    session = BacktestSession(config, market, progress, features=features, candidates=candidates)
+    session = BacktestSession(config, market, progress, features=features, candidates=candidates, paths=paths)
     feed = _array_feed(bt, session, market)
 
     class SessionBroker(bt.brokers.BackBroker):
@@ -428,12 +432,13 @@ def _array_feed(bt, session: BacktestSession, market: MarketData):
 # Fast driver
 # ----------------------------------------------------------------------------------------------
 
-def run_fast(config, market: MarketData, progress=None, features=None, candidates=None) -> BacktestResult:
+def run_fast(config, market: MarketData, progress=None, features=None, candidates=None, paths=None) -> BacktestResult:
     """Same trades and equity as the per-bar run, stepping only the bars the engine names
     (``TradingEngine.next_event_bar``); the bars between are recorded and booked from the open
     condors' holding-period paths."""
     started = time.perf_counter()
-    session = BacktestSession(config, market, progress, every_bar=False, features=features, candidates=candidates)
+    session = BacktestSession(config, market, progress, every_bar=False, features=features, candidates=candidates,
+                              paths=paths)
     engine = session.engine
     paths = PositionPaths(engine, session.market, session.spot, session.bar_times.asi8)
     n = session.n_bars
@@ -460,7 +465,8 @@ def run_fast(config, market: MarketData, progress=None, features=None, candidate
 
 # Why each trade was taken and sized, as of its entry decision (trades.csv, after the fills).
 ENTRY_CONTEXT_COLUMNS = ("regime", "confidence", "fuzzy_ft", *MEMBERSHIP_COLUMNS.values(), "mu_neural",
-                         *CONTEXT_FEATURES, "skew", "iv_atm", "vrp", "breach_probability", "wing_adjustments",
+                         *CONTEXT_FEATURES, "skew", "iv_atm", "vrp", "breach_probability", "touch_put", "touch_call",
+                         "pop_paths", "wing_adjustments",
                          "sizing", "sizing_limit", "condor_delta", "condor_gamma", "condor_vega", "condor_theta")
 _TEXT_CONTEXT = {"regime", "wing_adjustments", "sizing", "sizing_limit"}
 
@@ -491,10 +497,14 @@ def trades_frame(positions: list[Position]) -> pd.DataFrame:
             **{column: position.entry_context.get(column, "" if column in _TEXT_CONTEXT else np.nan)
                for column in ENTRY_CONTEXT_COLUMNS},
         })
+    # --tda-features runs: the topological columns at entry, after the others (absent otherwise)
+    tda = [name for name in TDA_COLUMNS if any(name in position.entry_context for position in positions)]
+    for row, position in zip(rows, positions):
+        row.update({name: position.entry_context.get(name, np.nan) for name in tda})
     columns = ["position_id", "entry_time", "exit_time", "expiration", "long_put", "short_put", "short_call",
                "long_call", "contracts", "credit", "exit_debit", "fees", "pnl", "exit_reason",
                "max_adverse_excursion", "days_held", "max_loss", "assigned_legs", "early_assignment_risk",
-               "notes", *ENTRY_CONTEXT_COLUMNS]
+               "notes", *ENTRY_CONTEXT_COLUMNS, *tda]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -565,19 +575,38 @@ class RunResult:
     features_description: dict
 
 
-def run_backtest(config, market: MarketData, features=None, progress=None, candidates=None) -> RunResult:
+def run_backtest(config, market: MarketData, features=None, progress=None, candidates=None, paths=None) -> RunResult:
     """Backtest ``config`` on ``market`` (any source implementing ``core.market.MarketData``)
     with the driver ``config.backtest.engine`` names. ``features``: the bar feature table to use;
     None takes it from the per-process cache (``core.market_data.bar_features``), built once per
     market and per set of settings it depends on. ``progress(bars_done)`` is called as it runs.
     ``candidates``: a ``core.engine.CandidateMemo`` shared with other runs of the same candidate
-    settings (the optimizer's; same result, each bar's condor chosen once)."""
+    settings (the optimizer's; same result, each bar's condor chosen once). ``paths``: with
+    ``filters.pop_source`` diffusion, the path forecast by bar of ``market``; None takes it from
+    the per-process cache (``core.market_data.path_forecast_per_bar``). The run's description
+    (``features_description``) says where the breach probability came from ("pop_source")."""
+    from core.market_data import pop_source_description
+
     if features is None:
         from core.market_data import bar_features
         features = bar_features(config, market)
-    result = DRIVERS[config.backtest.engine](config, market, progress=progress, features=features,
-                                             candidates=candidates)
-    return run_result(config, result, dict(getattr(features, "description", {}) or {}))
+    diffusion = config.filters.pop_source == "diffusion"
+    if diffusion and paths is None:
+        from core.market_data import path_forecast_per_bar
+        paths = path_forecast_per_bar(config, market)
+    driver = partial(DRIVERS[config.backtest.engine], config, market, progress=progress, features=features,
+                     candidates=candidates)
+    if diffusion:
+        # The paths are drawn at the entry bars during the run: one torch thread (two threads of
+        # a small model collapse to ~1 s a bar when anything else is busy; one runs it in ~15 ms).
+        from core.market_data import one_torch_thread
+        with one_torch_thread():
+            result = driver(paths=paths)
+    else:
+        result = driver()
+    description = dict(getattr(features, "description", {}) or {})
+    description["pop_source"] = pop_source_description(config, paths)
+    return run_result(config, result, description)
 
 
 def run_result(config, result: BacktestResult, features_description: dict, cash: float | None = None) -> RunResult:

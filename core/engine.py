@@ -65,11 +65,47 @@ CONTEXT_FEATURES = ("mtf_consensus", "iv_index", "iv_rank", "realized_vol", "rsi
                     "divergence_z", "gap_pct")
 
 DAY_NS = 86_400 * 1_000_000_000
+# The bar table's topological columns (intelligence.tda.TDA_COLUMNS, named here so the engine does
+# not load gudhi; tests/test_tda_wiring.py holds the two lists equal).
+TDA_COLUMNS = ("tda_h0_total", "tda_h1_total", "tda_h1_max", "tda_h0_entropy", "tda_h1_entropy",
+               "tda_betti1_peak", "tda_betti1_mid")
+# The regular session, 09:30–16:00 New York: 390 minutes, 78 five-minute bars.
+SESSION_CLOSE_MINUTE = 16 * 60
+SESSION_MINUTES = 390
 
 
 def clock_minutes(hhmm: str) -> int:
     hours, minutes = hhmm.split(":")
     return int(hours) * 60 + int(minutes)
+
+
+_BUSDAYS: list = []
+
+
+def nyse_busdays() -> np.busdaycalendar:
+    """Weekdays less the NYSE holidays of the exchange calendar (1999 … 2030), for counting
+    sessions with ``np.busday_count``; built once per process."""
+    if not _BUSDAYS:
+        from data_factory.market_calendar import CALENDAR_END, CALENDAR_START, trading_sessions
+
+        sessions = trading_sessions(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
+        weekdays = pd.bdate_range(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
+        _BUSDAYS.append(np.busdaycalendar(holidays=np.setdiff1d(weekdays, sessions)))
+    return _BUSDAYS[0]
+
+
+def sessions_to_expiry(session_day: int, expiration, minute_of_day: int, busdays=None) -> float:
+    """Trading sessions from a bar to the close of ``expiration``: ``np.busday_count`` from the
+    bar's session (days since 1970-01-01) to the expiry day (today counted, the expiry day not:
+    the count stands for the sessions after today, the expiry's included) plus the share of
+    today's session still to run, (16:00 − the bar's close) / 390 minutes = bars left today / 78.
+    ``busdays``: the ``np.busdaycalendar`` to count with (default the NYSE's, holidays skipped).
+    Monday 10:00 to that Friday's close: 4 + 360/390."""
+    start = np.datetime64(int(session_day), "D")
+    end = np.datetime64(expiration, "D")
+    whole = int(np.busday_count(start, end, busdaycal=nyse_busdays() if busdays is None else busdays))
+    left = min(max(SESSION_CLOSE_MINUTE - int(minute_of_day), 0), SESSION_MINUTES) / SESSION_MINUTES
+    return whole + left
 
 
 _CLOCKS: dict = {}
@@ -144,9 +180,18 @@ class TradingEngine:
 
     def __init__(self, config, portfolio: Portfolio, fill_model: FillModel, clock: BarClock,
                  features=None, risk: RiskManager | None = None, candidates: RunCandidates | None = None,
-                 timestamps=None):
+                 timestamps=None, paths=None):
         self.config = config
         self.candidates = candidates
+        # filters.pop_source = diffusion: the run's path forecast by bar (``available(bar)``,
+        # ``probabilities(bar, spot, short put, short call, sessions)``: a
+        # ``intelligence.mamba_diffusion.PathForecast`` from ``core.market_data.path_forecast_per_bar``).
+        self.path_forecast = paths if config.filters.pop_source == "diffusion" else None
+        if config.filters.pop_source == "diffusion" and paths is None:
+            from core.config import ConfigError
+
+            raise ConfigError("filters.pop_source = diffusion: this run has no path forecast to read the breach "
+                              "probability from (core.market_data.path_forecast_per_bar builds it for a backtest)")
         # Bar times as Timestamps by bar index (a run with ``candidates`` logs the sizing
         # refusals of bars it does not step with them).
         self._timestamps = timestamps
@@ -178,6 +223,8 @@ class TradingEngine:
         n = len(clock)
         self.clock = clock
         self.feature_columns = dict(features.columns) if features is not None else {}
+        # regime.tda_features: the topological columns go into each trade's context as they are
+        self._tda_columns = tuple(name for name in TDA_COLUMNS if name in self.feature_columns)
         if features is not None and len(features) < n:
             raise ValueError(f"the feature table has {len(features)} bars, the run {n}")
         # This configuration's Stage-2 gate code per bar (0 = every enabled gate passes).
@@ -452,6 +499,8 @@ class TradingEngine:
             return self._refuse(snapshot.timestamp, snapshot.session_day, sizing, proposal, book.equity)
         if features:
             context.update(self._feature_context(features, regime))
+            for name in self._tda_columns:
+                context[name] = features[name]
         context.update(sizing=sizing.explain(), sizing_limit=sizing.reason, condor_delta=proposal.delta,
                        condor_gamma=proposal.gamma, condor_vega=proposal.vega, condor_theta=proposal.theta)
         self._entries_by_session[snapshot.session_day] = self.entries_on(snapshot.session_day) + 1
@@ -464,7 +513,9 @@ class TradingEngine:
         (condor, credit, context) or the reason there is none. It depends only on the bar's chain
         and features and on the strategy (but its minimum credit), filter, regime and fill
         settings, so runs that share those (an optimizer's trials) can share it
-        (``CandidateMemo``)."""
+        (``CandidateMemo``). With ``filters.pop_source`` diffusion it also reads the run's path
+        forecast, which is fixed by the market, the checkpoint, ``filters.diffusion_paths`` and
+        the seed (paths per bar are seeded by the bar, whichever bars were asked before)."""
         config = self.config
         strategy, filters = config.strategy, config.filters
         chain = snapshot.nearest_chain(strategy.dte_min, strategy.dte_max)
@@ -490,7 +541,12 @@ class TradingEngine:
                 context["vrp"] = vrp
                 if not vrp > filters.vrp_threshold:
                     return "vrp_below_threshold"
-            probability = breach_probability(choice)
+            if self.path_forecast is not None:
+                probability = self._path_probability(snapshot, choice, context)
+                if isinstance(probability, str):
+                    return probability
+            else:
+                probability = breach_probability(choice)
             context["breach_probability"] = probability
             if filters.use_probability_filter and probability > filters.max_breach_probability:
                 return "breach_probability_above_max"
@@ -501,6 +557,32 @@ class TradingEngine:
         # The credit test (``strategy.min_credit_to_width``) is left to ``_entry_decision``: a memo
         # then serves trials that differ only in the minimum credit.
         return choice, open_credit_row(choice.bid, choice.ask, self.fill_model.fraction), context
+
+    def _path_probability(self, snapshot: MarketSnapshot, choice: CondorChoice, context: dict):
+        """The diffusion POP's breach probability of ``choice`` at the bar: max(touch put, touch
+        call) over the sampled paths to expiry (the touches and the paths' POP go into
+        ``context``), or the reason there is none: no forecast at the bar yet
+        ("no_path_forecast"), or an expiry past the paths ("expiry_beyond_path_horizon")."""
+        from intelligence.mamba_diffusion import PathInputError
+
+        bar = snapshot.bar_index
+        put, call = float(choice.strikes[1]), float(choice.strikes[2])
+        spot = float(snapshot.spot)
+        if not put < spot < call:
+            # A short strike at or beyond spot is touched already: nothing to sample.
+            touch_put, touch_call = float(put >= spot), float(call <= spot)
+            context.update(touch_put=touch_put, touch_call=touch_call, pop_paths=0.0)
+            return max(touch_put, touch_call)
+        sessions = sessions_to_expiry(snapshot.session_day, choice.expiration, int(self.clock.minute_of_day[bar]))
+        try:
+            probs = self.path_forecast.probabilities(bar, spot, put, call, sessions)
+        except PathInputError:
+            return "expiry_beyond_path_horizon"
+        if probs is None:
+            return "no_path_forecast"
+        touch_put, touch_call = float(probs["touch_put"]), float(probs["touch_call"])
+        context.update(touch_put=touch_put, touch_call=touch_call, pop_paths=float(probs["pop"]))
+        return max(touch_put, touch_call)
 
     @staticmethod
     def _feature_context(features, regime: str) -> dict:

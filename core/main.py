@@ -233,6 +233,28 @@ def _check_options_data_mode(config, args, optimize: bool) -> None:
                       f"drop --options-data (or backtest.options_data in the config)")
 
 
+def _check_pop_source(config, args, optimize: bool) -> None:
+    """``filters.pop_source`` diffusion is read by backtests (and the optimizer's and stress
+    test's, which run them): refused in a live run, which would need DeepMamba's state carried
+    bar to bar live, and with --compare, whose Mechanical scenario turns off the gates the
+    diffusion POP feeds. Elsewhere the checkpoint is checked before any data loads (a head, paths
+    that reach strategy.dte_max)."""
+    from core.config import ConfigError
+
+    if config.filters.pop_source != "diffusion" or args.mode in ("data", "ingest"):
+        return
+    if args.mode == "live":
+        raise ConfigError("--pop-source diffusion (filters.pop_source) works in backtests only: a live run would need "
+                          "DeepMamba's recurrent state carried bar to bar as the bars arrive, which the live driver "
+                          "does not do yet; use --pop-source delta for --mode live")
+    if args.compare and not optimize:
+        raise ConfigError("--compare with --pop-source diffusion: the ablation's Mechanical scenario turns the entry "
+                          "gates off, and with them the probability filter the diffusion POP feeds; run --compare "
+                          "with --pop-source delta, or the diffusion backtest without --compare")
+    from core.market_data import path_forecaster
+    path_forecaster(config)
+
+
 def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
@@ -449,6 +471,10 @@ def _run_backtest_mode(args, config, argv) -> int:
             bar_features(fuzzy_config, market, forecaster=forecaster,
                          progress=lambda done, total: progress.update(task, completed=done))
     features = bar_features(config, market)
+    if config.filters.pop_source == "diffusion":
+        from core.market_data import path_forecast_per_bar
+        with console.status("DeepMamba's state over the run's bars for the diffusion POP (paths drawn at entry bars)…"):
+            path_forecast_per_bar(config, market)          # kept per process: run_backtest reads it
     total = len(market.bar_times) if backtest.samples == 0 else min(backtest.samples, len(market.bar_times))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} bars"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) as progress:
@@ -497,6 +523,7 @@ def _run_backtest_mode(args, config, argv) -> int:
         "versions": {"python": platform.python_version(), "numpy": numpy.__version__,
                      "pandas": pandas.__version__, "backtrader": backtrader.__version__},
         "backtrader_analyzers": result.analyzers,
+        "pop_source": result.features_description.get("pop_source"),
     }
     with console.status("writing the run folder…"):
         written = write_run(out_dir, config_dict=config.to_dict(),
@@ -515,6 +542,9 @@ def _run_backtest_mode(args, config, argv) -> int:
                 + ("SYNTHETIC paths through daily bars (see data.json)" if synthetic_base else "yours too"))
     else:
         what = "option chains and intraday bars are SYNTHETIC (see data.json)"
+    pop = result.features_description.get("pop_source") or {}
+    if pop.get("source") == "diffusion":
+        console.print(f"breach probability (--pop-source diffusion): {pop['what']}; {pop['model']}")
     console.print(f"{result.bars:,} bars in {result.seconds:.1f} s ({result.engine}); {what}")
     console.print(f"run folder: [bold]{written}[/bold]  (report.html, trades.csv, equity.csv, metrics.json, "
                   f"risk_events.csv, hedges.csv)")
@@ -525,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.config import Config, ConfigError
     from core.report import ReportError
     from data_factory.errors import DataError
+    from intelligence.tda import TDAInputError   # a TDA setting the data cannot serve (--tda-window)
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _build_parser(Config())
@@ -536,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_mode_flags(parser, args, optimize)
         config = _load_config(args.config, _overrides(args))
         _check_options_data_mode(config, args, optimize)
+        _check_pop_source(config, args, optimize)
         if args.mode == "stress":
             from core.stress import run as run_stress
             return run_stress(args, config, argv)
@@ -550,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             from core.optimizer import run as run_optimizer
             return run_optimizer(args, config, argv)
         return _run_backtest_mode(args, config, argv)
-    except (ConfigError, DataError, ReportError) as error:
+    except (ConfigError, DataError, ReportError, TDAInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

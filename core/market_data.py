@@ -6,6 +6,8 @@ the one place that maps the configuration's `synthetic` section onto them.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pandas as pd
 
@@ -174,8 +176,14 @@ def neural_memberships(forecaster, base, session_close_ns, daily_iv, target, con
     """μ_Mamba per trading bar from the 5-minute bars (built from ``base``, warm-up included;
     ``session_close_ns`` per base bar as in ``calendar_session_closes``) and the causal per-bar IV
     index the model was trained on."""
-    import torch
+    frame, iv = model_bars(base, session_close_ns, daily_iv, config)
+    with one_torch_thread():
+        return forecaster.neural_membership_per_bar(frame, iv, target, progress=progress)
 
+
+def model_bars(base, session_close_ns, daily_iv, config: Config):
+    """What DeepMamba reads: the 5-minute bars built from ``base`` (tz-aware close-time index,
+    open high low close volume) and the causal per-bar IV index the model was trained on."""
     from intelligence.features import TRADING_BAR_MINUTES
     from intelligence.mamba_data import causal_bar_iv_index
     from intelligence.mtf_consensus import resample_session_bars
@@ -185,12 +193,20 @@ def neural_memberships(forecaster, base, session_close_ns, daily_iv, target, con
     frame = pd.DataFrame({"open": bars.open, "high": bars.high, "low": bars.low, "close": bars.close,
                           "volume": bars.volume}, index=index)
     iv = causal_bar_iv_index(frame, daily_iv, spot_vol_beta=config.synthetic.spot_vol_beta)
-    # One thread: a small model runs fastest single-threaded on this class of machine, and two
-    # threads collapse when anything else is busy (performance-facts, the training logs).
+    return frame, iv
+
+
+@contextmanager
+def one_torch_thread():
+    """One torch thread inside the block: a small model runs fastest single-threaded on this
+    class of machine, and two threads collapse when anything else is busy (performance-facts,
+    the training logs)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return forecaster.neural_membership_per_bar(frame, iv, target, progress=progress)
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -250,7 +266,7 @@ FEATURE_INDEPENDENT_FIELDS = {
                 "vrp_threshold", "skew_threshold", "gap_small_threshold", "use_entry_gates", "use_vix_gate",
                 "use_vrp_gate", "use_volatility_cap", "use_gap_rule", "gap_rule_minutes",
                 "use_probability_filter", "max_breach_probability", "liquidity_max_spread_to_credit",
-                "use_divergence_bias", "divergence_wing_increment"},
+                "use_divergence_bias", "divergence_wing_increment", "pop_source", "diffusion_paths"},
     "momentum": {"rsi_neutral_min", "rsi_neutral_max", "stoch_neutral_min", "stoch_neutral_max",
                  "adx_threshold_low", "use_adx_filter", "use_rsi_filter", "use_stoch_filter"},
     "trend": {"bbands_squeeze_threshold", "sma_max_distance", "use_psar_filter", "use_bbands_filter",
@@ -268,10 +284,10 @@ _features: dict = {}
 _neural: dict = {}
 
 
-def _remember(cache: dict, key, value):
+def _remember(cache: dict, key, value, size: int = _CACHE_SIZE):
     # Insertion order is use order (a hit is re-inserted): the least recently used goes first.
     cache[key] = value
-    while len(cache) > _CACHE_SIZE:
+    while len(cache) > size:
         cache.pop(next(iter(cache)))
     return value
 
@@ -582,3 +598,172 @@ def bar_features(config: Config, market, forecaster=None, progress=None):
 
 def _fuzzy_weights(config: Config) -> dict:
     return {name: getattr(config.fuzzy, name) for name in sorted(FUZZY_WEIGHT_FIELDS)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The diffusion POP (filters.pop_source = diffusion): DeepMamba's sampled forward paths per bar
+# ----------------------------------------------------------------------------------------------
+
+# Trading sessions per calendar day, to compare strategy.dte_max with the paths' horizon.
+SESSIONS_PER_CALENDAR_DAY = 252 / 365
+# A PathForecast holds a (bars, d_model) hidden state (~25 MB for five years) and the paths drawn.
+_PATH_CACHE_SIZE = 4
+_paths: dict = {}
+_path_models: dict = {}
+
+
+def _weights_file(config: Config):
+    from pathlib import Path
+
+    path = Path(config.mamba.weights_path)
+    return path if path.is_absolute() else Path(__file__).resolve().parent.parent / path
+
+
+def path_forecaster(config: Config):
+    """The checkpoint at ``mamba.weights_path`` for the diffusion POP, checked: it exists, has a
+    diffusion head, and its paths reach ``strategy.dte_max``. Loaded whatever ``fuzzy.use_fuzzy``
+    and ``mamba.use_neural`` say (the POP needs the model without the fuzzy engine); kept per
+    process per file. ConfigError naming the settings otherwise."""
+    from core.config import ConfigError
+    from intelligence.mamba_inference import ModelFileError, load_forecaster
+
+    path = _weights_file(config)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (str(path), stamp)
+    forecaster = _path_models.get(key)
+    if forecaster is None:
+        try:
+            forecaster = load_forecaster(path)
+        except ModelFileError as error:
+            raise ConfigError(f"filters.pop_source = diffusion reads the model at mamba.weights_path "
+                              f"(--mamba-model): {error}") from None
+        _remember(_path_models, key, forecaster, size=2)
+    if forecaster.diffusion is None:
+        raise ConfigError(f"--pop-source diffusion (filters.pop_source) needs a DeepMamba model trained with "
+                          f"--diffusion-head: {_no_head_text(forecaster)}")
+    rules = forecaster.path_rules
+    sessions = config.strategy.dte_max * SESSIONS_PER_CALENDAR_DAY
+    if sessions > rules.horizon_sessions:
+        raise ConfigError(
+            f"filters.pop_source = diffusion: strategy.dte_max = {config.strategy.dte_max} days (≈ {sessions:.1f} "
+            f"sessions) runs past the path horizon of {path} ({rules.steps} steps × {rules.step_bars} bars = "
+            f"{rules.horizon_sessions:g} sessions ≈ {rules.horizon_sessions / SESSIONS_PER_CALENDAR_DAY:.0f} "
+            f"calendar days): lower --dte-max to at most "
+            f"{int(rules.horizon_sessions / SESSIONS_PER_CALENDAR_DAY)}, train a model with longer paths, or use "
+            f"--pop-source delta")
+    return forecaster
+
+
+def _no_head_text(forecaster) -> str:
+    """The checkpoint's own explanation of a missing diffusion head (how to train or add one)."""
+    from intelligence.mamba_inference import ModelFileError
+
+    try:
+        forecaster.path_forecast(pd.DataFrame(), np.empty(0), np.empty(0, dtype=np.int64))
+    except ModelFileError as error:
+        return str(error)
+    except Exception:   # noqa: BLE001 — only the message is wanted
+        pass
+    return (f"{forecaster.path}: this checkpoint has no diffusion path head (train one with "
+            f"`python -m intelligence.train_mamba --diffusion-head`)")
+
+
+def path_model_inputs(config: Config, market) -> dict:
+    """The DeepMamba inputs (base bars, their session closes, daily IV, the trading bars' close
+    times) for ``market``: the embedded data's, the option data's (``vendor_feature_inputs``) or,
+    for a stress test's ``ShockedMarket``, the embedded ones with its shock applied as the stress
+    test's feature table applies it (prices by each session's spot multiplier, daily IV closes by
+    the IV multiplier at each session's last bar). ConfigError for a source without them."""
+    from core.config import ConfigError
+    from data_factory.shocks import ShockedMarket
+
+    if is_vendor_market(market):
+        return vendor_feature_inputs(config, market)
+    if isinstance(market, ShockedMarket):
+        inputs = embedded_feature_inputs(config, market)
+        bar_days = market.bar_times.tz_localize(None).normalize()
+        spot_by_session = pd.Series(market.spot_scale, index=bar_days).groupby(level=0).first()
+        iv_by_session = pd.Series(market.iv_scale, index=bar_days).groupby(level=0).last()
+
+        def per_day(scale: pd.Series, days) -> np.ndarray:
+            return scale.reindex(pd.DatetimeIndex(days)).fillna(1.0).to_numpy()
+
+        base = inputs["base"].copy()
+        prices = ["open", "high", "low", "close"]
+        base_days = base.index.tz_localize(None).normalize()
+        base[prices] = base[prices].to_numpy() * per_day(spot_by_session, base_days)[:, None]
+        inputs["base"] = base
+        inputs["daily_iv"] = inputs["daily_iv"] * per_day(iv_by_session, inputs["daily_iv"].index)
+        return inputs
+    if isinstance(market, SyntheticChainProvider):
+        return embedded_feature_inputs(config, market)
+    raise ConfigError(f"filters.pop_source = diffusion: the path forecast reads the bars DeepMamba was trained on, "
+                      f"which a {type(market).__name__} market does not provide (the embedded data and --options-data "
+                      f"do); use --pop-source delta")
+
+
+class PathWindow:
+    """A ``PathForecast`` addressed by the bars of a window [start, stop) of its market (a
+    ``core.market.BarWindow``: the optimizer's walk-forward folds)."""
+
+    def __init__(self, paths, start: int, stop: int):
+        self.paths, self.start, self.stop = paths, int(start), int(stop)
+        self.description = getattr(paths, "description", "")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def available(self, bar: int) -> bool:
+        return self.paths.available(self.start + bar)
+
+    def probabilities(self, bar: int, *args, **kwargs):
+        return self.paths.probabilities(self.start + bar, *args, **kwargs)
+
+
+def path_forecast_per_bar(config: Config, market, progress=None):
+    """The diffusion head's ``PathForecast`` over the trading bars of ``market`` (None when
+    ``filters.pop_source`` is delta): the checkpoint at ``mamba.weights_path``
+    (``path_forecaster``), DeepMamba's state carried over the same inputs the neural pass reads
+    (``path_model_inputs``), ``filters.diffusion_paths`` paths per bar seeded from
+    ``backtest.seed``, drawn lazily at the bars the engine asks about. Built once per process per
+    market, checkpoint, path count and seed (a window or memo of a market shares its market's).
+    ``progress(done, total)`` reports the pass over the bars."""
+    if config.filters.pop_source != "diffusion":
+        return None
+    from core.market import BarWindow, MarketMemo
+
+    if isinstance(market, BarWindow):
+        return PathWindow(path_forecast_per_bar(config, market.market, progress), market.start, market.stop)
+    if isinstance(market, MarketMemo):
+        return path_forecast_per_bar(config, market.market, progress)
+    forecaster = path_forecaster(config)
+    n_paths, seed = int(config.filters.diffusion_paths), int(config.backtest.seed)
+    key = (id(market), str(_weights_file(config)), n_paths, seed)
+    cached = _paths.pop(key, None)
+    if cached is not None and cached[0] is market and cached[1] is forecaster:
+        _paths[key] = cached
+        return cached[2]
+    inputs = path_model_inputs(config, market)
+    frame, iv = model_bars(inputs["base"], inputs["session_close_ns"], inputs["daily_iv"], config)
+    with one_torch_thread():
+        paths = forecaster.path_forecast(frame, iv, inputs["target"], n_paths=n_paths, seed=seed, progress=progress)
+    if inputs.get("base_description"):
+        paths.description = f"{paths.description}; model inputs: {inputs['base_description']}"
+    # The market and the model ride along: the key's id is never reused while the entry exists.
+    _remember(_paths, key, (market, forecaster, paths), size=_PATH_CACHE_SIZE)
+    return paths
+
+
+def pop_source_description(config: Config, paths=None) -> dict:
+    """What a run's breach probability (the probability filter's input) came from, for the run's
+    description (data.json's features, run.json)."""
+    if config.filters.pop_source != "diffusion":
+        return {"source": "delta", "what": "2·max(|Δ short put|, |Δ short call|) capped at 1 (the reflection "
+                                           "principle on a lognormal)"}
+    return {"source": "diffusion", "paths_per_bar": int(config.filters.diffusion_paths),
+            "seed": int(config.backtest.seed),
+            "what": "max(touch put, touch call) over DeepMamba's sampled forward paths to expiry",
+            "model": getattr(paths, "description", "") or str(config.mamba.weights_path)}

@@ -30,6 +30,7 @@ PERTURBED = {
     "filters.skew_threshold": 0.2, "filters.gap_small_threshold": 0.003, "filters.use_vix_gate": False,
     "filters.use_vrp_gate": False, "filters.use_volatility_cap": False, "filters.use_gap_rule": False,
     "filters.gap_rule_minutes": 30, "filters.use_probability_filter": False, "filters.max_breach_probability": 0.5,
+    "filters.pop_source": "diffusion", "filters.diffusion_paths": 32,
     "filters.liquidity_max_spread_to_credit": 0.6, "filters.use_divergence_bias": False,
     "filters.divergence_wing_increment": 3.0,
     "momentum.rsi_neutral_min": 40.0, "momentum.rsi_neutral_max": 70.0, "momentum.stoch_neutral_min": 20.0,

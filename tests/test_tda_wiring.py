@@ -240,3 +240,33 @@ def test_too_few_sessions_for_the_window_is_one_error(mamba_bars):
         md.build_features(bars.iloc[:13 * 78], iv[:13 * 78], tda=TDA)     # one session short
     with pytest.raises(TDAInputError, match="unknown key 'windw'"):
         md.build_features(bars, iv, tda={"windw": 12})
+
+
+def test_the_engine_names_the_same_tda_columns_as_the_tda_module():
+    from core.engine import TDA_COLUMNS as ENGINE_TDA_COLUMNS
+    from intelligence.tda import TDA_COLUMNS as MODULE_TDA_COLUMNS
+
+    assert ENGINE_TDA_COLUMNS == MODULE_TDA_COLUMNS
+
+
+def test_trades_carry_the_tda_columns_at_entry_only_when_they_are_on():
+    import datetime as dt
+
+    from core.backtest_engine import run_backtest
+    from core.config import Config
+    from core.market_data import bar_features, load_market
+
+    config = Config().override({"backtest.start": dt.date(2016, 1, 4), "backtest.end": dt.date(2016, 2, 26),
+                                "backtest.engine": "fast"})
+    market = load_market(config)
+    plain = run_backtest(config, market)
+    on = config.override({"regime.tda_features": True})
+    features = bar_features(on, market)
+    with_tda = run_backtest(on, market, features=features)
+    assert len(plain.trades) > 0
+    assert not set(TDA_COLUMNS) & set(plain.trades.columns)
+    assert list(with_tda.trades.columns[-len(TDA_COLUMNS):]) == list(TDA_COLUMNS)
+    pd.testing.assert_frame_equal(with_tda.trades[plain.trades.columns], plain.trades)   # context only
+    rows = np.searchsorted(features.close_ns, with_tda.trades["entry_time"].dt.tz_convert("UTC").astype("int64"))
+    for name in TDA_COLUMNS:
+        np.testing.assert_allclose(with_tda.trades[name].to_numpy(float), features.columns[name][rows])
