@@ -79,31 +79,18 @@ def clock_minutes(hhmm: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
-_BUSDAYS: list = []
-
-
-def nyse_busdays() -> np.busdaycalendar:
-    """Weekdays less the NYSE holidays of the exchange calendar (1999 … 2030), for counting
-    sessions with ``np.busday_count``; built once per process."""
-    if not _BUSDAYS:
-        from data_factory.market_calendar import CALENDAR_END, CALENDAR_START, trading_sessions
-
-        sessions = trading_sessions(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
-        weekdays = pd.bdate_range(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
-        _BUSDAYS.append(np.busdaycalendar(holidays=np.setdiff1d(weekdays, sessions)))
-    return _BUSDAYS[0]
-
-
 def sessions_to_expiry(session_day: int, expiration, minute_of_day: int, busdays=None) -> float:
     """Trading sessions from a bar to the close of ``expiration``: ``np.busday_count`` from the
     bar's session (days since 1970-01-01) to the expiry day (today counted, the expiry day not:
     the count stands for the sessions after today, the expiry's included) plus the share of
     today's session still to run, (16:00 − the bar's close) / 390 minutes = bars left today / 78.
-    ``busdays``: the ``np.busdaycalendar`` to count with (default the NYSE's, holidays skipped).
+    ``busdays``: the ``np.busdaycalendar`` to count with: the path forecast's ``busdays`` (the
+    exchange's sessions, ``core.market_data.nyse_busdays``; the engine reads no data source
+    itself); None counts every weekday.
     Monday 10:00 to that Friday's close: 4 + 360/390."""
     start = np.datetime64(int(session_day), "D")
     end = np.datetime64(expiration, "D")
-    whole = int(np.busday_count(start, end, busdaycal=nyse_busdays() if busdays is None else busdays))
+    whole = int(np.busday_count(start, end, busdaycal=np.busdaycalendar() if busdays is None else busdays))
     left = min(max(SESSION_CLOSE_MINUTE - int(minute_of_day), 0), SESSION_MINUTES) / SESSION_MINUTES
     return whole + left
 
@@ -573,7 +560,8 @@ class TradingEngine:
             touch_put, touch_call = float(put >= spot), float(call <= spot)
             context.update(touch_put=touch_put, touch_call=touch_call, pop_paths=0.0)
             return max(touch_put, touch_call)
-        sessions = sessions_to_expiry(snapshot.session_day, choice.expiration, int(self.clock.minute_of_day[bar]))
+        sessions = sessions_to_expiry(snapshot.session_day, choice.expiration, int(self.clock.minute_of_day[bar]),
+                                      getattr(self.path_forecast, "busdays", None))
         try:
             probs = self.path_forecast.probabilities(bar, spot, put, call, sessions)
         except PathInputError:

@@ -464,13 +464,14 @@ class NeuralPerBar:
         self._known: dict[int, float] = {}
 
     def __call__(self, config: Config, inputs: Mapping) -> np.ndarray:
-        from core.market_data import neural_memberships
+        from core.market_data import earlier_session_closes, neural_memberships
 
         target = np.asarray(inputs["target"], dtype=np.int64)
         missing = np.array([t for t in target.tolist() if t not in self._known], dtype=np.int64)
         if missing.size:
             values = neural_memberships(self.forecaster, inputs["base"], inputs["session_close_ns"],
-                                        inputs["daily_iv"], missing, config)
+                                        inputs["daily_iv"], missing, config,
+                                        earlier_closes=earlier_session_closes(inputs))
             self._known.update(zip(missing.tolist(), np.asarray(values, dtype=float).tolist()))
         return np.array([self._known[t] for t in target.tolist()], dtype=float)
 

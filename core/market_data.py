@@ -163,7 +163,7 @@ def embedded_neural_memberships(config: Config, provider: SyntheticChainProvider
 
 def neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None):
     values = neural_memberships(forecaster, inputs["base"], inputs["session_close_ns"], inputs["daily_iv"],
-                                inputs["target"], config, progress)
+                                inputs["target"], config, progress, earlier_closes=earlier_session_closes(inputs))
     description = {
         "model": str(forecaster.path), "lookback": forecaster.lookback,
         "trained_on": f"{forecaster.metadata.get('data_first_bar')} … {forecaster.metadata.get('data_last_bar')}",
@@ -172,13 +172,24 @@ def neural_from_inputs(config: Config, inputs: dict, forecaster, progress=None):
     return values, description
 
 
-def neural_memberships(forecaster, base, session_close_ns, daily_iv, target, config: Config, progress=None):
+def neural_memberships(forecaster, base, session_close_ns, daily_iv, target, config: Config, progress=None,
+                       earlier_closes=None):
     """μ_Mamba per trading bar from the 5-minute bars (built from ``base``, warm-up included;
     ``session_close_ns`` per base bar as in ``calendar_session_closes``) and the causal per-bar IV
-    index the model was trained on."""
+    index the model was trained on. ``earlier_closes``: the traded symbol's daily closes before
+    the bars, for a model with TDA inputs (``earlier_session_closes``)."""
     frame, iv = model_bars(base, session_close_ns, daily_iv, config)
     with one_torch_thread():
-        return forecaster.neural_membership_per_bar(frame, iv, target, progress=progress)
+        return forecaster.neural_membership_per_bar(frame, iv, target, progress=progress,
+                                                    earlier_closes=earlier_closes)
+
+
+def earlier_session_closes(inputs: dict):
+    """The traded symbol's daily closes (``inputs['daily_spot']``, a year and more before the
+    start) that a model with TDA inputs reads for the sessions before the replayed bars; None
+    when the inputs have none."""
+    daily = inputs.get("daily_spot")
+    return None if daily is None else daily["close"]
 
 
 def model_bars(base, session_close_ns, daily_iv, config: Config):
@@ -705,12 +716,28 @@ def path_model_inputs(config: Config, market) -> dict:
                       f"do); use --pop-source delta")
 
 
+_BUSDAYS: list = []
+
+
+def nyse_busdays() -> np.busdaycalendar:
+    """Weekdays less the NYSE holidays of the exchange calendar (1999 … 2030), for counting
+    sessions with ``np.busday_count``; built once per process."""
+    if not _BUSDAYS:
+        from data_factory.market_calendar import CALENDAR_END, CALENDAR_START, trading_sessions
+
+        sessions = trading_sessions(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
+        weekdays = pd.bdate_range(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
+        _BUSDAYS.append(np.busdaycalendar(holidays=np.setdiff1d(weekdays, sessions)))
+    return _BUSDAYS[0]
+
+
 class PathWindow:
     """A ``PathForecast`` addressed by the bars of a window [start, stop) of its market (a
     ``core.market.BarWindow``: the optimizer's walk-forward folds)."""
 
     def __init__(self, paths, start: int, stop: int):
         self.paths, self.start, self.stop = paths, int(start), int(stop)
+        self.busdays = getattr(paths, "busdays", None)
         self.description = getattr(paths, "description", "")
 
     def __len__(self) -> int:
@@ -749,9 +776,11 @@ def path_forecast_per_bar(config: Config, market, progress=None):
     inputs = path_model_inputs(config, market)
     frame, iv = model_bars(inputs["base"], inputs["session_close_ns"], inputs["daily_iv"], config)
     with one_torch_thread():
-        paths = forecaster.path_forecast(frame, iv, inputs["target"], n_paths=n_paths, seed=seed, progress=progress)
+        paths = forecaster.path_forecast(frame, iv, inputs["target"], n_paths=n_paths, seed=seed, progress=progress,
+                                         earlier_closes=earlier_session_closes(inputs))
     if inputs.get("base_description"):
         paths.description = f"{paths.description}; model inputs: {inputs['base_description']}"
+    paths.busdays = nyse_busdays()          # the engine counts sessions to expiry with it
     # The market and the model ride along: the key's id is never reused while the entry exists.
     _remember(_paths, key, (market, forecaster, paths), size=_PATH_CACHE_SIZE)
     return paths

@@ -333,17 +333,27 @@ def tda_parameters(tda: dict) -> tuple[int, int, int]:
     return (tda.get("window", DEFAULT_WINDOW), tda.get("dim", DEFAULT_DIM), tda.get("tau", DEFAULT_TAU))
 
 
-def session_tda_columns(bars: pd.DataFrame, tda: dict) -> dict[str, np.ndarray]:
+def session_tda_columns(bars: pd.DataFrame, tda: dict, earlier_closes: pd.Series | None = None
+                        ) -> dict[str, np.ndarray]:
     """The TDA_FEATURE_NAMES per bar: each session's bars get the features of the trailing
     ``window`` session log returns ending at the PREVIOUS session's close (its last bar), so a bar
     never sees its own session's close. NaN for the first ``window + 1`` sessions.
 
-    TDAInputError when the bars hold too few sessions for any bar to get a value."""
+    ``earlier_closes``: daily closes indexed by session date (e.g. the traded symbol's daily
+    bars); those of sessions before the bars' first session are put in front of the bars' own
+    session closes, so the first sessions of the bars get values too (a backtest replays only a
+    few sessions of intraday bars before its start). TDAInputError when the closes are too few for
+    any bar to get a value."""
     window, dim, tau = tda_parameters(tda)
     index = pd.DatetimeIndex(bars.index)
     sessions = _session_dates(index) if len(index) else np.empty(0, np.int64)
     first = np.r_[True, sessions[1:] != sessions[:-1]] if len(sessions) else np.zeros(0, bool)
-    n_sessions = int(first.sum())
+    history = np.empty(0)
+    if earlier_closes is not None and len(sessions):
+        days = pd.DatetimeIndex(earlier_closes.index).tz_localize(None).normalize()
+        keep = np.asarray(days < pd.Timestamp(sessions[0]))
+        history = np.asarray(earlier_closes, dtype=float)[keep]
+    n_sessions = int(first.sum()) + len(history)
     needed = min_lagged_closes(window) + 1        # window + 1 earlier closes, then the session itself
     if n_sessions < needed:
         span = (f" ({pd.Timestamp(sessions[0]).date()} .. {pd.Timestamp(sessions[-1]).date()})"
@@ -353,19 +363,21 @@ def session_tda_columns(bars: pd.DataFrame, tda: dict) -> dict[str, np.ndarray]:
                             f"would get one; lower the TDA window (at most {n_sessions - 2:,} here) or give "
                             f"more bars")
     last = np.r_[first[1:], True]
-    session_close = bars["close"].to_numpy(float)[last]
+    session_close = np.r_[history, bars["close"].to_numpy(float)[last]]
     lagged = lagged_close_tda(session_close, window, dim, tau)
-    session_id = np.cumsum(first) - 1
+    session_id = np.cumsum(first) - 1 + len(history)
     return {name: lagged[session_id, k] for k, name in enumerate(TDA_FEATURE_NAMES)}
 
 
-def build_features(bars: pd.DataFrame, iv_index, *, tda: dict | None = None) -> pd.DataFrame:
+def build_features(bars: pd.DataFrame, iv_index, *, tda: dict | None = None,
+                   earlier_closes: pd.Series | None = None) -> pd.DataFrame:
     """The FEATURE_NAMES columns (float64, NaN during indicator warm-up), one row per bar.
 
     ``tda`` ({"window", "dim", "tau"}; sessions): also the TDA_FEATURE_NAMES columns
     (``session_tda_columns``: per session, lagged one session, NaN for the first window + 1
     sessions); ``feature_names(tda)`` gives the columns. TDAInputError when the bars hold too few
-    sessions for any bar to get a TDA value.
+    sessions for any bar to get a TDA value. ``earlier_closes``: daily closes before the bars
+    (``session_tda_columns``), read with ``tda`` only.
 
     Causal: row t depends on bars 0..t and iv_index[0..t] only, so cutting the input after row t
     leaves rows ≤ t unchanged (tests hold it to that; with ``tda``, for cuts that leave enough
@@ -392,7 +404,7 @@ def build_features(bars: pd.DataFrame, iv_index, *, tda: dict | None = None) -> 
             "bar_range": np.log(h / lo),
         }
     if tda is not None:
-        columns.update(session_tda_columns(bars, tda))
+        columns.update(session_tda_columns(bars, tda, earlier_closes))
     frame = pd.DataFrame(columns, index=bars.index)
     return frame[list(feature_names(tda))]
 

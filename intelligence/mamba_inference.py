@@ -158,7 +158,7 @@ class Forecaster:
 
     def forecast_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
                          chunk: int | None = None, micro_batch: int = MICRO_BATCH,
-                         progress=None, return_hidden: bool = False) -> dict:
+                         progress=None, return_hidden: bool = False, earlier_closes=None) -> dict:
         """Every head and μ_Mamba ('mu') for each target bar (UTC ns close times, each one of
         ``bars_5min``'s bars) → {name: (len(targets),) float64}; NaN (μ: 0.5, the neutral value)
         where the model has no forecast yet (indicator warm-up, then the stateful burn-in or an
@@ -173,7 +173,9 @@ class Forecaster:
         STATEFUL_CHUNK); windowed ones: ``forecast_rows`` (``chunk`` default 4096 target bars).
         ``progress(done, total)``, if given, is called after each chunk. ``return_hidden``
         (stateful checkpoints): also 'hidden', (len(targets), d_model) float32, NaN rows where
-        there is no forecast (the diffusion head's condition).
+        there is no forecast (the diffusion head's condition). ``earlier_closes``: daily closes
+        by session date before ``bars_5min`` for models with TDA inputs (their trailing window
+        reaches further back than a backtest's warm-up bars; ignored otherwise).
         """
         if return_hidden and not self.stateful:
             raise ModelFileError(f"{self.path}: a windowed checkpoint has no per-bar hidden state for path sampling")
@@ -188,7 +190,7 @@ class Forecaster:
             first = pd.Timestamp(int(targets[~found][0]), tz="UTC").tz_convert(md.EXCHANGE_TZ)
             raise ValueError(f"neural_membership_per_bar: no bar of bars_5min closes at {first} "
                              f"({int((~found).sum())} target bars unmatched)")
-        raw = md.build_features(bars_5min, iv_index, tda=self.tda)
+        raw = md.build_features(bars_5min, iv_index, tda=self.tda, earlier_closes=earlier_closes)
         if tuple(raw.columns) != self.feature_names:
             raise ModelFileError(f"{self.path}: the model was trained on features {list(self.feature_names)}, "
                                  f"this code builds {list(raw.columns)}")
@@ -230,7 +232,7 @@ class Forecaster:
         return out
 
     def path_forecast(self, bars_5min: pd.DataFrame, iv_index, target_close_ns, n_paths: int = 64,
-                      seed: int = 0, progress=None) -> PathForecast:
+                      seed: int = 0, progress=None, earlier_closes=None) -> PathForecast:
         """The diffusion head's sampler over the target bars (``PathForecast``: paths drawn
         lazily at the bars asked about, ``n_paths`` each, seeded per bar). Same inputs as
         ``forecast_per_bar``; ModelFileError when the checkpoint has no diffusion head."""
@@ -239,7 +241,7 @@ class Forecaster:
                                  f"`python -m intelligence.train_mamba --diffusion-head`, or add it to this "
                                  f"model with `--init-from {self.path} --diffusion-head --out NEW.pth`)")
         hidden = self.forecast_per_bar(bars_5min, iv_index, target_close_ns, progress=progress,
-                                       return_hidden=True)["hidden"]
+                                       return_hidden=True, earlier_closes=earlier_closes)["hidden"]
         index = pd.DatetimeIndex(bars_5min.index).tz_convert("UTC").as_unit("ns").asi8
         rows = np.searchsorted(index, np.asarray(target_close_ns, dtype=np.int64))
         bar_iv = np.asarray(iv_index, dtype=float)[rows]
@@ -249,11 +251,11 @@ class Forecaster:
 
     def neural_membership_per_bar(self, bars_5min: pd.DataFrame, iv_index, target_close_ns,
                                   chunk: int | None = None, micro_batch: int = MICRO_BATCH,
-                                  progress=None) -> np.ndarray:
+                                  progress=None, earlier_closes=None) -> np.ndarray:
         """μ_Mamba ∈ [0, 1] for each target bar (see ``forecast_per_bar``); 0.5, the neutral
         value, where the model has no forecast yet."""
         return self.forecast_per_bar(bars_5min, iv_index, target_close_ns, chunk, micro_batch,
-                                     progress)["mu"]
+                                     progress, earlier_closes=earlier_closes)["mu"]
 
 
 def load_forecaster(path) -> Forecaster:

@@ -26,6 +26,7 @@ from intelligence.mamba_diffusion import (
     realised_touches,
 )
 from intelligence.mamba_inference import ModelFileError, load_forecaster
+from intelligence.tda import TDAInputError
 from test_train_mamba import TINY, write_csv
 
 
@@ -282,3 +283,25 @@ def test_a_tda_window_longer_than_the_data_exits_2(tmp_path, capsys):
     assert tm.main(argv) == 2
     err = capsys.readouterr().err
     assert "--tda-window" in err and "60" in err and not (tmp_path / "m.pth").exists()
+
+
+def test_earlier_daily_closes_give_the_first_sessions_their_tda_inputs():
+    from intelligence import mamba_data as md
+
+    bars, iv = make_bars(40, seed=3)
+    tda = {"window": 12, "dim": 3, "tau": 1}
+    full = md.build_features(bars, iv, tda=tda)
+    late = 78 * 25                                              # the last 15 sessions only: alone, too
+    with pytest.raises(TDAInputError):                          # few for a window of 12 to start early
+        md.build_features(bars.iloc[late:late + 78 * 13], iv[late:late + 78 * 13], tda=tda)
+    sessions = bars.index.tz_localize(None).normalize()
+    closes = bars["close"].groupby(sessions).last()             # daily closes, as a backtest's daily bars
+    cut = md.build_features(bars.iloc[late:], iv[late:], tda=tda, earlier_closes=closes)
+    names = list(md.TDA_FEATURE_NAMES)
+    np.testing.assert_allclose(cut[names].to_numpy(), full[names].to_numpy()[late:])
+    assert np.isfinite(cut[names].to_numpy()).all()
+    # closes on or after the bars' first session are not read: the bars' own closes are
+    shifted = closes.copy()
+    shifted[shifted.index >= sessions[late]] *= 1.5
+    again = md.build_features(bars.iloc[late:], iv[late:], tda=tda, earlier_closes=shifted)
+    np.testing.assert_allclose(again[names].to_numpy(), cut[names].to_numpy())

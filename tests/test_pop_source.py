@@ -21,6 +21,7 @@ from cli_helpers import run_failing
 from core.backtest_engine import ENTRY_CONTEXT_COLUMNS, run_backtest
 from core.config import Config, ConfigError
 from core.engine import sessions_to_expiry
+from core.market_data import nyse_busdays
 from core.main import main
 from core.market import BarWindow
 from core.market_data import PathWindow, bar_features, load_market, path_forecast_per_bar
@@ -43,6 +44,7 @@ class FakePaths:
         self.missing, self.none_at = set(missing), set(none_at)
         self.calls: list[tuple] = []
         self.description = "fake paths"
+        self.busdays = nyse_busdays()              # as path_forecast_per_bar's forecasts carry
 
     def available(self, bar):
         return bar not in self.missing
@@ -149,18 +151,20 @@ def test_sessions_to_expiry_arithmetic():
     def day(text):
         return int(np.datetime64(text, "D").astype(np.int64))
 
+    nyse = nyse_busdays()
     # Monday 10:00 to that Friday's close: Tue, Wed, Thu, Fri and 360 of Monday's 390 minutes.
-    assert sessions_to_expiry(day("2016-01-04"), np.datetime64("2016-01-08"), 10 * 60) == pytest.approx(4 + 360 / 390)
+    assert sessions_to_expiry(day("2016-01-04"), np.datetime64("2016-01-08"), 10 * 60, nyse) == \
+        pytest.approx(4 + 360 / 390)
     # The first bar (09:35) leaves 77 of 78 bars; the 16:00 bar none.
-    assert sessions_to_expiry(day("2016-01-08"), np.datetime64("2016-01-08"), 9 * 60 + 35) == pytest.approx(77 / 78)
-    assert sessions_to_expiry(day("2016-01-04"), np.datetime64("2016-01-08"), 16 * 60) == 4.0
+    assert sessions_to_expiry(day("2016-01-08"), np.datetime64("2016-01-08"), 9 * 60 + 35, nyse) == \
+        pytest.approx(77 / 78)
+    assert sessions_to_expiry(day("2016-01-04"), np.datetime64("2016-01-08"), 16 * 60, nyse) == 4.0
     # Over a weekend and Martin Luther King Day (Monday 2016-01-18, no session).
-    assert sessions_to_expiry(day("2016-01-14"), np.datetime64("2016-01-22"), 16 * 60) == 5.0
-    # Without the holiday calendar it would count that Monday.
-    weekdays = np.busdaycalendar()
-    assert sessions_to_expiry(day("2016-01-14"), np.datetime64("2016-01-22"), 16 * 60, busdays=weekdays) == 6.0
+    assert sessions_to_expiry(day("2016-01-14"), np.datetime64("2016-01-22"), 16 * 60, nyse) == 5.0
+    # Without the holiday calendar (a forecast that carries none) it counts that Monday.
+    assert sessions_to_expiry(day("2016-01-14"), np.datetime64("2016-01-22"), 16 * 60) == 6.0
     # Forty-five days out (the default dte_max) stays within 32 sessions on the NYSE calendar.
-    assert sessions_to_expiry(day("2016-11-21"), np.datetime64("2017-01-05"), 9 * 60 + 35) < 32
+    assert sessions_to_expiry(day("2016-11-21"), np.datetime64("2017-01-05"), 9 * 60 + 35, nyse) < 32
 
 
 def test_a_walk_forward_window_asks_its_markets_bars(market, features):
