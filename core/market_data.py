@@ -694,21 +694,7 @@ def path_model_inputs(config: Config, market) -> dict:
     if is_vendor_market(market):
         return vendor_feature_inputs(config, market)
     if isinstance(market, ShockedMarket):
-        inputs = embedded_feature_inputs(config, market)
-        bar_days = market.bar_times.tz_localize(None).normalize()
-        spot_by_session = pd.Series(market.spot_scale, index=bar_days).groupby(level=0).first()
-        iv_by_session = pd.Series(market.iv_scale, index=bar_days).groupby(level=0).last()
-
-        def per_day(scale: pd.Series, days) -> np.ndarray:
-            return scale.reindex(pd.DatetimeIndex(days)).fillna(1.0).to_numpy()
-
-        base = inputs["base"].copy()
-        prices = ["open", "high", "low", "close"]
-        base_days = base.index.tz_localize(None).normalize()
-        base[prices] = base[prices].to_numpy() * per_day(spot_by_session, base_days)[:, None]
-        inputs["base"] = base
-        inputs["daily_iv"] = inputs["daily_iv"] * per_day(iv_by_session, inputs["daily_iv"].index)
-        return inputs
+        return shocked_feature_inputs(config, market)
     if isinstance(market, SyntheticChainProvider):
         return embedded_feature_inputs(config, market)
     raise ConfigError(f"filters.pop_source = diffusion: the path forecast reads the bars DeepMamba was trained on, "
@@ -729,6 +715,35 @@ def nyse_busdays() -> np.busdaycalendar:
         weekdays = pd.bdate_range(CALENDAR_START, CALENDAR_END).values.astype("datetime64[D]")
         _BUSDAYS.append(np.busdaycalendar(holidays=np.setdiff1d(weekdays, sessions)))
     return _BUSDAYS[0]
+
+
+def shocked_feature_inputs(config: Config, market) -> dict:
+    """``embedded_feature_inputs`` of a stress test's ``ShockedMarket`` with its shock applied where
+    the strategy and the model read prices: the 1-minute base bars and the daily SPY and QQQ bars
+    moved by each session's spot multiplier (a gap is market-wide, so the SPY/QQQ ratio does not
+    see it as a divergence), the daily IV closes by the multiplier at each session's last bar.
+    Causal as the unshocked inputs are: the multipliers of a session apply from its open."""
+    inputs = embedded_feature_inputs(config, market)
+    bar_days = market.bar_times.tz_localize(None).normalize()
+    spot_by_session = pd.Series(market.spot_scale, index=bar_days).groupby(level=0).first()
+    iv_by_session = pd.Series(market.iv_scale, index=bar_days).groupby(level=0).last()
+
+    def per_day(scale: pd.Series, days) -> np.ndarray:
+        return scale.reindex(pd.DatetimeIndex(days)).fillna(1.0).to_numpy()
+
+    prices = ["open", "high", "low", "close"]
+    base = inputs["base"].copy()
+    base[prices] = base[prices].to_numpy() * per_day(spot_by_session, base.index.tz_localize(None).normalize())[:, None]
+    inputs["base"] = base
+    for key in ("daily_spot", "daily_pair"):
+        frame = inputs[key]
+        if frame is not None:
+            frame = frame.copy()
+            columns = [c for c in prices if c in frame.columns]
+            frame[columns] = frame[columns].to_numpy() * per_day(spot_by_session, frame.index)[:, None]
+            inputs[key] = frame
+    inputs["daily_iv"] = inputs["daily_iv"] * per_day(iv_by_session, inputs["daily_iv"].index)
+    return inputs
 
 
 class PathWindow:

@@ -332,31 +332,11 @@ def shocked_bar_features(config: Config, market):
     spot multiplier (a gap is market-wide, so the SPY/QQQ ratio does not see it as a divergence),
     the daily IV closes by the multiplier at each session's last bar — and the shocked per-bar IV
     index. Causal as the unshocked table is: the multipliers of a session apply from its open."""
-    from core.market_data import embedded_feature_inputs, neural_from_inputs, load_configured_forecaster, uses_neural
+    from core.market_data import load_configured_forecaster, neural_from_inputs, shocked_feature_inputs, uses_neural
     from core.skew_history import embedded_skew_reference
     from intelligence.features import BarFeatures, compute_bar_features
 
-    inputs = embedded_feature_inputs(config, market)
-    bar_days = market.bar_times.tz_localize(None).normalize()
-    spot_by_session = pd.Series(market.spot_scale, index=bar_days).groupby(level=0).first()
-    iv_by_session = pd.Series(market.iv_scale, index=bar_days).groupby(level=0).last()
-
-    def per_day(scale: pd.Series, days) -> np.ndarray:
-        return scale.reindex(pd.DatetimeIndex(days)).fillna(1.0).to_numpy()
-
-    base = inputs["base"].copy()
-    base_days = base.index.tz_localize(None).normalize()
-    prices = ["open", "high", "low", "close"]
-    base[prices] = base[prices].to_numpy() * per_day(spot_by_session, base_days)[:, None]
-    inputs["base"] = base
-    for key in ("daily_spot", "daily_pair"):
-        frame = inputs[key]
-        if frame is not None:
-            frame = frame.copy()
-            columns = [c for c in prices if c in frame.columns]
-            frame[columns] = frame[columns].to_numpy() * per_day(spot_by_session, frame.index)[:, None]
-            inputs[key] = frame
-    inputs["daily_iv"] = inputs["daily_iv"] * per_day(iv_by_session, inputs["daily_iv"].index)
+    inputs = shocked_feature_inputs(config, market)
     neural = None
     if uses_neural(config):
         forecaster = load_configured_forecaster(config, explicit=False)
