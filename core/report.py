@@ -805,6 +805,12 @@ def run_facts(config_dict: Mapping[str, Any], data_description: Mapping[str, Any
         ("Fill model", fill_text),
         ("Fees", str(backtest.get("fees", "?"))),
     ]
+    features = data_description.get("features") if isinstance(data_description.get("features"), Mapping) else {}
+    pop_source = features.get("pop_source") if isinstance(features.get("pop_source"), Mapping) else {}
+    if pop_source.get("source") == "diffusion":
+        # the entry filter read sampled paths, not 2|delta|: say so where the run is described
+        facts.append(("Breach probability", f"{pop_source.get('what', 'diffusion paths')} "
+                                             f"({pop_source.get('model', 'DeepMamba')})"))
     if backtest.get("cash") is not None:
         facts.append(("Starting cash", format_value(backtest["cash"], "usd")))
     seed = run_info.get("seed", backtest.get("seed"))

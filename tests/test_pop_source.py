@@ -323,3 +323,15 @@ def test_the_engine_refuses_a_diffusion_run_without_paths(market, features):
     session = BacktestSession(CONFIG, market, features=features)
     with pytest.raises(ConfigError, match="no path forecast"):
         TradingEngine(DIFFUSION, session.portfolio, session.fill_model, session.clock, features)
+
+
+def test_the_report_header_says_the_breach_probability_came_from_sampled_paths():
+    from core.report import run_facts
+
+    described = {"source": "diffusion", "what": "max(touch put, touch call) over sampled paths",
+                 "model": "models/x.pth: diffusion head, 64 paths per bar"}
+    facts = dict(run_facts({"backtest": {"underlying": "SPY"}}, {"features": {"pop_source": described}}, {}))
+    assert facts["Breach probability"] == ("max(touch put, touch call) over sampled paths "
+                                           "(models/x.pth: diffusion head, 64 paths per bar)")
+    delta = dict(run_facts({"backtest": {"underlying": "SPY"}}, {"features": {"pop_source": {"source": "delta"}}}, {}))
+    assert "Breach probability" not in delta
