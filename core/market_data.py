@@ -227,16 +227,12 @@ def load_configured_forecaster(config: Config, explicit: bool, check_size: tuple
     against ``mamba.d_model``/``n_layers`` when those were given; None when ``use_neural`` is off
     or the default file is absent (``explicit`` False). ConfigError for an explicit path that
     cannot be used."""
-    from pathlib import Path
-
     from core.config import ConfigError
     from intelligence.mamba_inference import ModelFileError, load_forecaster
 
     if not config.mamba.use_neural:
         return None
-    path = Path(config.mamba.weights_path)
-    if not path.is_absolute():
-        path = Path(__file__).resolve().parent.parent / path
+    path = _weights_file(config)
     if not path.is_file() and not explicit:
         return None
     try:
@@ -624,6 +620,7 @@ _path_models: dict = {}
 
 
 def _weights_file(config: Config):
+    """``mamba.weights_path``, a relative one from the project root."""
     from pathlib import Path
 
     path = Path(config.mamba.weights_path)
@@ -654,7 +651,7 @@ def path_forecaster(config: Config):
         _remember(_path_models, key, forecaster, size=2)
     if forecaster.diffusion is None:
         raise ConfigError(f"--pop-source diffusion (filters.pop_source) needs a DeepMamba model trained with "
-                          f"--diffusion-head: {_no_head_text(forecaster)}")
+                          f"--diffusion-head: {forecaster.missing_head_message()}")
     rules = forecaster.path_rules
     sessions = config.strategy.dte_max * SESSIONS_PER_CALENDAR_DAY
     if sessions > rules.horizon_sessions:
@@ -666,20 +663,6 @@ def path_forecaster(config: Config):
             f"{int(rules.horizon_sessions / SESSIONS_PER_CALENDAR_DAY)}, train a model with longer paths, or use "
             f"--pop-source delta")
     return forecaster
-
-
-def _no_head_text(forecaster) -> str:
-    """The checkpoint's own explanation of a missing diffusion head (how to train or add one)."""
-    from intelligence.mamba_inference import ModelFileError
-
-    try:
-        forecaster.path_forecast(pd.DataFrame(), np.empty(0), np.empty(0, dtype=np.int64))
-    except ModelFileError as error:
-        return str(error)
-    except Exception:   # noqa: BLE001 — only the message is wanted
-        pass
-    return (f"{forecaster.path}: this checkpoint has no diffusion path head (train one with "
-            f"`python -m intelligence.train_mamba --diffusion-head`)")
 
 
 def path_model_inputs(config: Config, market) -> dict:

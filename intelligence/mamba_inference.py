@@ -231,15 +231,19 @@ class Forecaster:
         out["mu"] = np.where(np.isfinite(out["mu"]), out["mu"], NEUTRAL_MEMBERSHIP)
         return out
 
+    def missing_head_message(self) -> str:
+        """What a checkpoint without a diffusion path head says when paths are asked of it."""
+        return (f"{self.path}: this checkpoint has no diffusion path head (train one with "
+                f"`python -m intelligence.train_mamba --diffusion-head`, or add it to this "
+                f"model with `--init-from {self.path} --diffusion-head --out NEW.pth`)")
+
     def path_forecast(self, bars_5min: pd.DataFrame, iv_index, target_close_ns, n_paths: int = 64,
                       seed: int = 0, progress=None, earlier_closes=None) -> PathForecast:
         """The diffusion head's sampler over the target bars (``PathForecast``: paths drawn
         lazily at the bars asked about, ``n_paths`` each, seeded per bar). Same inputs as
         ``forecast_per_bar``; ModelFileError when the checkpoint has no diffusion head."""
         if self.diffusion is None:
-            raise ModelFileError(f"{self.path}: this checkpoint has no diffusion path head (train one with "
-                                 f"`python -m intelligence.train_mamba --diffusion-head`, or add it to this "
-                                 f"model with `--init-from {self.path} --diffusion-head --out NEW.pth`)")
+            raise ModelFileError(self.missing_head_message())
         hidden = self.forecast_per_bar(bars_5min, iv_index, target_close_ns, progress=progress,
                                        return_hidden=True, earlier_closes=earlier_closes)["hidden"]
         index = pd.DatetimeIndex(bars_5min.index).tz_convert("UTC").as_unit("ns").asi8
